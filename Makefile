@@ -1,0 +1,58 @@
+# Two commands do everything on a fresh machine: `make figures` and `make test`.
+# Each builds the .venv (standard-library venv + pip, exact pins) when it is missing.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+BUILD       ?= build
+NOTEBOOKS   := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+EXECUTED    := $(patsubst notebooks/%.ipynb,$(BUILD)/notebooks/%.ipynb,$(NOTEBOOKS))
+KERNEL      := flowlib
+
+# Notebook parameters that can be overridden, e.g. `make figures MODEL=llava-hf/llava-1.5-7b-hf DEVICE=cuda`.
+PARAMS := $(if $(MODEL),-p MODEL "$(MODEL)") $(if $(DATA),-p DATA "$(DATA)") \
+          $(if $(DEVICE),-p DEVICE "$(DEVICE)") $(if $(DTYPE),-p DTYPE "$(DTYPE)") \
+          $(if $(SAMPLES),-p SAMPLES_PER_TASK $(SAMPLES)) $(if $(WINDOW),-p WINDOW $(WINDOW))
+
+.PHONY: help venv test test-fast figures lab lint clean clean-venv
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/:\t/'
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (flowlib)" >/dev/null
+	touch $@
+
+venv: $(STAMP)  ## create the .venv with the pinned stack (done automatically by the other targets)
+
+test: $(STAMP)  ## run the whole test suite offline (what CI runs)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast: $(STAMP)  ## the unit tests without the slow tier
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+figures: $(STAMP) $(EXECUTED)  ## execute every notebook with papermill; figures land in figures/
+	@echo "figures in figures/, executed notebooks in $(BUILD)/notebooks/"
+
+$(BUILD)/notebooks/%.ipynb: notebooks/%.ipynb $(STAMP) FORCE
+	@mkdir -p $(dir $@)
+	$(PY) -m papermill --kernel $(KERNEL) --cwd notebooks $< $@ $(PARAMS)
+
+FORCE:
+
+lab: $(STAMP)  ## open JupyterLab with the project's kernel
+	$(VENV)/bin/jupyter lab notebooks/
+
+lint: $(STAMP)  ## notebooks must be committed without outputs
+	$(PY) -m flowlib.notebook_check $(NOTEBOOKS)
+
+clean:  ## remove executed notebooks and caches (keeps the .venv)
+	rm -rf $(BUILD) .pytest_cache
+
+clean-venv:  ## remove the .venv
+	rm -rf $(VENV)

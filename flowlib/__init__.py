@@ -1,0 +1,8 @@
+"""flowlib: cross-modal information flow in LLaVA-style models (companion to arXiv 2411.18620).
+
+One module per responsibility, dependencies running one way:
+`config` <- `sample` <- `geometry` <- `layout` <- `models` (<- `tiny`) <- `data`,
+`knockout` / `sweep` / `lens` <- `runner` <- `plots` <- `widgets`.
+"""
+
+__version__ = "0.1.0"

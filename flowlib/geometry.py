@@ -1,0 +1,191 @@
+"""Where each image token's patch comes from in the original image.
+
+The processor turns an image of W x H pixels into one or more square grids of
+patches (LLaVA-1.5: one grid after padding or cropping; LLaVA-NeXT: a squashed
+base view plus high-resolution tiles, trimmed of padding in token units, with
+a newline token closing every row). This module replays that geometry axis by
+axis so that a box in original pixels maps to the exact image tokens it covers.
+
+Coverage rule (used for "related image patches"): a patch is related to a box
+when at least one of the patch's processed pixels takes its value, under
+nearest-neighbour resampling, from an original pixel whose centre lies inside
+the box. With nearest resampling this is exact (tests check it against a
+geometric oracle); with the bicubic resampling the real checkpoints use it is
+the same rule the official code approximates by painting the box red and
+keeping the patches that contain a pure red pixel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from .sample import Box
+
+
+def pil_nearest_source(old: int, new: int) -> np.ndarray:
+    """For each of `new` output pixels along one axis, the source pixel PIL's NEAREST resize reads.
+
+    Pillow accumulates the step in double precision (`ImagingScaleAffine`); a closed
+    form such as floor((j + 0.5) * old / new) disagrees with it on exact ties.
+    """
+    step = old / new
+    position = step * 0.5
+    out = np.empty(new, dtype=np.int64)
+    for j in range(new):
+        out[j] = int(position)
+        position += step
+    return out
+
+
+def _shift(source: np.ndarray, offset: int, size: int) -> np.ndarray:
+    """Map padded-canvas indices to original indices (-1 where the canvas is padding)."""
+    shifted = source - offset
+    return np.where((shifted >= 0) & (shifted < size), shifted, -1)
+
+
+def _paste(source: np.ndarray, offset: int, canvas: int) -> np.ndarray:
+    """Place a resized axis at `offset` on a zero-padded canvas of `canvas` pixels (-1 = padding)."""
+    out = np.full(canvas, -1, dtype=np.int64)
+    out[offset : offset + len(source)] = source
+    return out
+
+
+def shortest_edge_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
+    """transformers' `get_resize_output_image_size(..., default_to_square=False)`."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = shortest_edge, int(shortest_edge * long / short)
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def select_best_resolution(height: int, width: int, pinpoints) -> tuple[int, int]:
+    """LLaVA-NeXT's choice of high-resolution canvas (height, width) for an image."""
+    best, best_effective, best_wasted = None, 0, math.inf
+    for cand_h, cand_w in pinpoints:
+        scale = min(cand_w / width, cand_h / height)
+        down_w, down_h = int(width * scale), int(height * scale)
+        effective = min(down_w * down_h, width * height)
+        wasted = cand_w * cand_h - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (cand_h, cand_w), effective, wasted
+    return best
+
+
+def _box_pixel_range(start: float, length: float) -> tuple[int, int]:
+    """Original pixel indices [lo, hi) whose centres lie in [start, start + length)."""
+    return math.ceil(start - 0.5), math.ceil(start + length - 0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchGrid:
+    """One grid of patches and where its tokens sit inside the image-token block.
+
+    `source_rows[i]` is the original pixel row that processed pixel row i of the
+    grid reads (-1 for padding); likewise `source_cols`. Token (r, c) of the grid
+    sits at offset `offset + r * row_stride + c` within the image-token block.
+    """
+
+    name: str
+    source_rows: np.ndarray
+    source_cols: np.ndarray
+    patch_size: int
+    offset: int
+    row_stride: int
+
+    @property
+    def rows(self) -> int:
+        return len(self.source_rows) // self.patch_size
+
+    @property
+    def cols(self) -> int:
+        return len(self.source_cols) // self.patch_size
+
+    def token_offsets(self) -> np.ndarray:
+        r, c = np.meshgrid(np.arange(self.rows), np.arange(self.cols), indexing="ij")
+        return (self.offset + r * self.row_stride + c).ravel()
+
+    def _axis_hits(self, source: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        inside = (source >= lo) & (source < hi)
+        return inside.reshape(-1, self.patch_size).any(axis=1)
+
+    def box_token_offsets(self, box: Box) -> np.ndarray:
+        """Offsets of the grid's tokens whose patches the box covers (coverage rule above)."""
+        rows = np.nonzero(self._axis_hits(self.source_rows, *_box_pixel_range(box.y, box.h)))[0]
+        cols = np.nonzero(self._axis_hits(self.source_cols, *_box_pixel_range(box.x, box.w)))[0]
+        r, c = np.meshgrid(rows, cols, indexing="ij")
+        return (self.offset + r * self.row_stride + c).ravel()
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageGeometry:
+    """All patch grids of one image, the newline slots and the total token count."""
+
+    grids: tuple[PatchGrid, ...]
+    newline_offsets: np.ndarray
+    num_tokens: int
+
+    def grid(self, name: str) -> PatchGrid:
+        for grid in self.grids:
+            if grid.name == name:
+                return grid
+        raise KeyError(f"no grid {name!r}; this image has {[g.name for g in self.grids]}")
+
+    def patch_offsets(self) -> np.ndarray:
+        return np.sort(np.concatenate([g.token_offsets() for g in self.grids]))
+
+    def box_offsets(self, box: Box) -> np.ndarray:
+        """Image-block offsets of every patch the box covers, in every grid (sorted, unique)."""
+        return np.unique(np.concatenate([g.box_token_offsets(box) for g in self.grids]))
+
+
+def llava15_geometry(width: int, height: int, image_size: int, patch_size: int, pad: bool) -> ImageGeometry:
+    """LLaVA-1.5: pad to a square (original LLaVA) or resize the short side and centre-crop (llava-hf default)."""
+    if pad:
+        side = max(width, height)
+        rows = _shift(pil_nearest_source(side, image_size), (side - height) // 2, height)
+        cols = _shift(pil_nearest_source(side, image_size), (side - width) // 2, width)
+    else:
+        new_h, new_w = shortest_edge_size(height, width, image_size)
+        top, left = (new_h - image_size) // 2, (new_w - image_size) // 2
+        rows = pil_nearest_source(height, new_h)[top : top + image_size]
+        cols = pil_nearest_source(width, new_w)[left : left + image_size]
+    grid = PatchGrid("image", rows, cols, patch_size, offset=0, row_stride=image_size // patch_size)
+    return ImageGeometry((grid,), np.zeros(0, dtype=np.int64), grid.rows * grid.cols)
+
+
+def llava_next_geometry(width: int, height: int, image_size: int, patch_size: int, pinpoints) -> ImageGeometry:
+    """LLaVA-NeXT anyres: squashed base view, then high-resolution tiles trimmed in token units, newline per row."""
+    base = PatchGrid(
+        "base_view",
+        pil_nearest_source(height, image_size),
+        pil_nearest_source(width, image_size),
+        patch_size,
+        offset=0,
+        row_stride=image_size // patch_size,
+    )
+    canvas_h, canvas_w = select_best_resolution(height, width, pinpoints)
+    # Aspect-preserving resize into the canvas (transformers' get_patch_output_size), centred zero padding.
+    scale_w, scale_h = canvas_w / width, canvas_h / height
+    if scale_w < scale_h:
+        new_w, new_h = canvas_w, min(math.ceil(height * scale_w), canvas_h)
+    else:
+        new_h, new_w = canvas_h, min(math.ceil(width * scale_h), canvas_w)
+    rows = _paste(pil_nearest_source(height, new_h), (canvas_h - new_h) // 2, canvas_h)
+    cols = _paste(pil_nearest_source(width, new_w), (canvas_w - new_w) // 2, canvas_w)
+    # The model trims padding in token units (modeling_llava_next.unpad_image), not in pixels.
+    tokens_h, tokens_w = canvas_h // patch_size, canvas_w // patch_size
+    if width / height > tokens_w / tokens_h:
+        kept = int(round(height * (tokens_w / width), 7))
+        trim = (tokens_h - kept) // 2
+        rows = rows[trim * patch_size : (tokens_h - trim) * patch_size]
+    else:
+        kept = int(round(width * (tokens_h / height), 7))
+        trim = (tokens_w - kept) // 2
+        cols = cols[trim * patch_size : (tokens_w - trim) * patch_size]
+    base_tokens = base.rows * base.cols
+    stride = len(cols) // patch_size + 1
+    high = PatchGrid("high_resolution", rows, cols, patch_size, offset=base_tokens, row_stride=stride)
+    newlines = base_tokens + np.arange(high.rows) * stride + high.cols
+    return ImageGeometry((base, high), newlines, base_tokens + high.rows * stride)

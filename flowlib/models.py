@@ -1,0 +1,313 @@
+"""Loading LLaVA-family checkpoints through transformers' own classes, with the paper's exact inputs.
+
+A `FamilyAdapter` holds everything that differs between families (model class,
+image preprocessing, where image tokens come from); it is chosen from the
+config class, never from the model's name. `load_model` returns a
+`LoadedModel`, whose `prepare(sample)` builds the paper's prompt, runs the
+processor and computes the `TokenLayout` of the result.
+
+Example:
+    >>> loaded = load_model("llava-hf/llava-1.5-7b-hf", dtype="float16", device="cuda")
+    >>> prepared = loaded.prepare(sample)
+    >>> prepared.layout.group("Question")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+    LlavaProcessor,
+)
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+from . import config as cfg
+from .geometry import ImageGeometry, llava15_geometry, llava_next_geometry
+from .layout import TokenLayout, build_layout
+from .sample import Sample, SampleError
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's config is not one of the supported LLaVA families."""
+
+
+class FamilyAdapter:
+    """What differs between LLaVA families. Subclasses set the class attributes."""
+
+    name: str
+    config_class: type
+    model_class: type
+    processor_class: type
+    image_modes: tuple[str, ...]
+
+    def configure_processor(self, processor, image_mode: str):
+        """Return `processor` with the paper's image preprocessing for `image_mode`."""
+        raise NotImplementedError
+
+    def geometry(self, processor, width: int, height: int) -> ImageGeometry:
+        """The patch geometry of a `width` x `height` image under `processor`."""
+        raise NotImplementedError
+
+    def check_image_mode(self, image_mode: Optional[str]) -> str:
+        image_mode = image_mode or self.image_modes[0]
+        if image_mode not in self.image_modes:
+            raise ValueError(f"{self.name} supports image_mode {self.image_modes}, not {image_mode!r}")
+        return image_mode
+
+
+def _image_side(image_processor) -> int:
+    crop = getattr(image_processor, "crop_size", None) or {}
+    size = getattr(image_processor, "size", None) or {}
+    return int(crop.get("height") or size.get("height") or size["shortest_edge"])
+
+
+class Llava15Adapter(FamilyAdapter):
+    name = "llava-1.5"
+    config_class = LlavaConfig
+    model_class = LlavaForConditionalGeneration
+    processor_class = LlavaProcessor
+    # "pad": the original LLaVA-1.5 (pad to a square with the mean colour); "crop": llava-hf's default.
+    image_modes = ("pad", "crop")
+
+    def configure_processor(self, processor, image_mode: str):
+        # Rebuild the image processor as LlavaImageProcessorPil with the checkpoint's
+        # own numbers: llava-hf ships a CLIP processor that centre-crops, and saved
+        # configs drop the "Pil" suffix, so pin the class explicitly.
+        old = processor.image_processor
+        side = _image_side(old)
+        processor.image_processor = LlavaImageProcessorPil(
+            do_pad=image_mode == "pad",
+            size={"shortest_edge": side},
+            crop_size={"height": side, "width": side},
+            resample=old.resample,
+            image_mean=old.image_mean,
+            image_std=old.image_std,
+            do_convert_rgb=True,
+        )
+        return processor
+
+    def geometry(self, processor, width, height):
+        ip = processor.image_processor
+        return llava15_geometry(width, height, _image_side(ip), processor.patch_size, pad=bool(ip.do_pad))
+
+
+class LlavaNextAdapter(FamilyAdapter):
+    name = "llava-next"
+    config_class = LlavaNextConfig
+    model_class = LlavaNextForConditionalGeneration
+    processor_class = LlavaNextProcessor
+    image_modes = ("anyres",)
+
+    def configure_processor(self, processor, image_mode: str):
+        old = processor.image_processor
+        if not isinstance(old, LlavaNextImageProcessorPil):
+            processor.image_processor = LlavaNextImageProcessorPil(**old.to_dict())
+        return processor
+
+    def geometry(self, processor, width, height):
+        ip = processor.image_processor
+        return llava_next_geometry(width, height, _image_side(ip), processor.patch_size, ip.image_grid_pinpoints)
+
+
+FAMILIES: tuple[FamilyAdapter, ...] = (Llava15Adapter(), LlavaNextAdapter())
+
+
+def adapter_for(config) -> FamilyAdapter:
+    """The adapter whose config class `config` is an instance of."""
+    for adapter in FAMILIES:
+        if type(config) is adapter.config_class:
+            return adapter
+    supported = ", ".join(f"{a.name} ({a.config_class.__name__})" for a in FAMILIES)
+    raise UnsupportedModelError(f"unsupported model config {type(config).__name__}; supported families: {supported}")
+
+
+class PromptStyle(str, enum.Enum):
+    """How the paper wraps a question: Vicuna's chat format or Llama-3's header template."""
+
+    VICUNA = "vicuna"
+    LLAMA3 = "llama3"
+
+
+def detect_prompt_style(tokenizer) -> PromptStyle:
+    """Llama-3 tokenizers carry the header tokens of their chat template; the others use Vicuna's."""
+    return PromptStyle.LLAMA3 if "<|start_header_id|>" in tokenizer.get_vocab() else PromptStyle.VICUNA
+
+
+def build_prompt(question: str, style: PromptStyle = PromptStyle.VICUNA) -> tuple[str, int]:
+    """The paper's prompt for `question` and the character offset where the question starts.
+
+    Vicuna (LLaVA-1.5, LLaVA-1.6-Vicuna): system prompt, `USER: <image>\\n{question} \\n{instruction} ASSISTANT:`
+    (with the space before the newline). Llama-3: the Llama-3 user/assistant headers
+    around the same user text, then `" \\n"` appended (PAPER.md); the tokenizer adds
+    `<|begin_of_text|>` itself.
+    """
+    user_prefix = f"{cfg.IMAGE_PLACEHOLDER}\n"
+    user_text = f"{user_prefix}{question} \n{cfg.INSTRUCTION}"
+    if PromptStyle(style) is PromptStyle.VICUNA:
+        head = f"{cfg.VICUNA_SYSTEM} USER: "
+        prompt = f"{head}{user_text} ASSISTANT:"
+    else:
+        head = "<|start_header_id|>user<|end_header_id|>\n\n"
+        prompt = f"{head}{user_text}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n \n"
+    return prompt, len(head) + len(user_prefix)
+
+
+@dataclasses.dataclass
+class PreparedInput:
+    """A sample ready for the model: processor outputs, the prompt and the token layout."""
+
+    sample: Sample
+    prompt: str
+    inputs: dict
+    layout: TokenLayout
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.inputs["input_ids"]
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model with its processor, family adapter and provenance."""
+
+    model: torch.nn.Module
+    processor: object
+    adapter: FamilyAdapter
+    prompt_style: PromptStyle
+    name: str
+    image_mode: str
+    revision: Optional[str] = None
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.text_config.num_hidden_layers
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def provenance(self) -> dict:
+        """What identifies results computed with this model."""
+        return {
+            "model": self.name,
+            "revision": self.revision or "",
+            "family": self.adapter.name,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "image_mode": self.image_mode,
+            "prompt_style": self.prompt_style.value,
+            "num_layers": self.num_layers,
+        }
+
+    def prepare(self, sample: Sample, image=None) -> PreparedInput:
+        """Build the paper's prompt for `sample`, run the processor, and compute the token layout.
+
+        `image` replaces the sample's own image (e.g. a blank one) while keeping its boxes.
+        """
+        image = sample.load_image() if image is None else image
+        prompt, question_start = build_prompt(sample.question, self.prompt_style)
+        if cfg.IMAGE_PLACEHOLDER not in prompt:  # pragma: no cover - build_prompt always inserts it
+            raise SampleError(f"sample {sample.question_id}: prompt has no {cfg.IMAGE_PLACEHOLDER} placeholder")
+        inputs = self.processor(images=image, text=prompt, return_tensors="pt")
+        geometry = self.adapter.geometry(self.processor, image.width, image.height)
+        layout = build_layout(
+            sample=sample,
+            input_ids=inputs["input_ids"][0],
+            tokenizer=self.tokenizer,
+            prompt=prompt,
+            question_start=question_start,
+            geometry=geometry,
+            image_size=(image.width, image.height),
+        )
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return PreparedInput(sample=sample, prompt=prompt, inputs=inputs, layout=layout)
+
+
+def wrap_model(model, processor, *, name: str, image_mode: Optional[str] = None, revision=None, prompt_style=None):
+    """Wrap an in-memory model and processor (e.g. a tiny test model) as a `LoadedModel`."""
+    adapter = adapter_for(model.config)
+    image_mode = adapter.check_image_mode(image_mode)
+    processor = adapter.configure_processor(processor, image_mode)
+    style = PromptStyle(prompt_style) if prompt_style else detect_prompt_style(processor.tokenizer)
+    return LoadedModel(model, processor, adapter, style, name, image_mode, revision)
+
+
+def resolve_checkpoint(name_or_path: str) -> str:
+    """A short name (e.g. the offline default) becomes its folder; anything else is left to transformers."""
+    if name_or_path in cfg.SHORT_NAMES:
+        path = cfg.SHORT_NAMES[name_or_path]
+        if not path.exists():
+            raise FileNotFoundError(
+                f"the {name_or_path!r} checkpoint is missing at {path}; "
+                "train it with `python -m flowlib.train_toy` or check out the committed weights"
+            )
+        return str(path)
+    return name_or_path
+
+
+def load_model(
+    name_or_path: str = cfg.OFFLINE_MODEL,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    image_mode: Optional[str] = None,
+    revision: Optional[str] = None,
+    prompt_style: Optional[str] = None,
+) -> LoadedModel:
+    """Load a LLaVA-family checkpoint by hub id, local path or short name.
+
+    Args:
+        name_or_path: e.g. "llava-hf/llava-1.5-7b-hf", "llava-hf/llava-v1.6-vicuna-7b-hf",
+            "llava-hf/llama3-llava-next-8b-hf", a local folder, or "toy-llava" (offline default).
+        dtype: torch dtype or its name ("float16" as in the paper on GPU, "float32" on CPU).
+        device: where to put the model.
+        image_mode: LLaVA-1.5: "pad" (default, the original) or "crop" (llava-hf's default);
+            LLaVA-NeXT: "anyres".
+        revision: the hub revision to pin.
+        prompt_style: "vicuna" or "llama3"; detected from the tokenizer when omitted.
+    """
+    path = resolve_checkpoint(name_or_path)
+    config = AutoConfig.from_pretrained(path, revision=revision)
+    adapter = adapter_for(config)
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = adapter.model_class.from_pretrained(path, revision=revision, dtype=torch_dtype, attn_implementation="sdpa")
+    model = model.to(device).eval()
+    processor = AutoProcessor.from_pretrained(path, revision=revision)
+    if not isinstance(processor, adapter.processor_class):
+        raise UnsupportedModelError(
+            f"{name_or_path}: expected a {adapter.processor_class.__name__}, got {type(processor).__name__}"
+        )
+    if getattr(processor, "num_additional_image_tokens", 1) != 1 and processor.vision_feature_select_strategy == "default":
+        # Older llava-hf processor configs omit it and then emit one placeholder too few (575).
+        processor.num_additional_image_tokens = 1
+    name = name_or_path if name_or_path in cfg.SHORT_NAMES else str(name_or_path)
+    return wrap_model(model, processor, name=name, image_mode=image_mode, revision=revision, prompt_style=prompt_style)
+
+
+def save_checkpoint(loaded: LoadedModel, path: str | Path) -> Path:
+    """Save model, tokenizer and processor so that `load_model(path)` reloads them identically."""
+    path = Path(path)
+    loaded.model.save_pretrained(path)
+    loaded.processor.save_pretrained(path)
+    return path

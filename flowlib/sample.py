@@ -1,0 +1,138 @@
+"""The one sample record every part of flowlib passes around.
+
+A `Sample` is a visual question with everything the paper's analyses need:
+the image (loaded lazily), the question and its answer, the task, the options
+of Choose questions, the central object's name, and the boxes (original image
+pixels) of the objects the question is about. The synthetic world, the paper's
+task CSVs and raw GQA all produce these records; the token layout and the
+experiment runner consume them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, Optional
+
+from PIL import Image, UnidentifiedImageError
+
+#: The paper's six GQA task families, in the order its figures use.
+TASKS = ("ChooseAttr", "ChooseCat", "ChooseRel", "CompareAttr", "LogicalObj", "QueryAttr")
+
+
+class SampleError(ValueError):
+    """Bad sample content: the message names the sample and the fix."""
+
+
+def check_task(task: str) -> str:
+    """Return `task` if it is one of the six task names, else raise listing them."""
+    if task not in TASKS:
+        raise SampleError(f"unknown task {task!r}; the tasks are: {', '.join(TASKS)}")
+    return task
+
+
+@dataclasses.dataclass(frozen=True)
+class Box:
+    """An axis-aligned box in original image pixels: top-left corner (x, y), width w, height h."""
+
+    x: float
+    y: float
+    w: float
+    h: float
+    label: str = ""
+
+    @property
+    def x1(self) -> float:
+        return self.x + self.w
+
+    @property
+    def y1(self) -> float:
+        return self.y + self.h
+
+    def validated(self, width: int, height: int, sample_id: str = "?") -> "Box":
+        """Check this box against an image of `width` x `height` pixels.
+
+        A box with non-positive size, or wholly outside the image, raises `SampleError`.
+        A box partly outside is clipped to the image with a warning.
+        """
+        import warnings
+
+        if not (self.w > 0 and self.h > 0):
+            raise SampleError(
+                f"sample {sample_id}: box {self} has non-positive size; boxes are (x, y, w, h) with w, h > 0"
+            )
+        x0, y0 = max(self.x, 0.0), max(self.y, 0.0)
+        x1, y1 = min(self.x1, float(width)), min(self.y1, float(height))
+        if x1 <= x0 or y1 <= y0:
+            raise SampleError(
+                f"sample {sample_id}: box {self} lies outside the {width}x{height} image; "
+                "check that boxes are in original image pixels (x, y = top-left corner)"
+            )
+        if (x0, y0, x1, y1) != (self.x, self.y, self.x1, self.y1):
+            warnings.warn(
+                f"sample {sample_id}: box {self} extends beyond the {width}x{height} image; clipped",
+                stacklevel=2,
+            )
+            return Box(x0, y0, x1 - x0, y1 - y0, self.label)
+        return self
+
+
+@dataclasses.dataclass
+class Sample:
+    """One visual question with the ground truth the analyses need.
+
+    `image` may be a PIL image, a path, or a zero-argument callable returning one;
+    `load_image()` resolves it (and caches it), raising a clear error if it cannot.
+    """
+
+    question_id: str
+    question: str
+    answer: str
+    task: str
+    image: object = None
+    type_detailed: str = ""
+    true_option: Optional[str] = None
+    false_option: Optional[str] = None
+    central_object: Optional[str] = None
+    boxes: tuple[Box, ...] = ()
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        self.question_id = str(self.question_id)
+        self.boxes = tuple(self.boxes)
+
+    @property
+    def has_options(self) -> bool:
+        return self.true_option is not None and self.false_option is not None
+
+    def load_image(self) -> Image.Image:
+        """Return the RGB image, loading it on first use."""
+        image = self.image
+        if isinstance(image, Image.Image):
+            return image if image.mode == "RGB" else image.convert("RGB")
+        if image is None:
+            raise SampleError(f"sample {self.question_id}: has no image; give a PIL image or a path")
+        if callable(image):
+            loaded = image()
+        elif isinstance(image, (str, os.PathLike)):
+            if not os.path.exists(image):
+                raise SampleError(
+                    f"sample {self.question_id}: image file {os.fspath(image)!r} does not exist; "
+                    "check the image folder you passed"
+                )
+            try:
+                with Image.open(image) as opened:
+                    loaded = opened.convert("RGB")
+            except (UnidentifiedImageError, OSError) as err:
+                raise SampleError(
+                    f"sample {self.question_id}: image file {os.fspath(image)!r} cannot be read ({err}); "
+                    "replace the file or drop the sample"
+                ) from err
+        else:
+            raise SampleError(f"sample {self.question_id}: unsupported image value of type {type(image).__name__}")
+        self.image = loaded.convert("RGB")
+        return self.image
+
+    def validated_boxes(self, width: int, height: int) -> tuple[Box, ...]:
+        """The boxes checked against the image size (see `Box.validated`)."""
+        return tuple(box.validated(width, height, self.question_id) for box in self.boxes)

@@ -1,0 +1,194 @@
+"""Small LLaVA-family models, tokenizers and processors built offline in seconds.
+
+Tests use randomly initialised tiny models of each family (LLaVA-1.5 and
+LLaVA-NeXT with anyres); the offline default model uses the same builders at a
+trainable size. Everything here is built from configs: nothing is downloaded.
+
+Example:
+    >>> loaded = tiny_llava("llava-1.5")          # a LoadedModel, ready for prepare()
+    >>> loaded.model.config.text_config.num_hidden_layers
+    4
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+from .config import INSTRUCTION, VICUNA_SYSTEM
+
+SPECIAL_TOKENS = ("<unk>", "<pad>", "<s>", "</s>", "<image>")
+#: Words splits: runs of letters/digits/apostrophes, or any single other non-space character.
+_WORD_PATTERN = r"[A-Za-z0-9']+|[^\sA-Za-z0-9']"
+#: The words of the paper's Vicuna prompt, always in a tiny vocabulary.
+PROMPT_WORDS = tuple(re.findall(_WORD_PATTERN, f"{VICUNA_SYSTEM} USER : ASSISTANT : {INSTRUCTION}"))
+
+
+def word_level_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A fast word-level tokenizer over `words` plus the chat-prompt words and special tokens.
+
+    Each word is one token (case-sensitive, so "red" and "Red" differ, which the
+    answer lens needs); punctuation characters are tokens of their own; `<s>` is
+    prepended like the Llama tokenizers of LLaVA do.
+    """
+    vocab: dict[str, int] = {}
+    for token in (*SPECIAL_TOKENS, *PROMPT_WORDS, *words):
+        for piece in re.findall(_WORD_PATTERN, token) if token not in SPECIAL_TOKENS else [token]:
+            vocab.setdefault(piece, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(_WORD_PATTERN), behavior="isolated")]
+    )
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    return tokenizer
+
+
+def _vision_config(image_size: int, patch_size: int, hidden: int, layers: int, local: bool) -> CLIPVisionConfig:
+    # A "local" tower has one encoder layer and LLaVA reads hidden state -2, i.e. the
+    # embeddings before any attention: each feature then
+    # depends only on its own patch (patch embedding + position embedding + layer
+    # norm), which is what the geometric oracle needs.
+    return CLIPVisionConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1 if local else layers,
+        num_attention_heads=max(1, hidden // 16),
+        projection_dim=hidden,
+    )
+
+
+def _text_config(vocab_size: int, hidden: int, layers: int, heads: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=int(2.75 * hidden),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    )
+
+
+def next_pinpoints(image_size: int) -> list[list[int]]:
+    """LLaVA-NeXT's grid pinpoints scaled to a base resolution of `image_size`."""
+    return [[image_size * a, image_size * b] for a, b in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]
+
+
+def build_processor(family: str, tokenizer, image_size: int, patch_size: int, pad: bool = True, resample=None):
+    """A LlavaProcessor (pad or crop) or LlavaNextProcessor (anyres) around `tokenizer`."""
+    common = dict(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_convert_rgb=True,
+    )
+    if resample is not None:
+        common["resample"] = resample
+    if family == "llava-1.5":
+        image_processor = LlavaImageProcessorPil(do_pad=pad, **common)
+        cls = LlavaProcessor
+    elif family == "llava-next":
+        image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=next_pinpoints(image_size), **common)
+        cls = LlavaNextProcessor
+    else:
+        raise ValueError(f"unknown family {family!r}; use 'llava-1.5' or 'llava-next'")
+    return cls(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+
+
+def build_llava(
+    family: str,
+    tokenizer,
+    *,
+    image_size: int = 112,
+    patch_size: int = 14,
+    vision_hidden: int = 32,
+    vision_layers: int = 1,
+    local_vision: bool = False,
+    hidden: int = 64,
+    layers: int = 4,
+    heads: int = 4,
+    seed: int = 0,
+):
+    """A randomly initialised LLaVA-1.5 or LLaVA-NeXT model of the given size (fp32, eval mode)."""
+    torch.manual_seed(seed)
+    vision = _vision_config(image_size, patch_size, vision_hidden, vision_layers, local_vision)
+    text = _text_config(len(tokenizer), hidden, layers, heads)
+    common = dict(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    if family == "llava-1.5":
+        config = LlavaConfig(image_seq_length=(image_size // patch_size) ** 2, **common)
+        model = LlavaForConditionalGeneration(config)
+    elif family == "llava-next":
+        config = LlavaNextConfig(image_grid_pinpoints=next_pinpoints(image_size), **common)
+        model = LlavaNextForConditionalGeneration(config)
+    else:
+        raise ValueError(f"unknown family {family!r}; use 'llava-1.5' or 'llava-next'")
+    return model.eval()
+
+
+#: Words tiny test models know besides the prompt: enough for test questions and answers.
+TEST_WORDS = (
+    "is the star red or blue ? which shape object , a circle square triangle to left right of "
+    "what do and have in common there either that green on side image Yes No yes no Red Blue "
+    "Left Right Circle Star Color color"
+).split()
+
+
+def tiny_llava(
+    family: str = "llava-1.5",
+    *,
+    pad: bool = True,
+    resample=None,
+    words: Iterable[str] = TEST_WORDS,
+    **model_kwargs,
+):
+    """A tiny randomly initialised model of `family` wrapped as a `flowlib.models.LoadedModel`."""
+    from .models import wrap_model
+
+    tokenizer = word_level_tokenizer(words)
+    image_size = model_kwargs.setdefault("image_size", 112)
+    patch_size = model_kwargs.setdefault("patch_size", 14)
+    model = build_llava(family, tokenizer, **model_kwargs)
+    processor = build_processor(family, tokenizer, image_size, patch_size, pad=pad, resample=resample)
+    image_mode = ("pad" if pad else "crop") if family == "llava-1.5" else None
+    return wrap_model(model, processor, name=f"tiny-{family}", image_mode=image_mode)

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny models of each family and a simple sample. Tests never download."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from flowlib.sample import Box, Sample  # noqa: E402
+from flowlib.tiny import tiny_llava  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir():
+    """../shared beside the checkout; tests that need it skip cleanly when it is absent."""
+    if not SHARED_DIR.is_dir():
+        pytest.skip("../shared is not present beside the checkout")
+    return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny15():
+    return tiny_llava("llava-1.5")
+
+
+@pytest.fixture(scope="session")
+def tiny_next():
+    return tiny_llava("llava-next")
+
+
+def make_sample(width=320, height=240, boxes=((10, 20, 50, 60),), seed=0, **overrides):
+    """A ChooseAttr-style sample on a random-noise image."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+    fields = dict(
+        question_id="q1",
+        question="is the star red or blue?",
+        answer="red",
+        task="ChooseAttr",
+        image=image,
+        true_option="red",
+        false_option="blue",
+        central_object="star",
+        boxes=[Box(*b) for b in boxes],
+    )
+    fields.update(overrides)
+    return Sample(**fields)
+
+
+@pytest.fixture
+def sample():
+    return make_sample()

@@ -1,0 +1,116 @@
+"""The box -> image-token mapping agrees with a geometric oracle, for every family and mode.
+
+The oracle: a vision tower whose features depend only on their own patch, a
+processor with nearest resampling, two images that differ only inside a box;
+the language-model input embeddings that change are exactly the related patches.
+"""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flowlib.geometry import pil_nearest_source
+from flowlib.sample import Box, Sample
+from flowlib.tiny import tiny_llava
+
+NEAREST = 0  # PIL.Image.NEAREST
+
+
+def _lm_input_embeddings(loaded, prepared):
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["embeds"] = kwargs["inputs_embeds"].detach().clone()
+
+    handle = loaded.model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            loaded.model(**prepared.inputs)
+    finally:
+        handle.remove()
+    return captured["embeds"][0]
+
+
+def _oracle_positions(loaded, width, height, box, rng):
+    pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    changed = pixels.copy()
+    x, y, w, h = (int(v) for v in (box.x, box.y, box.w, box.h))
+    changed[y : y + h, x : x + w] = (changed[y : y + h, x : x + w].astype(np.int64) + 128) % 256
+    base = Sample("oracle", "is the star red or blue?", "red", "ChooseAttr", image=Image.fromarray(pixels), boxes=[box])
+    prepared = loaded.prepare(base)
+    other = loaded.prepare(base, image=Image.fromarray(changed))
+    diff = (_lm_input_embeddings(loaded, prepared) - _lm_input_embeddings(loaded, other)).abs().amax(-1)
+    return np.nonzero(diff.numpy() > 0)[0], prepared.layout
+
+
+def _random_case(rng, max_side):
+    width, height = (int(v) for v in rng.integers(40, max_side, size=2))
+    if rng.random() < 0.3:  # GQA-like 4:3 / 3:4 shapes
+        width, height = (640, 480) if rng.random() < 0.5 else (375, 500)
+    w = int(rng.integers(1, width // 2 + 2))
+    h = int(rng.integers(1, height // 2 + 2))
+    x = int(rng.integers(0, width - min(w, width) + 1))
+    y = int(rng.integers(0, height - min(h, height) + 1))
+    return width, height, Box(x, y, min(w, width - x), min(h, height - y))
+
+
+@pytest.mark.filterwarnings("ignore:sample oracle")
+@pytest.mark.parametrize(
+    "family,pad,cases",
+    [("llava-1.5", True, 30), ("llava-1.5", False, 30), ("llava-next", True, 30)],
+    ids=["llava-1.5-pad", "llava-1.5-crop", "llava-next-anyres"],
+)
+def test_box_mapping_matches_oracle(family, pad, cases):
+    loaded = tiny_llava(
+        family, pad=pad, resample=NEAREST, local_vision=True, image_size=336, patch_size=14,
+        layers=1, hidden=32, heads=2,
+    )
+    rng = np.random.default_rng(1234 if pad else 99)
+    grids_seen = set()
+    for _ in range(cases):
+        width, height, box = _random_case(rng, 900)
+        changed, layout = _oracle_positions(loaded, width, height, box, rng)
+        expected = layout.related_image_patches
+        if len(expected) == 0:
+            assert len(changed) == 0 and layout.unmapped_boxes == (box,)
+        else:
+            assert changed.tolist() == expected.tolist(), (width, height, box)
+        if family == "llava-next":
+            grids_seen.add((len(layout.high_resolution), len(layout.image_newlines)))
+    if family == "llava-next":
+        assert len(grids_seen) >= 3, "the random cases should exercise several tile grids"
+
+
+def test_real_scale_token_counts():
+    next_model = tiny_llava("llava-next", image_size=336, patch_size=14, layers=1, hidden=32, heads=2)
+    one_five = tiny_llava("llava-1.5", image_size=336, patch_size=14, layers=1, hidden=32, heads=2)
+    sample = Sample("q", "is the star red or blue?", "red", "ChooseAttr", image=Image.new("RGB", (640, 480)))
+    layout = next_model.prepare(sample).layout
+    assert len(layout.image) == 2340
+    assert len(layout.base_view) == 576
+    assert len(layout.base_view) + len(layout.high_resolution) + len(layout.image_newlines) == 2340
+    assert len(one_five.prepare(sample).layout.image) == 576
+    portrait = Sample("q", "is the star red or blue?", "red", "ChooseAttr", image=Image.new("RGB", (375, 500)))
+    assert len(next_model.prepare(portrait).layout.image) == next_model.processor._get_number_of_features(500, 375, 336, 336) - 1
+
+
+def test_pil_nearest_replay_matches_pillow():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        old, new = (int(v) for v in rng.integers(2, 1500, size=2))
+        ramp = np.tile(np.arange(old, dtype=np.int32), (2, 1))
+        resized = np.asarray(Image.fromarray(ramp, mode="I").resize((new, 2), NEAREST))[0]
+        assert resized.tolist() == pil_nearest_source(old, new).tolist()
+
+
+def test_pad_mode_keeps_what_crop_loses():
+    """A box at the far left of a landscape image is in the padded view but cropped away by llava-hf's default."""
+    pad = tiny_llava("llava-1.5", pad=True, image_size=336, patch_size=14, layers=1, hidden=32, heads=2)
+    crop = tiny_llava("llava-1.5", pad=False, image_size=336, patch_size=14, layers=1, hidden=32, heads=2)
+    sample = Sample("q", "is the star red or blue?", "red", "ChooseAttr", image=Image.new("RGB", (640, 320)),
+                    boxes=[Box(0, 100, 80, 100)])
+    assert len(pad.prepare(sample).layout.related_image_patches) > 0
+    with pytest.warns(UserWarning, match="covers no image patch"):
+        cropped = crop.prepare(sample).layout
+    assert len(cropped.related_image_patches) == 0 and len(cropped.unmapped_boxes) == 1

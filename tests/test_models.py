@@ -1,0 +1,157 @@
+"""The model layer: family adapters, the paper's prompts, loading from disk, and bad input."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaProcessor
+
+from flowlib import config as cfg
+from flowlib.models import (
+    PromptStyle,
+    UnsupportedModelError,
+    adapter_for,
+    build_prompt,
+    load_model,
+    save_checkpoint,
+)
+from flowlib.sample import Box, Sample, SampleError
+from flowlib.tiny import tiny_llava
+
+from .conftest import make_sample
+
+VICUNA = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions. USER: <image>\nIs the jar full or empty? \n"
+    "Answer the question using a single word or phrase. ASSISTANT:"
+)
+
+
+def test_vicuna_prompt_is_the_papers():
+    prompt, start = build_prompt("Is the jar full or empty?", PromptStyle.VICUNA)
+    assert prompt == VICUNA
+    assert prompt[start : start + len("Is the jar full or empty?")] == "Is the jar full or empty?"
+
+
+def test_llama3_prompt_is_the_template_plus_space_newline():
+    prompt, start = build_prompt("Is the jar full or empty?", PromptStyle.LLAMA3)
+    assert prompt == (
+        "<|start_header_id|>user<|end_header_id|>\n\n<image>\nIs the jar full or empty? \n"
+        "Answer the question using a single word or phrase.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n \n"
+    )
+    assert prompt[start:].startswith("Is the jar")
+
+
+def test_adapter_is_chosen_by_config_class(tiny15, tiny_next):
+    assert tiny15.adapter.name == "llava-1.5" and tiny_next.adapter.name == "llava-next"
+    with pytest.raises(UnsupportedModelError, match="llava-1.5 .*llava-next"):
+        adapter_for(LlamaConfig())
+    with pytest.raises(UnsupportedModelError):
+        adapter_for(CLIPVisionConfig())
+
+
+@pytest.mark.parametrize("fixture", ["tiny15", "tiny_next"])
+def test_question_positions_decode_to_the_question(fixture, request, sample):
+    loaded = request.getfixturevalue(fixture)
+    prepared = loaded.prepare(sample)
+    ids = prepared.input_ids[0]
+    layout = prepared.layout
+    assert loaded.tokenizer.decode(ids[layout.question]) == "is the star red or blue ?"
+    assert loaded.tokenizer.decode(ids[layout.true_option]) == "red"
+    assert loaded.tokenizer.decode(ids[layout.false_option]) == "blue"
+    assert loaded.tokenizer.decode(ids[layout.central_object]) == "star"
+    assert loaded.tokenizer.decode(ids[layout.question_without_options]) == "is the star or ?"
+    assert layout.last.tolist() == [len(ids) - 1]
+    assert loaded.tokenizer.decode(ids[-2:]) == "ASSISTANT :"
+    assert (ids[layout.image] == loaded.model.config.image_token_id).all()
+
+
+@pytest.mark.parametrize("fixture", ["tiny15", "tiny_next"])
+def test_groups_are_disjoint_where_they_must_be(fixture, request, sample):
+    layout = request.getfixturevalue(fixture).prepare(sample).layout
+    image = set(layout.image.tolist())
+    related, other = set(layout.related_image_patches.tolist()), set(layout.other_image_patches.tolist())
+    newlines = set(layout.image_newlines.tolist())
+    assert related and other and not related & other
+    assert related | other | newlines == image
+    assert not newlines & (related | other)
+    assert not image & set(layout.question.tolist())
+    assert not set(layout.last.tolist()) & (image | set(layout.question.tolist()))
+    assert max(layout.image) < min(layout.question)
+    if layout.base_view.size:
+        assert set(layout.base_view.tolist()) | set(layout.high_resolution.tolist()) | newlines == image
+        # A box is related in both the base view and the high-resolution tiles.
+        assert related & set(layout.base_view.tolist()) and related & set(layout.high_resolution.tolist())
+
+
+def test_group_lookup_lists_valid_names(tiny15, sample):
+    layout = tiny15.prepare(sample).layout
+    with pytest.raises(KeyError, match="valid groups: Image, Question"):
+        layout.group("Picture")
+
+
+def test_pad_is_default_and_crop_is_a_parameter(tmp_path):
+    loaded = tiny_llava("llava-1.5")
+    # Simulate a llava-hf checkpoint, whose processor centre-crops.
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    loaded.processor.image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112}
+    )
+    path = save_checkpoint(loaded, tmp_path / "ckpt")
+    padded = load_model(str(path))
+    cropped = load_model(str(path), image_mode="crop")
+    assert padded.processor.image_processor.do_pad and not cropped.processor.image_processor.do_pad
+    image = Image.new("RGB", (200, 100), (255, 0, 0))
+    pixels = padded.processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
+    # Rows above the picture hold the normalised mean colour (about 0 after normalisation), not red.
+    assert pixels[:, 0, :].abs().max() < 0.02
+    assert cropped.processor.image_processor(image, return_tensors="pt")["pixel_values"][0][0].min() > 1.5
+    with pytest.raises(ValueError, match="image_mode"):
+        load_model(str(path), image_mode="anyres")
+
+
+def test_saved_checkpoint_reloads_identically(tmp_path, sample):
+    loaded = tiny_llava("llava-next")
+    path = save_checkpoint(loaded, tmp_path / "next")
+    again = load_model(str(path), dtype="float32", device="cpu")
+    assert again.adapter.name == "llava-next" and again.provenance()["num_layers"] == loaded.num_layers
+    first, second = loaded.prepare(sample), again.prepare(sample)
+    assert torch.equal(first.input_ids, second.input_ids)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(**first.inputs).logits, again.model(**second.inputs).logits)
+
+
+def test_missing_short_name_checkpoint_says_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(cfg.SHORT_NAMES, "nowhere", tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="train it"):
+        load_model("nowhere")
+
+
+def test_bad_inputs_get_clear_errors(tiny15, tmp_path):
+    with pytest.raises(SampleError, match="q1: true option 'green' not found in the question"):
+        tiny15.prepare(make_sample(true_option="green"))
+    with pytest.raises(SampleError, match="non-positive size"):
+        tiny15.prepare(make_sample(boxes=[(10, 10, 0, 5)]))
+    with pytest.raises(SampleError, match="outside the 320x240 image"):
+        tiny15.prepare(make_sample(boxes=[(400, 10, 20, 20)]))
+    with pytest.warns(UserWarning, match="clipped"):
+        layout = tiny15.prepare(make_sample(boxes=[(300, 200, 100, 100)])).layout
+    assert len(layout.related_image_patches) > 0
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(SampleError, match="cannot be read"):
+        tiny15.prepare(make_sample(image=str(broken)))
+    with pytest.raises(SampleError, match="does not exist"):
+        tiny15.prepare(make_sample(image=str(tmp_path / "absent.jpg")))
+
+
+def test_prompt_without_image_placeholder_is_an_error(tiny15, sample):
+    from flowlib.layout import build_layout
+
+    ids = tiny15.tokenizer("is the star red or blue ?", return_tensors="pt")["input_ids"][0]
+    geometry = tiny15.adapter.geometry(tiny15.processor, 320, 240)
+    with pytest.raises(SampleError, match="no <image> placeholder"):
+        build_layout(sample=sample, input_ids=ids, tokenizer=tiny15.tokenizer, prompt="is the star red or blue ?",
+                     question_start=0, geometry=geometry, image_size=(320, 240))
