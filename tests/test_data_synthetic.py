@@ -1,0 +1,236 @@
+"""Tests of the synthetic world: answers follow from the scene graph, boxes hug the drawn
+objects, generation is deterministic and balanced, and text alone gives chance accuracy."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+
+from flowlib import config
+from flowlib.data import synthetic as syn
+from flowlib.sample import TASKS
+
+
+@pytest.fixture(scope="module")
+def world():
+    # Two splits large enough for the text-only baseline to be measured to a few points.
+    return syn.generate_world(360, seed=7, splits={"train": 0.5, "test": 0.5})
+
+
+@pytest.fixture(scope="module")
+def rows(world):
+    return world["train"].remove_columns("image").to_list()
+
+
+def _by_name(scene):
+    objects = list(scene["objects"].values())
+    names = [o["name"] for o in objects]
+    assert len(names) == len(set(names)), "shape names must be unique referring expressions"
+    return {o["name"]: o for o in objects}
+
+
+def _solve(question: str, scene: dict) -> str:
+    """Recompute the answer from the scene graph alone, parsing the question independently."""
+    objs = _by_name(scene)
+    if m := re.fullmatch(r"is the (\w+) (\w+) or (\w+)\?", question):
+        obj = objs[m[1]]
+        hits = [v for v in (m[2], m[3]) if v in obj["attributes"]]
+        assert len(hits) == 1
+        return hits[0]
+    if m := re.fullmatch(r"which shape is the (\w+) object, a (\w+) or a (\w+)\?", question):
+        matches = [o for o in objs.values() if o["color"] == m[1]]
+        assert len(matches) == 1, "the referred object must be unique"
+        assert matches[0]["name"] in (m[2], m[3])
+        return matches[0]["name"]
+    if m := re.fullmatch(r"is the (\w+) (?:to the )?(\w+) or (?:to the )?(\w+) (?:of )?the (\w+)\?", question):
+        a, b = objs[m[1]], objs[m[4]]
+        truth = {"left": a["x"] + a["w"] <= b["x"], "right": b["x"] + b["w"] <= a["x"],
+                 "above": a["y"] + a["h"] <= b["y"], "below": b["y"] + b["h"] <= a["y"]}
+        hits = [v for v in (m[2], m[3]) if truth[v]]
+        assert len(hits) == 1
+        return hits[0]
+    if m := re.fullmatch(r"what do the (\w+) and the (\w+) have in common\?", question):
+        a, b = objs[m[1]], objs[m[2]]
+        shared = [k for k in ("color", "size", "texture") if a[k] == b[k]]
+        assert len(shared) == 1
+        return shared[0]
+    if m := re.fullmatch(r"is there either a (\w+) or a (\w+) that is (\w+)\?", question):
+        return "yes" if any(n in objs and m[3] in objs[n]["attributes"] for n in (m[1], m[2])) else "no"
+    if m := re.fullmatch(r"on which side of the image is the (\w+)\?", question):
+        o, mid = objs[m[1]], scene["width"] / 2
+        assert o["x"] + o["w"] <= mid or o["x"] >= mid
+        return "left" if o["x"] + o["w"] <= mid else "right"
+    raise AssertionError(f"unparsed question {question!r}")
+
+
+def test_answers_follow_from_scene_graph(rows):
+    for row in rows:
+        assert _solve(row["question"], json.loads(row["scene_graph"])) == row["answer"], row["question"]
+
+
+def test_boxes_are_the_question_objects(rows):
+    for row in rows:
+        scene = json.loads(row["scene_graph"])
+        objs = _by_name(scene)
+        for box in row["boxes"]:
+            o = objs[box["label"]]
+            assert (box["x"], box["y"], box["w"], box["h"]) == (o["x"], o["y"], o["w"], o["h"])
+            assert box["label"] in row["question"]
+        expected = {"ChooseAttr": 1, "ChooseCat": 1, "ChooseRel": 2, "CompareAttr": 2, "QueryAttr": 1}
+        if row["task"] == "ChooseRel":  # GQA's order: the reference object (object1), then the subject
+            words = row["question"].rstrip("?").split()
+            assert [b["label"] for b in row["boxes"]] == [words[-1], words[2]] == [row["central_object"], words[2]]
+        if row["task"] in expected:
+            assert len(row["boxes"]) == expected[row["task"]]
+        else:  # LogicalObj: boxes of the named objects that are present
+            named = re.findall(r"a (\w+)", row["question"])
+            assert [b["label"] for b in row["boxes"]] == [n for n in named if n in objs]
+
+
+def test_boxes_cover_drawn_pixels_and_survive_downscaling(world):
+    subset = world["train"].select(range(0, len(world["train"]), 7))
+    for row in subset:
+        scene = json.loads(row["scene_graph"])
+        pixels = np.asarray(row["image"].convert("RGB")).astype(int)
+        assert pixels.shape == (row["image_h"], row["image_w"], 3)
+        drawn = (pixels != np.array(scene["background"])).any(-1)
+        for o in scene["objects"].values():
+            x, y, w, h = o["x"], o["y"], o["w"], o["h"]
+            assert 0 <= x and 0 <= y and x + w <= row["image_w"] and y + h <= row["image_h"]
+            assert min(w, h) * config.TOY_IMAGE_SIZE / max(row["image_w"], row["image_h"]) >= 16
+            # Every drawn pixel near the object lies in its box, and the box is tight on all four sides.
+            x0, y0 = max(0, x - 4), max(0, y - 4)
+            region = drawn[y0:y + h + 4, x0:x + w + 4].copy()
+            inside = drawn[y:y + h, x:x + w]
+            assert region.sum() == inside.sum()
+            assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+            own = (pixels[y:y + h, x:x + w] == np.array(syn.COLORS[o["color"]])).all(-1)
+            assert own.sum() > 0.1 * w * h  # stars fill ~40% of their box, stripes half of that
+    assert syn.SMALLEST_OBJECT_PROCESSED_PX >= 2 * config.TOY_PATCH_SIZE
+
+
+def test_balance_and_coverage(rows):
+    by_task = defaultdict(list)
+    for row in rows:
+        by_task[row["task"]].append(row)
+    assert set(by_task) == set(TASKS) and all(len(v) == 180 for v in by_task.values())
+    answers = {t: Counter(r["answer"] for r in v) for t, v in by_task.items()}
+    assert set(answers["CompareAttr"]) == {"color", "size", "texture"}
+    assert set(answers["LogicalObj"]) == {"yes", "no"} and set(answers["QueryAttr"]) == {"left", "right"}
+    assert set(answers["ChooseRel"]) == {"left", "right", "above", "below"}
+    assert set(answers["ChooseCat"]) == set(syn.SHAPES)
+    assert set(answers["ChooseAttr"]) == {v for vs in syn.ATTRIBUTES.values() for v in vs}
+    for task in ("CompareAttr", "LogicalObj", "QueryAttr"):
+        assert max(answers[task].values()) - min(answers[task].values()) <= 1
+    for task in ("ChooseAttr", "ChooseCat", "ChooseRel"):
+        firsts = [r["question"].index(r["true_option"]) < r["question"].index(r["false_option"])
+                  for r in by_task[task]]
+        assert sum(firsts) == len(firsts) // 2
+    img_sizes = Counter((r["image_w"], r["image_h"]) for r in rows)
+    assert set(img_sizes) == {(320, 240), (240, 320)}
+
+
+def test_text_only_baseline_is_at_chance(world):
+    train, test = (world[s].remove_columns("image").to_list() for s in ("train", "test"))
+    answer_sets = defaultdict(set)
+    for r in train:
+        answer_sets[r["task"]].add(r["answer"])
+
+    def candidates(r):
+        # Options in question order: listing the true option first would leak it through tie-breaking.
+        if r["true_option"]:
+            return sorted([r["true_option"], r["false_option"]], key=lambda a: r["question"].index(a))
+        return sorted(answer_sets[r["task"]])
+
+    def slot(r, a):  # an option's position in the question, else the answer word itself
+        return r["question"].index(a) if r["true_option"] else a
+
+    by_question, by_pattern = defaultdict(Counter), defaultdict(Counter)
+    for r in train:
+        by_question[r["question"]][r["answer"]] += 1
+        by_pattern[r["pattern"]][r["true_option"] and (r["question"].index(r["true_option"])
+                                                      < r["question"].index(r["false_option"]))] += 1
+        by_pattern[r["pattern"], "answer"][r["answer"]] += 1
+    correct_q = correct_p = chance = 0.0
+    for r in test:
+        cands = candidates(r)
+        chance += 1 / len(cands)
+        seen = by_question.get(r["question"])
+        guess_q = max(cands, key=lambda a: (seen or Counter())[a] * 10 + by_pattern[r["pattern"], "answer"][a])
+        if r["true_option"]:  # the pattern's favourite option position
+            first_wins = by_pattern[r["pattern"]][True] >= by_pattern[r["pattern"]][False]
+            guess_p = min(cands, key=lambda a: slot(r, a)) if first_wins else max(cands, key=lambda a: slot(r, a))
+        else:
+            guess_p = max(cands, key=lambda a: by_pattern[r["pattern"], "answer"][a])
+        correct_q += guess_q == r["answer"]
+        correct_p += guess_p == r["answer"]
+    n = len(test)
+    print("text-only baselines", correct_q / n, correct_p / n, "chance", chance / n)
+    assert abs(correct_q / n - chance / n) < 0.05, (correct_q / n, chance / n)
+    assert abs(correct_p / n - chance / n) < 0.05, (correct_p / n, chance / n)
+
+
+def test_vocabulary_covers_all_text(rows):
+    vocab = set(syn.synthetic_vocabulary())
+    assert all(w == w.lower() for w in vocab)
+    for row in rows:
+        for text in (row["question"], row["answer"], row["true_option"] or "", row["false_option"] or ""):
+            assert set(syn.split_words(text)) <= vocab | set(syn.SYNTHETIC_PUNCTUATION), text
+
+
+def test_same_seed_same_bytes_other_seed_differs():
+    a, b, c = syn.generate_split(4, seed=3), syn.generate_split(4, seed=3), syn.generate_split(4, seed=4)
+    assert a.data.table.equals(b.data.table)
+    assert not a.data.table.equals(c.data.table)
+    assert a.features == syn.features()
+
+
+def test_save_is_atomic_and_load_or_generate_caches(tmp_path, monkeypatch):
+    path = tmp_path / "world"
+    first = syn.load_or_generate_world(path, n_per_task=10, seed=1)
+    assert path.exists() and sorted(first) == ["test", "train", "validation"]
+    assert [len(first[s]) for s in ("train", "validation", "test")] == [48, 6, 6]
+    monkeypatch.setattr(syn, "generate_world", lambda *a, **k: pytest.fail("should load the cache"))
+    again = syn.load_or_generate_world(path, n_per_task=10, seed=1)
+    assert again["train"].data.table.equals(first["train"].data.table)
+
+    class Broken:
+        def save_to_disk(self, where):
+            (tmp_path / where).mkdir()
+            (tmp_path / where / "partial").write_text("half")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        syn.save_world(Broken(), tmp_path / "other")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["world"]
+
+
+def test_to_samples_loads_images_lazily(world):
+    samples = syn.to_samples(world["test"].select(range(12)))
+    assert len(samples) == 12 and all(not isinstance(s.image, type(None)) for s in samples)
+    s = samples[5]
+    image = s.load_image()
+    assert image.mode == "RGB" and image.size in syn.IMAGE_SIZES
+    assert s.boxes and s.validated_boxes(*image.size) == s.boxes
+    assert s.source == "synthetic" and s.task in TASKS
+    if s.true_option:
+        assert s.answer == s.true_option and s.has_options
+
+
+def test_preview_draws_boxes_and_title(world):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from flowlib.data import preview
+
+    sample = next(s for s in syn.iter_samples(world["test"]) if len(s.boxes) == 2)
+    fig, ax = preview(sample)
+    assert len(ax.patches) == 2 and sample.answer in ax.get_title() and sample.question[:20] in ax.get_title()
+    assert ax.get_images()[0].get_array().shape[:2] == (sample.load_image().height, sample.load_image().width)
+    plt.close(fig)
