@@ -26,6 +26,7 @@ from flowlib.data.gqa_tasks import (
     task_from_filename,
 )
 from flowlib.data.preview import preview
+from flowlib.data.sources import SOURCES, group_by_task, load_samples
 from flowlib.data.synthetic import (
     SMALLEST_OBJECT_PROCESSED_PX,
     SYNTHETIC_PUNCTUATION,
@@ -40,7 +41,7 @@ from flowlib.data.synthetic import (
 )
 
 __all__ = [
-    "DETAILED_TYPES", "SMALLEST_OBJECT_PROCESSED_PX", "SYNTHETIC_PUNCTUATION", "TASK_FILES", "build_tasks",
+    "DETAILED_TYPES", "SOURCES", "group_by_task", "load_samples", "SMALLEST_OBJECT_PROCESSED_PX", "SYNTHETIC_PUNCTUATION", "TASK_FILES", "build_tasks",
     "choose_options", "fetch_paper_tasks", "find_task_files", "generate_split", "generate_world", "iter_samples",
     "load_or_generate_world", "load_paper_tasks", "load_questions", "load_raw_gqa", "load_scene_graphs",
     "load_task_csv", "preview", "program_objects", "save_world", "split_words", "synthetic_vocabulary",
