@@ -1,0 +1,233 @@
+"""Layer sweeps: the answer's relative change when a flow is blocked in a window around each layer.
+
+For layer l the window is the k consecutive layers centred on l, truncated (not
+shifted) at the ends, exactly as the paper: ``range(max(0, l - k//2), min(L, l - (-k//2)))``.
+The metric is ``100 * (p_blocked - p_base) / p_base`` for the first answer token the
+unblocked model generates greedily (PAPER.md).
+
+Two engines share one interface and give the same numbers:
+- `sweep_reference`: one full forward per window, the paper's method.
+- `sweep_fast`: one clean pass; positions before the flow's first target never
+  change, so their keys and values are reused, and only the suffix is recomputed
+  from each window's first layer, all windows batched (a window joins the batch at
+  its first layer with the clean hidden state). See TECH-NOTES.md.
+
+Example:
+    >>> result = layer_sweep(loaded, prepared, "Question->Last", window=7, engine="fast")
+    >>> result.relative_change  # one value per layer
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers.masking_utils import sdpa_mask
+
+from .config import default_window
+from .knockout import KnockoutAttention, current_backend, cut_matrix, flow_groups, installed, knockout, language_model
+
+Flows = Union[str, Sequence[str]]
+#: The fast engine recomputes at least this many final positions (see `sweep_fast`).
+MIN_SUFFIX = 16
+
+
+class ZeroBaseProbability(ValueError):
+    """The unblocked probability of the answer token is 0 (or not finite): no relative change exists."""
+
+
+def window_layers(layer: int, window: int, num_layers: int) -> range:
+    """The window of `window` layers centred on `layer`, truncated at 0 and `num_layers`."""
+    return range(max(0, layer - window // 2), min(num_layers, layer - (-window // 2)))
+
+
+def sweep_windows(window: int, num_layers: int) -> list[range]:
+    """The windows for l = 0..num_layers-1; a window wider than the model raises."""
+    if not 1 <= int(window) <= num_layers:
+        raise ValueError(f"window {window} does not fit a model of {num_layers} layers; use 1..{num_layers}")
+    return [window_layers(l, int(window), num_layers) for l in range(num_layers)]
+
+
+def relative_change(blocked, base) -> np.ndarray:
+    """``100 * (blocked - base) / base``; a base of exactly 0 raises `ZeroBaseProbability`."""
+    base = float(base)
+    if not base > 0 or not np.isfinite(base):
+        raise ZeroBaseProbability(f"base probability {base!r}: the relative change is undefined")
+    return 100.0 * (np.asarray(blocked, dtype=np.float64) - base) / base
+
+
+def answer_probs(model, normed: torch.Tensor, token: int) -> torch.Tensor:
+    """Probability of `token` read from final-normed last-position states ``(..., hidden)``, in float64.
+
+    The unembedding and softmax run in float64: the metric divides by p and multiplies
+    by 100, so one float32 rounding unit of a logit (~1e-7) would already move the
+    relative change by ~1e-5 and swamp the engines' agreement.
+    """
+    head = model.get_output_embeddings()
+    bias = None if head.bias is None else head.bias.double()
+    logits = torch.nn.functional.linear(normed.double(), head.weight.double(), bias)
+    return torch.softmax(logits, -1)[..., token]
+
+
+@dataclasses.dataclass
+class CleanPass:
+    """The unblocked forward of one prepared input: answer token and what the fast engine reuses."""
+
+    answer_token: int
+    base_prob: float
+    logits: torch.Tensor  # (vocab,) float32 model logits at the last position
+    hidden_states: tuple  # L+1 tensors (1, seq, hidden): inputs of layers 0..L-1, then the normed output
+    cache: object  # the DynamicCache of keys and values per layer
+
+
+@torch.no_grad()
+def clean_pass(loaded, prepared) -> CleanPass:
+    """Run the unblocked model once; the greedy first answer token is the argmax at the last position."""
+    current_backend(loaded.model)
+    out = loaded.model(**prepared.inputs, use_cache=True, output_hidden_states=True)
+    logits = out.logits[0, -1].float()
+    token = int(logits.argmax())  # the greedy token, in the model's own precision
+    prob = float(answer_probs(loaded.model, out.hidden_states[-1][0, -1], token))
+    return CleanPass(token, prob, logits, out.hidden_states, out.past_key_values)
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """One sample x flow sweep: per layer l, the answer token's probability with window(l) blocked."""
+
+    question_id: str
+    flow: str
+    window: int
+    windows: list[range]
+    answer_token: int
+    base_prob: float
+    blocked_probs: np.ndarray
+    engine: str
+
+    @property
+    def relative_change(self) -> np.ndarray:
+        return relative_change(self.blocked_probs, self.base_prob)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per layer (question_id, flow, layer, window, window_layers, probabilities, change)."""
+        return pd.DataFrame({
+            "question_id": self.question_id,
+            "flow": self.flow,
+            "layer": np.arange(len(self.windows), dtype=np.int64),
+            "window": self.window,
+            "window_layers": [f"{w.start}-{w.stop - 1}" for w in self.windows],
+            "window_first": np.array([w.start for w in self.windows], dtype=np.int64),
+            "window_last": np.array([w.stop - 1 for w in self.windows], dtype=np.int64),
+            "base_prob": self.base_prob,
+            "blocked_prob": self.blocked_probs,
+            "relative_change": self.relative_change,
+            "answer_token": self.answer_token,
+        })
+
+
+def _setup(loaded, prepared, flow: Flows, window: Optional[int], clean: Optional[CleanPass]):
+    flows = [flow] if isinstance(flow, str) else list(flow)
+    window = int(window or default_window(loaded.num_layers))
+    windows = sweep_windows(window, loaded.num_layers)
+    for f in flows:  # validate names and groups before any forward
+        flow_groups(prepared.layout, f)
+    clean = clean or clean_pass(loaded, prepared)
+    if not (clean.base_prob > 0 and np.isfinite(clean.base_prob)):
+        raise ZeroBaseProbability(
+            f"sample {prepared.layout.sample_id}: the answer token's base probability is {clean.base_prob!r}; "
+            "the sample is excluded (no relative change without a base)"
+        )
+    return flows, window, windows, clean
+
+
+def _result(prepared, flows, window, windows, clean, probs, engine) -> SweepResult:
+    return SweepResult(prepared.layout.sample_id, " + ".join(flows), window, windows, clean.answer_token,
+                       clean.base_prob, np.asarray(probs, dtype=np.float64), engine)
+
+
+@torch.no_grad()
+def sweep_reference(loaded, prepared, flow: Flows, window: Optional[int] = None, *,
+                    clean: Optional[CleanPass] = None) -> SweepResult:
+    """The paper's method: one full knocked-out forward per window.
+
+    Args:
+        loaded: a `LoadedModel`; prepared: its `PreparedInput` for one sample.
+        flow: a flow name (or several blocked together); window: k (default: `config.default_window`).
+        clean: a `clean_pass` already computed for this input (saves one forward).
+    """
+    flows, window, windows, clean = _setup(loaded, prepared, flow, window, clean)
+    probs = []
+    for layers in windows:
+        with knockout(loaded, prepared.layout, flows, layers):
+            normed = loaded.model(**prepared.inputs, output_hidden_states=True).hidden_states[-1][0, -1]
+        probs.append(float(answer_probs(loaded.model, normed, clean.answer_token)))
+    return _result(prepared, flows, window, windows, clean, probs, "reference")
+
+
+@torch.no_grad()
+def sweep_fast(loaded, prepared, flow: Flows, window: Optional[int] = None, *,
+               clean: Optional[CleanPass] = None, max_batch: Optional[int] = None) -> SweepResult:
+    """Same numbers as `sweep_reference`, recomputing only the suffix from the first target on.
+
+    Args:
+        max_batch: at most this many windows per batch (bounds memory: each row holds a
+            copy of the prefix keys and values); default all windows at once.
+    """
+    flows, window, windows, clean = _setup(loaded, prepared, flow, window, clean)
+    model, layout = loaded.model, prepared.layout
+    lm = language_model(model)
+    backend = current_backend(model)
+    device = clean.hidden_states[0].device
+    n, num_layers = layout.seq_len, loaded.num_layers
+    t0 = int(min(flow_groups(layout, f)[1].min() for f in flows))  # first target: nothing before it changes
+    # Starting earlier is equally exact; a suffix of at least MIN_SUFFIX positions keeps every matrix
+    # product above the few-row sizes where BLAS switches to other kernels (another summation order),
+    # which would add rounding differences from the full forward's rows.
+    t0 = max(0, min(t0, n - MIN_SUFFIX))
+    cut = cut_matrix(layout, flows, device)
+    prefix = [(layer.keys[:, :, :t0], layer.values[:, :, :t0]) for layer in clean.cache.layers]
+    positions = torch.arange(t0, n, device=device)[None]
+    # The suffix's causal mask against all n keys, from the library's helper (never sdpa's is_causal,
+    # which would align the suffix queries with the first keys).
+    mask = sdpa_mask(batch_size=1, q_length=n - t0, kv_length=n, q_offset=t0, allow_is_causal_skip=False,
+                     device=device)
+    order = sorted(range(len(windows)), key=lambda i: windows[i].start)
+    step = max_batch or len(order)
+    probs = np.empty(len(windows))
+    for begin in range(0, len(order), step):
+        chunk = order[begin:begin + step]
+        rows = [windows[i] for i in chunk]
+        schedule = torch.zeros(num_layers, len(rows), dtype=torch.bool, device=device)
+        for r, layers in enumerate(rows):
+            schedule[layers.start:layers.stop, r] = True
+        attention = KnockoutAttention(cut, schedule, backend, prefix=prefix)
+        first = rows[0].start
+        rotary = lm.rotary_emb(clean.hidden_states[first][:, t0:], positions)
+        hidden = None
+        with installed(model, attention):
+            for j in range(first, num_layers):
+                joining = sum(1 for layers in rows if layers.start == j)
+                if joining:  # windows starting here enter with the clean state (rows stay sorted by start)
+                    state = clean.hidden_states[j][:, t0:].expand(joining, -1, -1)
+                    hidden = state if hidden is None else torch.cat([hidden, state])
+                hidden = lm.layers[j](hidden, attention_mask=mask, position_ids=positions,
+                                      position_embeddings=rotary)
+                hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            attention.verify()
+        normed = lm.norm(hidden)[:, -1]  # normed over the whole suffix, as the full forward norms every row
+        probs[chunk] = answer_probs(model, normed, clean.answer_token).cpu().numpy()
+    return _result(prepared, flows, window, windows, clean, probs, "fast")
+
+
+ENGINES = {"reference": sweep_reference, "fast": sweep_fast}
+
+
+def layer_sweep(loaded, prepared, flow: Flows, window: Optional[int] = None, *, engine: str = "fast",
+                **kwargs) -> SweepResult:
+    """Run one sweep with the named engine ("fast" or "reference")."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    return ENGINES[engine](loaded, prepared, flow, window, **kwargs)

@@ -1,0 +1,175 @@
+"""Knockout context manager: exact when empty, effective when not, applied only where asked, always restored."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface
+
+from flowlib.knockout import (PAPER_FLOWS, FlowError, KnockoutNotApplied, UnsupportedAttentionError, cut_matrix,
+                              knockout, language_model, parse_flow)
+from flowlib.sample import Box, Sample
+from flowlib.tiny import tiny_llava
+
+FAMILIES = ("llava-1.5", "llava-next")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: the 2 shared cores otherwise stall on OpenMP oversubscription (5x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_sample(boxes=(Box(10, 20, 50, 60),), qid="q1"):
+    return Sample(qid, "is the star red or blue?", "red", "ChooseAttr", image=Image.new("RGB", (160, 120), "white"),
+                  true_option="red", false_option="blue", central_object="star", boxes=boxes)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request):
+    loaded = tiny_llava(request.param)
+    return loaded, loaded.prepare(make_sample())
+
+
+def logits(loaded, prepared, **kwargs):
+    with torch.no_grad():
+        return loaded.model(**prepared.inputs, **kwargs).logits
+
+
+def test_no_edges_blocked_gives_identical_logits(tiny):
+    loaded, prepared = tiny
+    stock = logits(loaded, prepared)
+    with knockout(loaded, prepared.layout, [], layers=range(loaded.num_layers)) as ko:
+        empty_flows = logits(loaded, prepared)
+    assert ko.removed_edges() == [0] * loaded.num_layers
+    with knockout(loaded, prepared.layout, PAPER_FLOWS, layers=[]):
+        no_layers = logits(loaded, prepared)
+    assert (empty_flows - stock).abs().max().item() == 0.0
+    assert (no_layers - stock).abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_blocking_everything_into_last_collapses_the_answer(family):
+    loaded = tiny_llava(family)
+    with torch.no_grad():  # a confident model (sharp unembedding), so "collapse" is measurable
+        loaded.model.lm_head.weight.mul_(40)
+    prepared = loaded.prepare(make_sample())
+    base = torch.softmax(logits(loaded, prepared)[0, -1].double(), -1)
+    answer = int(base.argmax())
+    with knockout(loaded, prepared.layout, ["All->Last"], layers=range(loaded.num_layers)) as ko:
+        blocked = torch.softmax(logits(loaded, prepared)[0, -1].double(), -1)
+    assert blocked[answer] < 0.01 * base[answer]
+    assert ko.removed_edges() == [prepared.layout.seq_len - 1] * loaded.num_layers  # all but the self edge
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mask_applied_in_exactly_the_chosen_layers(family):
+    loaded = tiny_llava(family)
+    loaded.model.set_attn_implementation("eager")
+    prepared = loaded.prepare(make_sample())
+    layout, chosen, flow = prepared.layout, [1, 2], "Image->Question"
+    sources, targets = layout.group("Image"), layout.group("Question")
+    with torch.no_grad():
+        clean = loaded.model(**prepared.inputs, output_attentions=True).attentions
+        with knockout(loaded, layout, [flow], chosen) as ko:
+            assert ko.backend == "eager"
+            blocked = loaded.model(**prepared.inputs, output_attentions=True).attentions
+    assert len(blocked) == loaded.num_layers
+    for layer, (a, b) in enumerate(zip(clean, blocked)):
+        edges = b[0][:, targets][:, :, sources]
+        if layer in chosen:
+            assert (edges == 0).all(), layer
+            rest = b[0][:, targets].sum(-1)
+            torch.testing.assert_close(rest, torch.ones_like(rest))  # the rows renormalise over what is left
+        else:
+            assert (edges > 0).all(), layer
+        if layer < chosen[0]:
+            assert torch.equal(a, b)
+    others = np.setdiff1d(np.arange(layout.seq_len), targets)  # untouched rows of the first chosen layer
+    assert torch.equal(clean[chosen[0]][0][:, others], blocked[chosen[0]][0][:, others])
+
+
+def test_restores_the_model_after_an_exception(tiny):
+    loaded, prepared = tiny
+    model = loaded.model
+    before = (model.config.text_config._attn_implementation, model.config.vision_config._attn_implementation)
+    stock = logits(loaded, prepared)
+    with pytest.raises(RuntimeError, match="boom"):
+        with knockout(loaded, prepared.layout, ["Question->Last"], [0]) as ko:
+            assert language_model(model).config._attn_implementation == ko.name
+            raise RuntimeError("boom")
+    after = (model.config.text_config._attn_implementation, model.config.vision_config._attn_implementation)
+    assert after == before
+    assert ko.name not in AttentionInterface._global_mapping and ko.name not in AttentionMaskInterface._global_mapping
+    lm = language_model(model)
+    assert not lm._forward_hooks and not lm._forward_pre_hooks
+    assert torch.equal(logits(loaded, prepared), stock)
+
+
+def test_detects_a_knockout_that_did_not_take_effect(tiny):
+    loaded, prepared = tiny
+    with pytest.raises(KnockoutNotApplied, match="never called"):
+        with knockout(loaded, prepared.layout, ["Question->Last"], [1]):
+            loaded.model.set_attn_implementation({"text_config": "sdpa"})  # someone switches it back
+            logits(loaded, prepared)
+    with pytest.raises(KnockoutNotApplied, match="never called"):
+        with knockout(loaded, prepared.layout, ["Question->Last"], [1]) as ko:
+            AttentionInterface.register(ko.name, sdpa_attention_forward)  # a later registration replaces ours
+            logits(loaded, prepared)
+    assert loaded.model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_refuses_other_attention_implementations(tiny):
+    loaded, prepared = tiny
+    AttentionInterface.register("someone_elses", sdpa_attention_forward)
+    AttentionMaskInterface.register("someone_elses", AttentionMaskInterface._global_mapping["sdpa"])
+    try:
+        for name in ("flex_attention", "someone_elses"):
+            try:
+                loaded.model.set_attn_implementation({"text_config": name})
+            except (ImportError, ValueError):  # flex may be unavailable in a torch build
+                continue
+            with pytest.raises(UnsupportedAttentionError, match=name):
+                with knockout(loaded, prepared.layout, ["Question->Last"], [0]):
+                    pass
+    finally:
+        loaded.model.set_attn_implementation({"text_config": "sdpa"})
+        AttentionInterface._global_mapping.pop("someone_elses")
+        AttentionMaskInterface._global_mapping.pop("someone_elses")
+
+
+def test_bad_flows_and_groups_raise(tiny):
+    loaded, prepared = tiny
+    with pytest.raises(FlowError, match="Related Image Patches"):  # the message lists the valid groups
+        parse_flow("Picture->Question")
+    with pytest.raises(FlowError):
+        parse_flow("Image-Question")
+    no_boxes = loaded.prepare(make_sample(boxes=(), qid="nobox"))
+    with pytest.raises(FlowError, match=r"sample nobox: group 'Related Image Patches'"):
+        with knockout(loaded, no_boxes.layout, ["Related Image Patches->Question"], [0]):
+            pass
+    with pytest.raises(FlowError, match="removes no edge"):  # keys after every query: causal already forbids it
+        cut_matrix(prepared.layout, ["Last->Image"])
+    with pytest.raises(FlowError, match="nothing to attend to"):
+        cut_matrix(prepared.layout, ["All->All"])
+    with pytest.raises(ValueError, match="do not exist"):
+        with knockout(loaded, prepared.layout, ["Question->Last"], [loaded.num_layers]):
+            pass
+
+
+def test_self_edge_cut_only_when_asked(tiny):
+    loaded, prepared = tiny
+    last = prepared.layout.seq_len - 1
+    cut = cut_matrix(prepared.layout, ["Last->Last"])
+    assert cut.sum() == 1 and cut[last, last]
+    question = prepared.layout.group("Question")
+    cut = cut_matrix(prepared.layout, ["Question->Question"])
+    assert cut[question, question].all()
+    cut = cut_matrix(prepared.layout, ["Image->Related Image Patches"])
+    related = prepared.layout.group("Related Image Patches")
+    assert not cut[related, related].any() and cut.sum() > 0

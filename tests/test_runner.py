@@ -1,0 +1,165 @@
+"""The experiment runner: answer filter, tidy table, provenance, resume, refusal, and the command line."""
+
+import dataclasses
+import json
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import flowlib.runner as runner
+from flowlib.knockout import FlowError
+from flowlib.runner import RunMismatchError, load_results, run_experiment
+from flowlib.sample import Box, Sample
+from flowlib.tiny import tiny_llava
+
+FLOWS = ("Image->Question", "Question->Last", "Last->Last")
+COLOURS = ("white", "red", "blue", "green", "black")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: the 2 shared cores otherwise stall on OpenMP oversubscription (5x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return tiny_llava("llava-1.5", layers=3)
+
+
+@pytest.fixture(scope="module")
+def samples(loaded):
+    """Five samples over two tasks, answered "correctly" (by construction) except the third."""
+    out = []
+    for i, colour in enumerate(COLOURS):
+        task = "ChooseAttr" if i % 2 == 0 else "QueryAttr"
+        s = Sample(f"0{i}", "is the star red or blue?", "?", task, image=Image.new("RGB", (160, 120), colour),
+                   true_option="red", false_option="blue", central_object="star", boxes=[Box(10, 20, 50, 60)])
+        greedy = runner.greedy_answer(loaded, loaded.prepare(s), max_new_tokens=3)
+        out.append(dataclasses.replace(s, answer=f"  {greedy.upper()} " if i != 2 else "definitely wrong"))
+    return out
+
+
+def run(loaded, samples, output, **kwargs):
+    kwargs = {"flows": FLOWS, "window": 3, "max_new_tokens": 3, "progress": False, **kwargs}
+    return run_experiment(loaded, samples, output, **kwargs)
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_run_writes_a_tidy_table_with_provenance(loaded, samples, tmp_path):
+    summary = run(loaded, samples, tmp_path / "run")
+    table = summary.table
+    assert summary.count("analysed") == 4 and summary.count("wrong_answer") == 1
+    assert len(table) == 4 * len(FLOWS) * loaded.num_layers
+    assert "02" not in set(table.question_id)
+    assert {"question_id", "task", "flow", "layer", "window", "window_layers", "base_prob", "blocked_prob",
+            "relative_change", "answer_token", "model"} <= set(table.columns)
+    assert list(table.flow[: loaded.num_layers]) == [FLOWS[0]] * loaded.num_layers
+    assert (table.window == 3).all() and set(table.task) == {"ChooseAttr", "QueryAttr"}
+    meta = json.loads(pq.read_schema(tmp_path / "run" / "results.parquet").metadata[b"flowlib"])
+    assert meta["provenance"]["model"] == loaded.name and meta["provenance"]["dtype"] == "float32"
+    assert meta["config"]["window"] == 3 and meta["config"]["flows"] == list(FLOWS) and meta["code_version"]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["provenance"] == meta["provenance"]
+    assert table.attrs["config"]["window"] == 3
+    summary_file = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary_file["counts"]["wrong_answer"] == 1
+
+
+def test_resumed_run_equals_uninterrupted_run(loaded, samples, tmp_path):
+    whole = run(loaded, samples, tmp_path / "whole").table
+
+    def interrupted():
+        yield from samples[:3]
+        raise KeyboardInterrupt  # the job is killed after three samples
+
+    with pytest.raises(KeyboardInterrupt):
+        run(loaded, interrupted(), tmp_path / "resumed")
+    assert len(load_results(tmp_path / "resumed")) == 2 * len(FLOWS) * loaded.num_layers
+    resumed = run(loaded, samples, tmp_path / "resumed").table
+    pd.testing.assert_frame_equal(resumed, whole)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "resumed" / "results.parquet"), whole)
+
+
+def test_refuses_to_resume_another_configuration(loaded, samples, tmp_path):
+    out = tmp_path / "run"
+    run(loaded, samples[:2], out)
+    before = snapshot(out)
+    with pytest.raises(RunMismatchError, match="config.window"):
+        run(loaded, samples, out, window=1)
+    other_model = tiny_llava("llava-1.5", layers=4)
+    with pytest.raises(RunMismatchError, match="num_layers"):
+        run(other_model, samples, out)
+    with pytest.raises(RunMismatchError, match="resume=True"):
+        run(loaded, samples, out, resume=False)
+    assert snapshot(out) == before  # nothing overwritten
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("mine")
+    with pytest.raises(RunMismatchError, match="not empty"):
+        run(loaded, samples, tmp_path / "junk")
+
+
+def test_zero_base_probability_is_reported_and_excluded(loaded, samples, tmp_path, monkeypatch):
+    real = runner.clean_pass
+
+    def zero_for_first(loaded_, prepared):
+        clean = real(loaded_, prepared)
+        return dataclasses.replace(clean, base_prob=0.0) if prepared.sample.question_id == "00" else clean
+
+    monkeypatch.setattr(runner, "clean_pass", zero_for_first)
+    summary = run(loaded, samples, tmp_path / "run")
+    assert summary.count("zero_base") == 1 and "00" not in set(summary.table.question_id)
+    assert summary.table.relative_change.notna().all()
+    excluded = json.loads((tmp_path / "run" / "summary.json").read_text())["excluded"]
+    assert [e["question_id"] for e in excluded] == ["00"] and "base probability" in excluded[0]["reason"]
+
+
+def test_bad_input_and_limits(loaded, samples, tmp_path):
+    with pytest.raises(FlowError, match="unknown flow"):
+        run(loaded, samples, tmp_path / "a", flows=["Image->Nowhere"])
+    with pytest.raises(ValueError, match="does not fit"):
+        run(loaded, samples, tmp_path / "b", window=loaded.num_layers + 1)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match="occurs twice"):
+        run(loaded, [samples[0], samples[0]], tmp_path / "c")
+    no_boxes = dataclasses.replace(samples[0], question_id="nobox", boxes=())
+    with pytest.raises(FlowError, match="sample nobox"):
+        run(loaded, [no_boxes], tmp_path / "d", flows=["Related Image Patches->Question"])
+    summary = run(loaded, [no_boxes], tmp_path / "e", flows=["Related Image Patches->Question"],
+                  skip_empty_groups=True)
+    assert summary.count("empty_group") == 1 and summary.table.empty
+    limited = run(loaded, samples, tmp_path / "f", per_task=1)
+    assert sorted(limited.table.question_id.unique()) == ["00", "01"]
+
+
+def test_command_line_runs_and_resumes(loaded, tmp_path, monkeypatch):
+    from flowlib import cli
+    from flowlib.models import save_checkpoint
+
+    save_checkpoint(loaded, tmp_path / "model")
+    monkeypatch.setattr(cli, "load_samples", lambda args: (list(samples_for_cli(loaded)), "fake"))
+    args = ["run", "--model", str(tmp_path / "model"), "--flows", "Question->Last", "--window", "1",
+            "--max-new-tokens", "3", "--output", str(tmp_path / "out"), "--quiet"]
+    assert cli.main(args) == 0
+    assert cli.main(args) == 0  # a second start resumes (here: finds everything done)
+    table = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    assert set(table.flow) == {"Question->Last"} and len(table) == loaded.num_layers
+    lens_args = ["lens", "--model", str(tmp_path / "model"), "--lenses", "normed", "raw", "--max-new-tokens", "3",
+                 "--output", str(tmp_path / "lens.parquet"), "--quiet"]
+    assert cli.main(lens_args) == 0
+    assert set(pd.read_parquet(tmp_path / "lens.parquet").lens) == {"normed", "raw"}
+
+
+def samples_for_cli(loaded):
+    s = Sample("cli", "is the star red or blue?", "?", "ChooseAttr", image=Image.new("RGB", (160, 120), "red"),
+               true_option="red", false_option="blue", central_object="star", boxes=[Box(10, 20, 50, 60)])
+    answer = runner.greedy_answer(loaded, loaded.prepare(s), max_new_tokens=3)
+    yield dataclasses.replace(s, answer=answer)
