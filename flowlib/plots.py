@@ -1,0 +1,198 @@
+"""Figures in the paper's style, saved with the numbers they plot.
+
+Plotting never runs a model: every function takes tables (pandas) or a
+prepared input and draws. `save_figure` is the one way figures leave the
+process: PNG and PDF with stable metadata, and the plotted numbers beside them
+as CSV, so tests and readers can check numbers without reading pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import matplotlib
+
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from . import config as cfg  # noqa: E402
+
+Y_LABEL = "Change in probability (%)"
+#: 95% band: mean +- 1.96 standard errors (normal approximation, as seaborn's "se" band scaled to 95%).
+Z95 = 1.96
+FLOW_COLORS = {
+    "Image->Question": "#1f77b4",
+    "Image->Last": "#2ca02c",
+    "Question->Last": "#d62728",
+    "Last->Last": "#7f7f7f",
+    "Related Image Patches->Question": "#9467bd",
+    "Other Image Patches->Question": "#ff7f0e",
+}
+
+
+def summarise_curves(table: pd.DataFrame, by: Sequence[str] = ("task", "flow", "layer"),
+                     value: str = "relative_change") -> pd.DataFrame:
+    """Mean, 95% band and sample count of `value` per group (the numbers a curve figure plots)."""
+    grouped = table.groupby(list(by), sort=True)[value]
+    summary = grouped.agg(mean="mean", std="std", n="count").reset_index()
+    sem = summary["std"].fillna(0.0) / np.sqrt(summary["n"])
+    summary["low"] = summary["mean"] - Z95 * sem
+    summary["high"] = summary["mean"] + Z95 * sem
+    return summary.drop(columns="std")
+
+
+def _panel_grid(count: int, width: float = 3.6, height: float = 2.8):
+    cols = min(3, count)
+    rows = math.ceil(count / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, sharey=False)
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:count])
+
+
+def plot_flow_curves(summary: pd.DataFrame, title: str, flows: Optional[Sequence[str]] = None):
+    """One panel per task; a line per flow with its 95% band; layer on x, change in probability on y."""
+    sns.set_theme(style="whitegrid", context="paper")
+    tasks = list(dict.fromkeys(summary["task"]))
+    flows = list(flows or dict.fromkeys(summary["flow"]))
+    fig, axes = _panel_grid(len(tasks))
+    for ax, task in zip(axes, tasks):
+        for flow in flows:
+            rows = summary[(summary["task"] == task) & (summary["flow"] == flow)].sort_values("layer")
+            if rows.empty:
+                continue
+            color = FLOW_COLORS.get(flow)
+            ax.plot(rows["layer"], rows["mean"], label=flow, color=color, linewidth=1.6)
+            ax.fill_between(rows["layer"], rows["low"], rows["high"], color=color, alpha=0.2, linewidth=0)
+        n = int(summary[summary["task"] == task]["n"].max())
+        ax.set_title(f"{task} (n={n})")
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_xlabel("Layer")
+        ax.set_ylabel(Y_LABEL)
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_lens_curves(summary: pd.DataFrame, title: str, value_label: str = "Probability"):
+    """Answer-lens curves: one panel per task, a line per token form (e.g. lowercase / capitalised answer)."""
+    sns.set_theme(style="whitegrid", context="paper")
+    tasks = list(dict.fromkeys(summary["task"]))
+    fig, axes = _panel_grid(len(tasks))
+    palette = dict(zip(dict.fromkeys(summary["form"]), sns.color_palette("tab10")))
+    for ax, task in zip(axes, tasks):
+        for form, color in palette.items():
+            rows = summary[(summary["task"] == task) & (summary["form"] == form)].sort_values("layer")
+            if rows.empty:
+                continue
+            ax.plot(rows["layer"], rows["mean"], label=form, color=color, linewidth=1.6)
+            ax.fill_between(rows["layer"], rows["low"], rows["high"], color=color, alpha=0.2, linewidth=0)
+        ax.set_title(task)
+        ax.set_xlabel("Layer")
+        ax.set_ylabel(value_label)
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def denormalised_image(prepared, image_processor) -> np.ndarray:
+    """The processed (base-view) image the model sees, as an H x W x 3 array in [0, 1]."""
+    pixels = prepared.inputs["pixel_values"][0].detach().float().cpu()
+    if pixels.ndim == 4:  # LLaVA-NeXT: the first crop is the base view
+        pixels = pixels[0]
+    mean = np.asarray(image_processor.image_mean).reshape(3, 1, 1)
+    std = np.asarray(image_processor.image_std).reshape(3, 1, 1)
+    return np.clip(pixels.numpy() * std + mean, 0, 1).transpose(1, 2, 0)
+
+
+def plot_layout_overlay(prepared, image_processor, ax=None, title: Optional[str] = None):
+    """The processed image with the patch grid, related patches highlighted (base view for LLaVA-NeXT)."""
+    layout = prepared.layout
+    grid_positions = layout.base_view if layout.base_view.size else layout.image
+    side = int(round(math.sqrt(len(grid_positions))))
+    first = int(grid_positions[0])
+    related = set((layout.related_image_patches - first).tolist())
+    image = denormalised_image(prepared, image_processor)
+    cell = image.shape[0] / side
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3.6, 3.6))
+    ax.imshow(image, interpolation="nearest")
+    for offset in range(side * side):
+        row, col = divmod(offset, side)
+        if offset in related:
+            ax.add_patch(plt.Rectangle((col * cell, row * cell), cell, cell, fill=True, alpha=0.35,
+                                       facecolor="#9467bd", edgecolor="#9467bd", linewidth=0.8))
+    for k in range(side + 1):
+        ax.axhline(k * cell - 0.5, color="white", linewidth=0.3, alpha=0.6)
+        ax.axvline(k * cell - 0.5, color="white", linewidth=0.3, alpha=0.6)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    sample = prepared.sample
+    ax.set_title(title or f"{sample.task}: {sample.question}\nanswer: {sample.answer}", fontsize=7)
+    return ax
+
+
+def plot_examples(prepared_by_task: dict, image_processor, title: str):
+    """One overlay per task (the first prepared input of each), related patches highlighted."""
+    tasks = list(prepared_by_task)
+    fig, axes = _panel_grid(len(tasks), width=3.4, height=3.6)
+    for ax, task in zip(axes, tasks):
+        plot_layout_overlay(prepared_by_task[task][0], image_processor, ax=ax)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def example_group_sizes(prepared_by_task: dict) -> pd.DataFrame:
+    """The numbers behind `plot_examples`: each example's token-group sizes."""
+    rows = []
+    for task, prepared in prepared_by_task.items():
+        for p in prepared:
+            rows.append({"task": task, "question_id": p.sample.question_id, "question": p.sample.question,
+                         "answer": p.sample.answer, **p.layout.sizes()})
+    return pd.DataFrame(rows)
+
+
+def plot_accuracy(accuracy: pd.DataFrame, title: str):
+    """Accuracy per task with the image and with a blank image, against chance."""
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, ax = plt.subplots(figsize=(7, 3))
+    x = np.arange(len(accuracy))
+    ax.bar(x - 0.2, 100 * accuracy["accuracy"], width=0.4, label="with the image")
+    ax.bar(x + 0.2, 100 * accuracy["blank_accuracy"], width=0.4, label="blank image")
+    ax.scatter(x, 100 * accuracy["chance"], marker="_", s=400, color="black", label="chance", zorder=3)
+    ax.set_xticks(x, accuracy["task"], fontsize=8)
+    ax.set_ylabel("Accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, name: str, numbers: pd.DataFrame, directory: Optional[Path] = None,
+                caption: str = "") -> dict[str, Path]:
+    """Write `name`.png, `name`.pdf and the plotted numbers `name`.csv into `directory` (default figures/).
+
+    Metadata carry no timestamps, so regenerating a figure changes its files only
+    when its content changes. Returns the paths written.
+    """
+    directory = Path(directory) if directory is not None else cfg.figures_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {ext: directory / f"{name}.{ext}" for ext in ("png", "pdf", "csv")}
+    meta = {"Title": name, "Description": caption} if caption else {"Title": name}
+    fig.savefig(paths["png"], dpi=150, metadata={**meta, "Software": None})
+    fig.savefig(paths["pdf"], metadata={"Title": name, "Subject": caption, "CreationDate": None, "Creator": None,
+                                        "Producer": None})
+    tmp = paths["csv"].with_suffix(".csv.tmp")
+    numbers.to_csv(tmp, index=False)
+    tmp.replace(paths["csv"])
+    plt.close(fig)
+    return paths
