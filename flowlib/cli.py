@@ -1,7 +1,7 @@
 """Command line: knockout runs and the answer lens without a notebook (e.g. in a GPU cluster job).
 
 Examples:
-    flowlib run --model llava-hf/llava-1.5-7b-hf --data paper-csv --csv-dir datasets --image-dir gqa/images \\
+    flowlib run --model llava-hf/llava-1.5-7b-hf --data paper --csv-dir datasets --image-dir gqa/images \\
         --tasks ChooseAttr ChooseRel --window 7 --samples-per-task 200 --device cuda --dtype float16 \\
         --output runs/llava15-7b
     flowlib run --model toy-llava --data synthetic --samples-per-task 20      # offline default model
@@ -30,9 +30,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-mode", default=None, help="llava-1.5: pad (default) or crop; llava-next: anyres")
     parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
     parser.add_argument("--dtype", default="float32", help="float32 (CPU), float16 (the paper, GPU), bfloat16")
-    parser.add_argument("--data", choices=("synthetic", "paper-csv", "gqa"), default="synthetic")
-    parser.add_argument("--csv-dir", type=Path, help="paper-csv: folder of the released task CSVs")
-    parser.add_argument("--image-dir", type=Path, help="paper-csv, gqa: folder of GQA images")
+    parser.add_argument("--data", choices=("synthetic", "paper", "gqa"), default="synthetic")
+    parser.add_argument("--csv-dir", type=Path, help="paper: folder of the released task CSVs")
+    parser.add_argument("--image-dir", type=Path, help="paper, gqa: folder of GQA images")
     parser.add_argument("--questions", type=Path, help="gqa: GQA questions JSON")
     parser.add_argument("--scene-graphs", type=Path, help="gqa: GQA scene graphs JSON")
     parser.add_argument("--split", default="test", help="synthetic: which split (train, validation, test)")
@@ -53,11 +53,11 @@ def load_samples(args) -> tuple[list, str]:
     if args.data == "synthetic":
         grouped = load("synthetic", tasks=args.tasks, per_task=args.synthetic_count, seed=args.seed, split=args.split)
         name = f"synthetic-n{args.synthetic_count}-seed{args.seed}-{args.split}"
-    elif args.data == "paper-csv":
+    elif args.data == "paper":
         if args.csv_dir is None:
-            raise SystemExit("--data paper-csv needs --csv-dir (and --image-dir for the GQA images)")
+            raise SystemExit("--data paper needs --csv-dir (and --image-dir for the GQA images)")
         grouped = load("paper", tasks=args.tasks, csv_dir=args.csv_dir, image_dir=args.image_dir)
-        name = f"paper-csv-{Path(args.csv_dir).name}"
+        name = f"paper-{Path(args.csv_dir).name}"
     else:
         grouped = load("gqa", tasks=args.tasks, questions=args.questions, scene_graphs=args.scene_graphs,
                        image_dir=args.image_dir)
