@@ -85,9 +85,13 @@ def _vision_config(image_size: int, patch_size: int, hidden: int, layers: int, l
     )
 
 
-def _text_config(vocab_size: int, hidden: int, layers: int, heads: int) -> LlamaConfig:
+def _text_config(tokenizer, hidden: int, layers: int, heads: int) -> LlamaConfig:
+    # The special-token ids must be the tokenizer's: generation stops at eos_token_id.
     return LlamaConfig(
-        vocab_size=vocab_size,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         hidden_size=hidden,
         intermediate_size=int(2.75 * hidden),
         num_hidden_layers=layers,
@@ -146,7 +150,7 @@ def build_llava(
     """A randomly initialised LLaVA-1.5 or LLaVA-NeXT model of the given size (fp32, eval mode)."""
     torch.manual_seed(seed)
     vision = _vision_config(image_size, patch_size, vision_hidden, vision_layers, local_vision)
-    text = _text_config(len(tokenizer), hidden, layers, heads)
+    text = _text_config(tokenizer, hidden, layers, heads)
     common = dict(
         vision_config=vision,
         text_config=text,
@@ -163,6 +167,8 @@ def build_llava(
         model = LlavaNextForConditionalGeneration(config)
     else:
         raise ValueError(f"unknown family {family!r}; use 'llava-1.5' or 'llava-next'")
+    model.generation_config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                   pad_token_id=tokenizer.pad_token_id)
     return model.eval()
 
 

@@ -155,3 +155,13 @@ def test_prompt_without_image_placeholder_is_an_error(tiny15, sample):
     with pytest.raises(SampleError, match="no <image> placeholder"):
         build_layout(sample=sample, input_ids=ids, tokenizer=tiny15.tokenizer, prompt="is the star red or blue ?",
                      question_start=0, geometry=geometry, image_size=(320, 240))
+
+
+@pytest.mark.parametrize("family", ["llava-1.5", "llava-next"])
+def test_generation_stops_at_the_tokenizers_end_of_sequence(family):
+    loaded = tiny_llava(family)
+    tokenizer = loaded.tokenizer
+    config = loaded.model.generation_config
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (
+        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert tokenizer.convert_ids_to_tokens(config.eos_token_id) == "</s>"
