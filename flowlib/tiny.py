@@ -85,7 +85,7 @@ def _vision_config(image_size: int, patch_size: int, hidden: int, layers: int, l
     )
 
 
-def _text_config(tokenizer, hidden: int, layers: int, heads: int) -> LlamaConfig:
+def _text_config(tokenizer, hidden: int, layers: int, heads: int, tie: bool = False) -> LlamaConfig:
     # The special-token ids must be the tokenizer's: generation stops at eos_token_id.
     return LlamaConfig(
         vocab_size=len(tokenizer),
@@ -98,7 +98,7 @@ def _text_config(tokenizer, hidden: int, layers: int, heads: int) -> LlamaConfig
         num_attention_heads=heads,
         num_key_value_heads=heads,
         max_position_embeddings=8192,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
     )
 
 
@@ -145,12 +145,13 @@ def build_llava(
     hidden: int = 64,
     layers: int = 4,
     heads: int = 4,
+    tie_embeddings: bool = False,
     seed: int = 0,
 ):
     """A randomly initialised LLaVA-1.5 or LLaVA-NeXT model of the given size (fp32, eval mode)."""
     torch.manual_seed(seed)
     vision = _vision_config(image_size, patch_size, vision_hidden, vision_layers, local_vision)
-    text = _text_config(tokenizer, hidden, layers, heads)
+    text = _text_config(tokenizer, hidden, layers, heads, tie_embeddings)
     common = dict(
         vision_config=vision,
         text_config=text,
@@ -158,6 +159,7 @@ def build_llava(
         projector_hidden_act="gelu",
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
+        tie_word_embeddings=tie_embeddings,
     )
     if family == "llava-1.5":
         config = LlavaConfig(image_seq_length=(image_size // patch_size) ** 2, **common)

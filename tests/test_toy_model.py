@@ -1,0 +1,153 @@
+"""The committed offline model: loads by its short name, matches its model card, and really uses the image.
+
+The accuracy tests re-measure the model card's numbers on the fixed CI subset
+(`flowlib.train_toy.ci_samples`, 30 samples per task); together they take well
+under a minute on two CPU cores.
+"""
+
+import json
+
+import pytest
+import torch
+
+from flowlib import config as cfg
+from flowlib.evaluate import (
+    BLANK_COLOR,
+    blank_image,
+    chance_accuracy,
+    collate,
+    evaluate,
+    greedy_answer,
+    image_blocked_mask,
+    next_token_logits,
+)
+from flowlib.models import load_model
+from flowlib.toy_model import ANSWER_WORDS, ToyConfig, answer_target, build_toy_model, toy_vocabulary
+
+CHECKPOINT = cfg.SHORT_NAMES[cfg.OFFLINE_MODEL]
+needs_checkpoint = pytest.mark.skipif(not (CHECKPOINT / "card.json").exists(),
+                                      reason="the toy-llava checkpoint has not been trained yet")
+
+
+# ----------------------------------------------------------------------------- untrained builders
+
+def test_vocabulary_has_lower_and_capitalised_answers():
+    vocab = set(toy_vocabulary())
+    for word in ANSWER_WORDS:
+        assert word in vocab and answer_target(word) in vocab
+    assert answer_target("red") == "Red"
+
+
+def test_untrained_model_is_a_real_llava_with_twelve_layers():
+    loaded = build_toy_model(ToyConfig(), seed=0)
+    assert type(loaded.model).__name__ == "LlavaForConditionalGeneration"
+    assert loaded.num_layers == 12
+    assert loaded.model.config.projector_hidden_act == "gelu"
+    assert loaded.processor.image_processor.do_pad
+    tokenizer = loaded.tokenizer
+    for word in ANSWER_WORDS:  # each answer form is one token, never <unk>
+        for form in (word, answer_target(word)):
+            ids = tokenizer(form, add_special_tokens=False)["input_ids"]
+            assert len(ids) == 1 and ids[0] != tokenizer.unk_token_id
+
+
+def test_image_blocked_mask_cuts_exactly_image_to_later_edges():
+    ids = torch.tensor([[1, 2, 9, 9, 9, 3, 4, 0]])
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0]])
+    allowed = image_blocked_mask(ids, attention, image_token_id=9)[0, 0] == 0
+    causal = torch.tril(torch.ones(8, 8, dtype=torch.bool))
+    expected = causal.clone()
+    expected[:, 7] = False  # padded key
+    expected[5:, 2:5] = False  # after the image -> no image key
+    assert torch.equal(allowed, expected)
+
+
+# ----------------------------------------------------------------------------- the committed model
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_model(cfg.OFFLINE_MODEL)
+
+
+@pytest.fixture(scope="module")
+def card():
+    return json.loads((CHECKPOINT / "card.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def ci_set():
+    from flowlib.train_toy import ci_samples
+
+    return ci_samples()
+
+
+@needs_checkpoint
+def test_loads_by_short_name_offline(toy):
+    assert toy.name == cfg.OFFLINE_MODEL
+    assert toy.num_layers == 12
+    assert toy.image_mode == "pad"
+    weights = CHECKPOINT / "model.safetensors"
+    assert weights.exists() and weights.stat().st_size <= 20 * 2**20
+
+
+@needs_checkpoint
+def test_answers_with_the_capitalised_word(toy, ci_set):
+    prepared = toy.prepare(ci_set[0])
+    logits = next_token_logits(toy, collate([prepared], toy.tokenizer.pad_token_id))
+    token = toy.tokenizer.convert_ids_to_tokens(int(logits.argmax()))
+    assert token[:1].isupper() and token.lower() in ANSWER_WORDS
+    assert greedy_answer(toy, prepared) == token.lower()
+
+
+@needs_checkpoint
+def test_four_d_mask_without_cuts_reproduces_the_model(toy, ci_set):
+    """The 4-D mask path is the model's own path: with only causal + padding, logits are unchanged."""
+    batch = collate([toy.prepare(s) for s in ci_set[:3]], toy.tokenizer.pad_token_id)
+    reference = next_token_logits(toy, batch)
+    ids, attention = batch["input_ids"], batch["attention_mask"]
+    mask = image_blocked_mask(ids, attention, image_token_id=-1)  # no token has id -1: nothing is cut
+    with torch.no_grad():
+        out = toy.model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"], use_cache=False)
+    rows = torch.arange(len(ids))
+    assert torch.allclose(out.logits[rows, batch["last"]], reference, atol=1e-5)
+    assert not torch.allclose(next_token_logits(toy, batch, block_image=True), reference, atol=1e-3)
+
+
+@needs_checkpoint
+def test_cut_image_edges_leave_no_path_from_the_image(toy, ci_set):
+    """With every image -> later edge cut, the answer logits do not depend on the pixels at all."""
+    samples = ci_set[:3]
+    pad = toy.tokenizer.pad_token_id
+    real = collate([toy.prepare(s) for s in samples], pad)
+    blank = collate([toy.prepare(s, image=blank_image(s.load_image())) for s in samples], pad)
+    assert not torch.equal(real["pixel_values"], blank["pixel_values"])
+    assert not torch.allclose(next_token_logits(toy, real), next_token_logits(toy, blank), atol=1e-3)
+    assert torch.allclose(next_token_logits(toy, real, block_image=True),
+                          next_token_logits(toy, blank, block_image=True), atol=1e-5)
+
+
+@needs_checkpoint
+def test_ci_accuracy_matches_model_card(toy, card, ci_set):
+    recorded = card["evaluation"]["ci_subset"]
+    measured = evaluate(toy, ci_set)
+    assert abs(measured["mean"] - recorded["image"]["mean"]) <= 0.02
+    for task, accuracy in recorded["image"]["per_task"].items():
+        assert abs(measured["per_task"][task] - accuracy) <= 0.02 + 1e-9, task
+    assert measured["mean"] >= 0.85  # the model answers from the image
+
+
+@needs_checkpoint
+def test_blank_image_accuracy_is_near_chance(toy, card, ci_set):
+    chance = chance_accuracy(s.task for s in ci_set)["mean"]
+    blank = evaluate(toy, ci_set, blank=True)
+    assert abs(blank["mean"] - chance) <= 0.10
+    assert abs(blank["mean"] - card["evaluation"]["ci_subset"]["blank_image"]["mean"]) <= 0.02
+    assert blank_image(ci_set[0].load_image()).getpixel((0, 0)) == BLANK_COLOR
+
+
+@needs_checkpoint
+def test_cutting_image_edges_in_all_layers_drops_to_chance(toy, card, ci_set):
+    chance = chance_accuracy(s.task for s in ci_set)["mean"]
+    blocked = evaluate(toy, ci_set, block_image=True)
+    assert abs(blocked["mean"] - chance) <= 0.10
+    assert abs(blocked["mean"] - card["evaluation"]["ci_subset"]["image_blocked"]["mean"]) <= 0.02
