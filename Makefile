@@ -7,13 +7,15 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 BUILD       ?= build
 NOTEBOOKS   := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
-EXECUTED    := $(patsubst notebooks/%.ipynb,$(BUILD)/notebooks/%.ipynb,$(NOTEBOOKS))
 KERNEL      := flowlib
 
 # Notebook parameters that can be overridden, e.g. `make figures MODEL=llava-hf/llava-1.5-7b-hf DEVICE=cuda`.
+# Knockout tables go to $(BUILD)/runs, cleared first so figures always come from the current code.
 PARAMS := $(if $(MODEL),-p MODEL "$(MODEL)") $(if $(DATA),-p DATA "$(DATA)") \
           $(if $(DEVICE),-p DEVICE "$(DEVICE)") $(if $(DTYPE),-p DTYPE "$(DTYPE)") \
-          $(if $(SAMPLES),-p SAMPLES_PER_TASK $(SAMPLES)) $(if $(WINDOW),-p WINDOW $(WINDOW))
+          $(if $(SAMPLES),-p SAMPLES_PER_TASK $(SAMPLES)) $(if $(WINDOW),-p WINDOW $(WINDOW)) \
+          $(if $(CSV_DIR),-p CSV_DIR "$(CSV_DIR)") $(if $(IMAGE_DIR),-p IMAGE_DIR "$(IMAGE_DIR)") \
+          $(if $(TASKS),-p TASKS "$(TASKS)")
 
 .PHONY: help venv test test-fast figures lab lint clean clean-venv
 
@@ -36,14 +38,15 @@ test: $(STAMP)  ## run the whole test suite offline (what CI runs)
 test-fast: $(STAMP)  ## the unit tests without the slow tier
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
-figures: $(STAMP) $(EXECUTED)  ## execute every notebook with papermill; figures land in figures/
+figures: $(STAMP)  ## execute every notebook with papermill; figures land in figures/
+	rm -rf $(BUILD)/runs
+	@mkdir -p $(BUILD)/notebooks
+	@for nb in $(NOTEBOOKS); do \
+	  echo "papermill $$nb"; \
+	  FLOWLIB_RUNS=$(abspath $(BUILD))/runs $(PY) -m papermill --kernel $(KERNEL) --cwd notebooks \
+	    $$nb $(BUILD)/$$nb $(PARAMS) || exit 1; \
+	done
 	@echo "figures in figures/, executed notebooks in $(BUILD)/notebooks/"
-
-$(BUILD)/notebooks/%.ipynb: notebooks/%.ipynb $(STAMP) FORCE
-	@mkdir -p $(dir $@)
-	$(PY) -m papermill --kernel $(KERNEL) --cwd notebooks $< $@ $(PARAMS)
-
-FORCE:
 
 lab: $(STAMP)  ## open JupyterLab with the project's kernel
 	$(VENV)/bin/jupyter lab notebooks/
