@@ -94,12 +94,16 @@ class Study:
         return cfg.runs_dir() / slug(self.loaded.name) / slug(self.data_name) / f"{name}-w{self.window}"
 
     def knockout(self, name: str, flows: Sequence[str], *, progress: bool = True) -> pd.DataFrame:
-        """Run (or resume) the layer sweeps of `flows` over the study's samples; the tidy table."""
+        """Run (or resume) the layer sweeps of `flows` over the study's samples; the tidy table.
+
+        A sample with an empty group (e.g. a LogicalObj question whose objects are all absent has no
+        related patches) is recorded as skipped in the run folder and left out, as in the paper.
+        """
         from .runner import run_experiment
 
         summary = run_experiment(self.loaded, self.all_samples(), self.run_dir(name), flows=list(flows),
                                  window=self.window, per_task=self.samples_per_task, data=self.data_name,
-                                 progress=progress)
+                                 skip_empty_groups=True, progress=progress)
         if summary.table.empty:
             raise ValueError(f"no sample was analysed ({summary.count('wrong_answer')} answered wrongly, "
                              f"{summary.count('zero_base')} with a zero base probability); see {summary.output}")

@@ -65,7 +65,7 @@ class FlowExplorer:
         """Recompute for the current controls and redraw."""
         table = self._compute(self.task.value, self.flow.value, int(self.window.value), int(self.sample.value))
         self.current = summarise_curves(table)
-        self.output.clear_output(wait=True)
+        self.output.clear_output()
         with self.output:
             fig = plot_flow_curves(self.current, f"{self.title} | window {self.window.value}")
             display(fig)
@@ -132,7 +132,7 @@ class SampleBrowser:
 
     def refresh(self):
         prepared = self.prepared_by_task[self.task.value][self.sample.value]
-        self.output.clear_output(wait=True)
+        self.output.clear_output()
         with self.output:
             fig, ax = plt.subplots(figsize=(4, 4))
             plot_layout_overlay(prepared, self.image_processor, ax=ax)
