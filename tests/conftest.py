@@ -28,6 +28,15 @@ def shared_dir():
     return SHARED_DIR
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: on 2 shared cores, OpenMP oversubscription otherwise slows these tests 5x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny15():
     return tiny_llava("llava-1.5")

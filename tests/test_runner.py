@@ -6,7 +6,6 @@ import json
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 import flowlib.runner as runner
@@ -19,13 +18,7 @@ FLOWS = ("Image->Question", "Question->Last", "Last->Last")
 COLOURS = ("white", "red", "blue", "green", "black")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: the 2 shared cores otherwise stall on OpenMP oversubscription (5x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ from flowlib.tiny import tiny_llava
 FAMILIES = ("llava-1.5", "llava-next")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: the 2 shared cores otherwise stall on OpenMP oversubscription (5x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_sample(boxes=(Box(10, 20, 50, 60),), qid="q1"):
