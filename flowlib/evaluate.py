@@ -98,8 +98,12 @@ def decode_answer(tokenizer, token_id: int) -> str:
     return tokenizer.decode([int(token_id)]).strip().lower()
 
 
-def greedy_answers(loaded, prepared: Sequence, batch_size: int = 32, block_image: bool = False) -> list[str]:
-    """Greedy first words (lowercased) for prepared inputs, batched with right padding."""
+def first_words(loaded, prepared: Sequence, batch_size: int = 32, block_image: bool = False) -> list[str]:
+    """Greedy first words (lowercased) for prepared inputs, batched with right padding.
+
+    One forward pass and an argmax, no generation loop: exact for the toy model's one-token answers.
+    The knockout runner's correct-answer filter generates the whole answer (`runner.greedy_answer`).
+    """
     answers = []
     pad = loaded.tokenizer.pad_token_id
     for start in range(0, len(prepared), batch_size):
@@ -109,9 +113,9 @@ def greedy_answers(loaded, prepared: Sequence, batch_size: int = 32, block_image
     return answers
 
 
-def greedy_answer(loaded, prepared, block_image: bool = False) -> str:
+def first_word(loaded, prepared, block_image: bool = False) -> str:
     """The greedy first word (lowercased, stripped) of one prepared input."""
-    return greedy_answers(loaded, [prepared], 1, block_image)[0]
+    return first_words(loaded, [prepared], 1, block_image)[0]
 
 
 def evaluate(loaded, samples: Sequence[Sample], *, blank: bool = False, block_image: bool = False,
@@ -133,7 +137,7 @@ def evaluate(loaded, samples: Sequence[Sample], *, blank: bool = False, block_im
         for start in range(0, len(samples), batch_size):
             chunk = samples[start:start + batch_size]
             prepared = [loaded.prepare(s, image=blank_image(s.load_image()) if blank else None) for s in chunk]
-            answers += greedy_answers(loaded, prepared, batch_size, block_image)
+            answers += first_words(loaded, prepared, batch_size, block_image)
     finally:
         loaded.model.train(was_training)
     result = score(samples, answers)
