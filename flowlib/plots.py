@@ -80,6 +80,11 @@ def plot_flow_curves(summary: pd.DataFrame, title: str, flows: Optional[Sequence
     return fig
 
 
+#: Legend labels of the lens forms: the case is the point, so say it in words.
+FORM_LABELS = {"answer": "answer (lowercase)", "Answer": "Answer (capitalised)",
+               "false option": "false option (lowercase)", "False option": "False option (capitalised)"}
+
+
 def plot_lens_curves(summary: pd.DataFrame, title: str, value_label: str = "Probability"):
     """Answer-lens curves: one panel per task, a line per token form (e.g. lowercase / capitalised answer)."""
     sns.set_theme(style="whitegrid", context="paper")
@@ -91,7 +96,7 @@ def plot_lens_curves(summary: pd.DataFrame, title: str, value_label: str = "Prob
             rows = summary[(summary["task"] == task) & (summary["form"] == form)].sort_values("layer")
             if rows.empty:
                 continue
-            ax.plot(rows["layer"], rows["mean"], label=form, color=color, linewidth=1.6)
+            ax.plot(rows["layer"], rows["mean"], label=FORM_LABELS.get(form, form), color=color, linewidth=1.6)
             ax.fill_between(rows["layer"], rows["low"], rows["high"], color=color, alpha=0.2, linewidth=0)
         ax.set_title(task)
         ax.set_xlabel("Layer")
