@@ -62,10 +62,15 @@ def make_sample(width=320, height=240, boxes=((10, 20, 50, 60),), seed=0, **over
         true_option="red",
         false_option="blue",
         central_object="star",
-        boxes=[Box(*b) for b in boxes],
+        boxes=[b if isinstance(b, Box) else Box(*b) for b in boxes],
     )
     fields.update(overrides)
     return Sample(**fields)
+
+
+def white_sample(boxes=(Box(10, 20, 50, 60),), qid="q1"):
+    """A small all-white ChooseAttr sample (the knockout and sweep tests' input)."""
+    return make_sample(160, 120, boxes, question_id=qid, image=Image.new("RGB", (160, 120), "white"))
 
 
 @pytest.fixture

@@ -3,15 +3,14 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
 from flowlib.knockout import (PAPER_FLOWS, FlowError, KnockoutNotApplied, UnsupportedAttentionError, cut_matrix,
                               knockout, language_model, parse_flow)
-from flowlib.sample import Box, Sample
 from flowlib.tiny import tiny_llava
+from tests.conftest import white_sample
 
 FAMILIES = ("llava-1.5", "llava-next")
 
@@ -19,15 +18,12 @@ FAMILIES = ("llava-1.5", "llava-next")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_sample(boxes=(Box(10, 20, 50, 60),), qid="q1"):
-    return Sample(qid, "is the star red or blue?", "red", "ChooseAttr", image=Image.new("RGB", (160, 120), "white"),
-                  true_option="red", false_option="blue", central_object="star", boxes=boxes)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def tiny(request):
     loaded = tiny_llava(request.param)
-    return loaded, loaded.prepare(make_sample())
+    return loaded, loaded.prepare(white_sample())
 
 
 def logits(loaded, prepared, **kwargs):
@@ -52,7 +48,7 @@ def test_blocking_everything_into_last_collapses_the_answer(family):
     loaded = tiny_llava(family)
     with torch.no_grad():  # a confident model (sharp unembedding), so "collapse" is measurable
         loaded.model.lm_head.weight.mul_(40)
-    prepared = loaded.prepare(make_sample())
+    prepared = loaded.prepare(white_sample())
     base = torch.softmax(logits(loaded, prepared)[0, -1].double(), -1)
     answer = int(base.argmax())
     with knockout(loaded, prepared.layout, ["All->Last"], layers=range(loaded.num_layers)) as ko:
@@ -65,7 +61,7 @@ def test_blocking_everything_into_last_collapses_the_answer(family):
 def test_mask_applied_in_exactly_the_chosen_layers(family):
     loaded = tiny_llava(family)
     loaded.model.set_attn_implementation("eager")
-    prepared = loaded.prepare(make_sample())
+    prepared = loaded.prepare(white_sample())
     layout, chosen, flow = prepared.layout, [1, 2], "Image->Question"
     sources, targets = layout.group("Image"), layout.group("Question")
     with torch.no_grad():
@@ -143,7 +139,7 @@ def test_bad_flows_and_groups_raise(tiny):
         parse_flow("Picture->Question")
     with pytest.raises(FlowError):
         parse_flow("Image-Question")
-    no_boxes = loaded.prepare(make_sample(boxes=(), qid="nobox"))
+    no_boxes = loaded.prepare(white_sample(boxes=(), qid="nobox"))
     with pytest.raises(FlowError, match=r"sample nobox: group 'Related Image Patches'"):
         with knockout(loaded, no_boxes.layout, ["Related Image Patches->Question"], [0]):
             pass

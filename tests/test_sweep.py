@@ -5,14 +5,13 @@ import copy
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from flowlib.knockout import PAPER_FLOWS, FlowError, KnockoutAttention, installed
 from flowlib.models import wrap_model
-from flowlib.sample import Box, Sample
 from flowlib.sweep import (ZeroBaseProbability, clean_pass, layer_sweep, relative_change, sweep_fast,
                            sweep_reference, sweep_windows, window_layers)
 from flowlib.tiny import tiny_llava
+from tests.conftest import white_sample
 
 FAMILIES = ("llava-1.5", "llava-next")
 
@@ -20,15 +19,12 @@ FAMILIES = ("llava-1.5", "llava-next")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_sample(boxes=(Box(10, 20, 50, 60),), qid="q1"):
-    return Sample(qid, "is the star red or blue?", "red", "ChooseAttr", image=Image.new("RGB", (160, 120), "white"),
-                  true_option="red", false_option="blue", central_object="star", boxes=boxes)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def tiny(request):
     loaded = tiny_llava(request.param, layers=5)
-    prepared = loaded.prepare(make_sample())
+    prepared = loaded.prepare(white_sample())
     return loaded, prepared, clean_pass(loaded, prepared)
 
 
@@ -99,7 +95,7 @@ def test_sweep_bad_input(tiny):
             layer_sweep(loaded, prepared, "Image->Answer", 3, engine=engine, clean=clean)
         with pytest.raises(ValueError, match="does not fit"):
             layer_sweep(loaded, prepared, "Image->Question", loaded.num_layers + 1, engine=engine, clean=clean)
-    no_boxes = loaded.prepare(make_sample(boxes=(), qid="nobox"))
+    no_boxes = loaded.prepare(white_sample(boxes=(), qid="nobox"))
     with pytest.raises(FlowError, match="sample nobox: group 'Related Image Patches'"):
         sweep_fast(loaded, no_boxes, "Related Image Patches->Question", 3)
     zero = type(clean)(clean.answer_token, 0.0, clean.logits, clean.hidden_states, clean.cache)
@@ -116,7 +112,7 @@ def test_grouped_query_attention_model():
     config.text_config.num_key_value_heads = 2  # 4 query heads share 2 key/value heads
     torch.manual_seed(0)
     loaded = wrap_model(type(base.model)(config).eval(), base.processor, name="tiny-gqa", image_mode="pad")
-    prepared = loaded.prepare(make_sample())
+    prepared = loaded.prepare(white_sample())
     clean = clean_pass(loaded, prepared)
     for flow in ("Image->Question", "Last->Last"):
         ref = sweep_reference(loaded, prepared, flow, 1, clean=clean)
