@@ -36,7 +36,7 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 from . import config as cfg
 from .geometry import ImageGeometry, llava15_geometry, llava_next_geometry
 from .layout import TokenLayout, build_layout
-from .sample import Sample, SampleError
+from .sample import Sample
 
 
 class UnsupportedModelError(ValueError):
@@ -225,8 +225,6 @@ class LoadedModel:
         """
         image = sample.load_image() if image is None else image
         prompt, question_start = build_prompt(sample.question, self.prompt_style)
-        if cfg.IMAGE_PLACEHOLDER not in prompt:  # pragma: no cover - build_prompt always inserts it
-            raise SampleError(f"sample {sample.question_id}: prompt has no {cfg.IMAGE_PLACEHOLDER} placeholder")
         inputs = self.processor(images=image, text=prompt, return_tensors="pt")
         geometry = self.adapter.geometry(self.processor, image.width, image.height)
         layout = build_layout(

@@ -12,15 +12,12 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
 
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-from . import config as cfg  # noqa: E402
+from . import config as cfg
 
 Y_LABEL = "Change in probability (%)"
 #: 95% band: mean +- 1.96 standard errors (normal approximation, as seaborn's "se" band scaled to 95%).
@@ -55,6 +52,12 @@ def _panel_grid(count: int, width: float = 3.6, height: float = 2.8):
     return fig, list(axes.flat[:count])
 
 
+def _band_line(ax, rows: pd.DataFrame, label: str, color) -> None:
+    """One summarised curve: the mean per layer and its 95% band."""
+    ax.plot(rows["layer"], rows["mean"], label=label, color=color, linewidth=1.6)
+    ax.fill_between(rows["layer"], rows["low"], rows["high"], color=color, alpha=0.2, linewidth=0)
+
+
 def plot_flow_curves(summary: pd.DataFrame, title: str, flows: Optional[Sequence[str]] = None):
     """One panel per task; a line per flow with its 95% band; layer on x, change in probability on y."""
     sns.set_theme(style="whitegrid", context="paper")
@@ -66,9 +69,7 @@ def plot_flow_curves(summary: pd.DataFrame, title: str, flows: Optional[Sequence
             rows = summary[(summary["task"] == task) & (summary["flow"] == flow)].sort_values("layer")
             if rows.empty:
                 continue
-            color = FLOW_COLORS.get(flow)
-            ax.plot(rows["layer"], rows["mean"], label=flow, color=color, linewidth=1.6)
-            ax.fill_between(rows["layer"], rows["low"], rows["high"], color=color, alpha=0.2, linewidth=0)
+            _band_line(ax, rows, flow, FLOW_COLORS.get(flow))
         n = int(summary[summary["task"] == task]["n"].max())
         ax.set_title(f"{task} (n={n})")
         ax.axhline(0, color="black", linewidth=0.6)
@@ -96,8 +97,7 @@ def plot_lens_curves(summary: pd.DataFrame, title: str, value_label: str = "Prob
             rows = summary[(summary["task"] == task) & (summary["form"] == form)].sort_values("layer")
             if rows.empty:
                 continue
-            ax.plot(rows["layer"], rows["mean"], label=FORM_LABELS.get(form, form), color=color, linewidth=1.6)
-            ax.fill_between(rows["layer"], rows["low"], rows["high"], color=color, alpha=0.2, linewidth=0)
+            _band_line(ax, rows, FORM_LABELS.get(form, form), color)
         ax.set_title(task)
         ax.set_xlabel("Layer")
         ax.set_ylabel(value_label)

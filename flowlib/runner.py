@@ -105,18 +105,23 @@ def greedy_answer(loaded, prepared, max_new_tokens: int = 10) -> str:
 
 
 def correct_samples(loaded, samples: Iterable, per_task: Optional[int] = None, max_new_tokens: int = 10,
-                    progress: bool = True):
+                    progress: bool = True, verdicts: Optional[dict] = None):
     """Yield the samples the model answers correctly (greedy), at most `per_task` of each task.
 
-    The filter is logged with its counts when the iteration ends.
+    `verdicts` (question id -> answered correctly), when given, is read and filled so that
+    repeated filters over the same samples generate each answer once. The filter is logged
+    with its counts when the iteration ends.
     """
+    verdicts = {} if verdicts is None else verdicts
     kept, seen = {}, 0
     for sample in tqdm(samples, desc="answer filter", unit="sample", disable=not progress):
         if per_task is not None and kept.get(sample.task, 0) >= per_task:
             continue
         seen += 1
-        answer = greedy_answer(loaded, loaded.prepare(sample), max_new_tokens)
-        if normalise_answer(answer) == normalise_answer(sample.answer):
+        if sample.question_id not in verdicts:
+            answer = greedy_answer(loaded, loaded.prepare(sample), max_new_tokens)
+            verdicts[sample.question_id] = normalise_answer(answer) == normalise_answer(sample.answer)
+        if verdicts[sample.question_id]:
             kept[sample.task] = kept.get(sample.task, 0) + 1
             yield sample
     log.info("answer filter: kept %d of %d samples (%d answered wrongly)", sum(kept.values()), seen,

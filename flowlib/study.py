@@ -39,6 +39,8 @@ class Study:
     data_name: str
     samples_per_task: int
     window: int
+    #: question id -> answered correctly (greedy); filled once, read by every later filter.
+    verdicts: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def open(
@@ -125,7 +127,8 @@ class Study:
 
         per_task = per_task or self.samples_per_task
         kept: dict[str, list[Sample]] = {task: [] for task in self.samples}
-        for sample in correct_samples(self.loaded, self.all_samples(), per_task, progress=False):
+        for sample in correct_samples(self.loaded, self.all_samples(), per_task, progress=False,
+                                      verdicts=self.verdicts):
             kept[sample.task].append(sample)
         if not any(kept.values()):
             raise ValueError(f"{self.loaded.name} answers none of the {len(self.all_samples())} samples correctly, so "

@@ -156,3 +156,19 @@ def samples_for_cli(loaded):
                true_option="red", false_option="blue", central_object="star", boxes=[Box(10, 20, 50, 60)])
     answer = runner.greedy_answer(loaded, loaded.prepare(s), max_new_tokens=3)
     yield dataclasses.replace(s, answer=answer)
+
+
+def test_answer_filter_reuses_recorded_verdicts(monkeypatch):
+    """With a verdict recorded, the filter trusts it and generates nothing."""
+    from flowlib import runner
+    from flowlib.tiny import tiny_llava
+    from tests.conftest import white_sample
+
+    loaded = tiny_llava("llava-1.5")
+    samples = [white_sample(qid="a"), white_sample(qid="b")]
+    verdicts = {}
+    first = [s.question_id for s in runner.correct_samples(loaded, samples, progress=False, verdicts=verdicts)]
+    assert set(verdicts) == {"a", "b"}
+    monkeypatch.setattr(runner, "greedy_answer", lambda *a, **k: pytest.fail("answer generated twice"))
+    verdicts["a"], verdicts["b"] = True, False
+    assert [s.question_id for s in runner.correct_samples(loaded, samples, progress=False, verdicts=verdicts)] == ["a"]
