@@ -41,10 +41,11 @@ OFFLINE_MODEL = "toy-llava"
 #: Short names resolved to local checkpoint folders before anything else is tried.
 SHORT_NAMES = {OFFLINE_MODEL: CHECKPOINTS_DIR / OFFLINE_MODEL}
 
-# The offline model's image geometry. The synthetic world is drawn so that its
-# smallest object spans at least two patches after the model's downscaling.
-TOY_IMAGE_SIZE = 96  # processed square side in pixels (LLaVA-1.5 uses 336)
-TOY_PATCH_SIZE = 8  # pixels per patch side: a 12 x 12 grid, 144 image tokens
+# The offline model's image geometry. Its smallest object keeps over 20 px after the
+# model's downscaling (enough to tell a star from a circle) and spans more than one patch;
+# 64 image tokens keep a training step cheap enough for two CPU cores.
+TOY_IMAGE_SIZE = 128  # processed square side in pixels (LLaVA-1.5 uses 336)
+TOY_PATCH_SIZE = 16  # pixels per patch side: an 8 x 8 grid, 64 image tokens (LLaVA-1.5: 24 x 24)
 
 # The paper's prompt pieces (PAPER.md).
 VICUNA_SYSTEM = (

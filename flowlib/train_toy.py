@@ -5,8 +5,10 @@
 Deterministic from the seed and the configs: chunk k of the training stream is
 `generate_split(chunk_per_task, seed=seed * 1_000_003 + k, split="train")`,
 shuffled by (seed, k); a worker process may generate chunks ahead, which changes
-timing only. The loss is on the answer tokens only (the capitalised answer word
-and `</s>`). Writes into the output folder: the weights (safetensors), tokenizer
+timing only. The main loss is on the answer tokens (the capitalised answer word
+and `</s>`); two auxiliary losses help a model trained from scratch in an hour:
+predicting the question's words, and a per-patch word loss on the image tokens
+(`PatchLoss`). Writes into the output folder: the weights (safetensors), tokenizer
 and processor files (`flowlib.models.save_checkpoint`), `loss.png`, `log.json`,
 and the model card `MODEL_CARD.md` + `card.json` with held-out accuracy per task,
 with the image withheld (blank) and with every image -> later edge cut.
@@ -42,9 +44,10 @@ CI_PER_TASK, CI_SEED, CI_SPLIT = 30, 0, "validation"
 class TrainConfig:
     """Training settings; every default says why it is what it is."""
 
-    steps: int = 2400  # fixed steps (not a time budget) so that a run is reproducible; ~45 min on 2 cores
+    steps: int = 7000  # fixed steps (not a time budget) so that a run is reproducible; ~50 min on 2 cores
     batch_size: int = 16  # small batches mean more updates from the few samples a CPU hour affords
-    lr: float = 2e-3  # small models from scratch tolerate a high rate; more diverged in trials
+    lr: float = 3e-4  # decoder: at 1e-3 and above the 12-layer decoder never learned to copy an option
+    vision_lr: float = 1e-3  # vision tower and projector: their patch-word loss learns fast at this rate
     warmup_steps: int = 100  # a short warmup keeps the first steps of Adam from overshooting
     min_lr_ratio: float = 0.05  # cosine decay to 5% of the peak: the late steps polish the hard tasks
     weight_decay: float = 0.01  # light: the stream of fresh scenes already prevents overfitting
@@ -55,7 +58,8 @@ class TrainConfig:
     heldout_per_task: int = 200  # final held-out evaluation: 1200 samples of the test split
     heldout_seed: int = 0
     threads: int = 2  # both cores train; the data worker's share of a core is small
-    aux_weight: float = 1.0  # patch-attribute loss: stands in for CLIP's pretraining (see patch_labels)
+    aux_weight: float = 1.0  # patch-word loss: stands in for LLaVA's pretrained, aligned image tokens (PatchLoss)
+    question_weight: float = 0.5  # question-word prediction: dense text signal, partly grounded in the image
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -80,19 +84,23 @@ def heldout_samples(train: TrainConfig):
 
 # ----------------------------------------------------------------------------- data stream
 
-#: Per-patch targets of the auxiliary loss: the covering object's attributes (0 = background) and the
-#: patch's own row and column. Real LLaVA starts from a pretrained CLIP whose patch features already
-#: say what lies where; a tower trained from scratch in an hour needs this dense signal to learn shapes
-#: (trials without it stayed at chance accuracy on every task after 15k samples).
-PATCH_TARGETS = ("shape", "color", "size", "texture", "row", "col")
+#: Per-patch targets of the auxiliary loss. Real LLaVA starts from a pretrained CLIP tower and a projector
+#: aligned to the word embeddings (its stage-1 pretraining), so its image tokens already say, in the
+#: language model's own terms, what lies where. A tower trained from scratch in an hour needs that signal
+#: spelled out (trials without it stayed at chance on every task): each image token is trained to score,
+#: against the tied word embeddings, the words of the object covering it (shape, colour, size, texture and
+#: the image side it lies on; none for the background), and linear heads read the token's row and column.
+PATCH_WORDS = ("shape", "color", "size", "texture", "side")
+PATCH_POSITIONS = ("row", "col")
+SIDES = ("left", "right")
 
 
-def patch_target_classes(model_config: ToyConfig) -> dict:
+def patch_word_values() -> dict:
+    """The words each `PATCH_WORDS` kind can take, in label order (label 0 = no object)."""
     from .data import synthetic
 
-    grid = model_config.image_size // model_config.patch_size
-    return {"shape": 1 + len(synthetic.SHAPES), "color": 1 + len(synthetic.COLORS), "size": 1 + len(synthetic.SIZES),
-            "texture": 1 + len(synthetic.TEXTURES), "row": grid, "col": grid}
+    return {"shape": synthetic.SHAPES, "color": tuple(synthetic.COLORS), "size": tuple(synthetic.SIZES),
+            "texture": synthetic.TEXTURES, "side": SIDES}
 
 
 @functools.lru_cache(maxsize=8)
@@ -104,22 +112,62 @@ def _patch_centres(width: int, height: int, image_size: int, patch_size: int) ->
 
 
 def patch_labels(scene: dict, model_config: ToyConfig) -> torch.Tensor:
-    """(patches, len(PATCH_TARGETS)) int labels of one scene, row-major like the image tokens."""
-    from .data import synthetic
+    """(patches, len(PATCH_WORDS) + 2) int labels of one scene, row-major like the image tokens.
 
+    Columns: 1 + the index of the covering object's word in `patch_word_values()` per kind (0 where no
+    object covers the patch's centre pixel), then the patch's row and column.
+    """
     rows, cols = _patch_centres(scene["width"], scene["height"], model_config.image_size, model_config.patch_size)
+    values = patch_word_values()
     grid = len(rows)
-    labels = np.zeros((grid, grid, len(PATCH_TARGETS)), dtype=np.int64)
-    labels[..., 4] = np.arange(grid)[:, None]
-    labels[..., 5] = np.arange(grid)[None, :]
+    labels = np.zeros((grid, grid, len(PATCH_WORDS) + 2), dtype=np.int64)
+    labels[..., -2] = np.arange(grid)[:, None]
+    labels[..., -1] = np.arange(grid)[None, :]
     for obj in scene["objects"].values():
         inside = (((rows >= obj["y"]) & (rows < obj["y"] + obj["h"]))[:, None]
                   & ((cols >= obj["x"]) & (cols < obj["x"] + obj["w"]))[None, :])
-        labels[inside, 0] = 1 + synthetic.SHAPES.index(obj["name"])
-        labels[inside, 1] = 1 + list(synthetic.COLORS).index(obj["color"])
-        labels[inside, 2] = 1 + list(synthetic.SIZES).index(obj["size"])
-        labels[inside, 3] = 1 + synthetic.TEXTURES.index(obj["texture"])
-    return torch.from_numpy(labels.reshape(grid * grid, len(PATCH_TARGETS)))
+        side = "left" if obj["x"] + obj["w"] / 2 < scene["width"] / 2 else "right"
+        words = {"shape": obj["name"], "color": obj["color"], "size": obj["size"], "texture": obj["texture"],
+                 "side": side}
+        for i, kind in enumerate(PATCH_WORDS):
+            labels[inside, i] = 1 + values[kind].index(words[kind])
+    return torch.from_numpy(labels.reshape(grid * grid, len(PATCH_WORDS) + 2))
+
+
+class PatchLoss(torch.nn.Module):
+    """The auxiliary loss on the projector output (the language model's image embeddings).
+
+    Word scores are dot products with the model's own (tied) input embeddings of the lowercase words,
+    so no head is needed for them; the row and column heads are dropped after training, leaving a
+    plain LlavaForConditionalGeneration.
+    """
+
+    def __init__(self, model, tokenizer, model_config: ToyConfig):
+        super().__init__()
+        values = patch_word_values()
+        words = sorted({w for kind in PATCH_WORDS for w in values[kind]})
+        self.embeddings = model.get_input_embeddings()
+        self.register_buffer("word_ids", torch.tensor(tokenizer.convert_tokens_to_ids(words)))
+        # label (1 + index) of each kind -> column in `words`; label 0 (no object) -> a dummy last column
+        table = torch.full((len(PATCH_WORDS), 1 + max(len(v) for v in values.values())), len(words))
+        for i, kind in enumerate(PATCH_WORDS):
+            table[i, 1:1 + len(values[kind])] = torch.tensor([words.index(w) for w in values[kind]])
+        self.register_buffer("column", table)
+        grid = model_config.image_size // model_config.patch_size
+        self.position_heads = torch.nn.ModuleDict(
+            {name: torch.nn.Linear(model_config.hidden, grid) for name in PATCH_POSITIONS})
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        scores = features @ self.embeddings.weight[self.word_ids].T  # (batch, patches, words)
+        columns = self.column[torch.arange(len(PATCH_WORDS)), labels[..., :len(PATCH_WORDS)]]
+        targets = torch.zeros(*scores.shape[:-1], scores.shape[-1] + 1, dtype=scores.dtype)
+        targets.scatter_(-1, columns, 1.0)
+        words = torch.nn.functional.binary_cross_entropy_with_logits(
+            scores, targets[..., :-1], reduction="none").sum(-1).mean() / len(PATCH_WORDS)
+        positions = sum(torch.nn.functional.cross_entropy(self.position_heads[name](features).flatten(0, 1),
+                                                          labels[..., len(PATCH_WORDS) + i].flatten())
+                        for i, name in enumerate(PATCH_POSITIONS)) / len(PATCH_POSITIONS)
+        return words + positions
 
 
 def encode_chunk(processor, seed: int, k: int, per_task: int, model_config: ToyConfig = ToyConfig()) -> dict:
@@ -130,7 +178,7 @@ def encode_chunk(processor, seed: int, k: int, per_task: int, model_config: ToyC
     samples, scenes = to_samples(split), [json.loads(g) for g in split["scene_graph"]]
     order = np.random.default_rng([seed, k]).permutation(len(samples))
     tokenizer = processor.tokenizer
-    ids, pixels, tasks, labels = [], [], [], []
+    ids, pixels, tasks, labels, questions = [], [], [], [], []
     for i in order:
         sample = samples[int(i)]
         labels.append(patch_labels(scenes[int(i)], model_config))
@@ -139,10 +187,21 @@ def encode_chunk(processor, seed: int, k: int, per_task: int, model_config: ToyC
         answer_id = tokenizer.convert_tokens_to_ids(answer_target(sample.answer))
         if answer_id == tokenizer.unk_token_id:
             raise ValueError(f"answer {sample.answer!r} is not in the toy vocabulary")
-        ids.append(enc["input_ids"][0].tolist() + [answer_id, tokenizer.eos_token_id])
+        prompt_ids = enc["input_ids"][0].tolist()
+        ids.append(prompt_ids + [answer_id, tokenizer.eos_token_id])
+        questions.append(_find_last(prompt_ids, tokenizer(sample.question, add_special_tokens=False)["input_ids"]))
         pixels.append(enc["pixel_values"][0])
         tasks.append(sample.task)
-    return {"ids": ids, "pixel_values": torch.stack(pixels), "tasks": tasks, "patch_labels": torch.stack(labels)}
+    return {"ids": ids, "pixel_values": torch.stack(pixels), "tasks": tasks, "patch_labels": torch.stack(labels),
+            "questions": questions}
+
+
+def _find_last(ids: list[int], part: list[int]) -> tuple[int, int]:
+    """(start, end) of the last occurrence of `part` in `ids`."""
+    for start in range(len(ids) - len(part), -1, -1):
+        if ids[start:start + len(part)] == part:
+            return start, start + len(part)
+    raise ValueError("the question's tokens are not in the prompt")
 
 
 def _producer(queue, model_config: dict, seed: int, per_task: int, start: int, threads: int):
@@ -184,7 +243,12 @@ class ChunkStream:
 
 
 def batches(stream: ChunkStream, batch_size: int, pad_id: int):
-    """Yield right-padded training batches with labels on the last two tokens (answer word, </s>)."""
+    """Yield right-padded training batches.
+
+    `labels` mark the last two tokens (answer word, `</s>`); `question_labels` the question's words, whose
+    prediction is an auxiliary loss (many of them can only be guessed from the image: which shapes and
+    colours a scene holds).
+    """
     while True:
         chunk = stream.next()
         for start in range(0, len(chunk["ids"]) - batch_size + 1, batch_size):
@@ -193,11 +257,15 @@ def batches(stream: ChunkStream, batch_size: int, pad_id: int):
             input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
             attention_mask = torch.zeros_like(input_ids)
             labels = torch.full_like(input_ids, -100)
+            question_labels = torch.full_like(input_ids, -100)
             for i, r in enumerate(rows):
                 input_ids[i, :len(r)] = torch.tensor(r)
                 attention_mask[i, :len(r)] = 1
                 labels[i, len(r) - 2:len(r)] = input_ids[i, len(r) - 2:len(r)]
+                q_start, q_end = chunk["questions"][start + i]
+                question_labels[i, q_start:q_end] = input_ids[i, q_start:q_end]
             yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                   "question_labels": question_labels,
                    "pixel_values": chunk["pixel_values"][start:start + batch_size],
                    "patch_labels": chunk["patch_labels"][start:start + batch_size]}
 
@@ -223,24 +291,26 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
     loaded = build_toy_model(model_config, seed=seed)
     model = loaded.model.train()
     tokenizer = loaded.tokenizer
-    # Auxiliary heads read the projector's output (the language model's image embeddings); they are
-    # dropped after training, so the saved model is a plain LlavaForConditionalGeneration.
-    classes = patch_target_classes(model_config)
-    heads = torch.nn.ModuleDict({name: torch.nn.Linear(model_config.hidden, n) for name, n in classes.items()})
+    patch_loss = PatchLoss(model, tokenizer, model_config)
     projected = {}
     hook = model.model.multi_modal_projector.register_forward_hook(
         lambda module, args, output: projected.__setitem__("features", output))
-    named = list(model.named_parameters()) + [(f"aux.{n}", p) for n, p in heads.named_parameters()]
+    named = list(model.named_parameters())
+    named += [(f"aux.{n}", p) for n, p in patch_loss.position_heads.named_parameters()]
     language_params = [p for n, p in named if n.startswith(("model.language_model", "lm_head"))]
     vision_params = [p for n, p in named if not n.startswith(("model.language_model", "lm_head"))]
-    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": train_config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=train_config.lr, betas=(0.9, 0.98), eps=1e-8)
+    groups = []
+    for side, params, base_lr in (("language", language_params, train_config.lr),
+                                  ("vision", vision_params, train_config.vision_lr)):
+        ids = {id(p) for p in params}
+        for decays in (True, False):
+            chosen = [p for n, p in named if id(p) in ids and (p.ndim >= 2 and "embed" not in n) == decays]
+            groups.append({"params": chosen, "weight_decay": train_config.weight_decay if decays else 0.0,
+                           "base_lr": base_lr, "side": side})
+    optimizer = torch.optim.AdamW(groups, lr=train_config.lr, betas=(0.9, 0.98), eps=1e-8)
     monitor = to_samples(generate_split(train_config.monitor_per_task, seed=seed + 1, split="validation"))
     stream = ChunkStream(loaded.processor, model_config, seed, train_config.chunk_per_task, workers)
-    log = {"step": [], "loss": [], "aux_loss": [], "lr": [], "eval": []}
+    log = {"step": [], "loss": [], "aux_loss": [], "question_loss": [], "lr": [], "eval": []}
     started = time.time()
     steps_done = 0
     try:
@@ -252,14 +322,14 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
                 break
             batch = next(data)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, train_config)
-            patch_targets = batch.pop("patch_labels")
-            loss = model(**batch, use_cache=False).loss
-            features = projected.pop("features")
-            aux = sum(torch.nn.functional.cross_entropy(heads[name](features).flatten(0, 1),
-                                                        patch_targets[..., i].flatten())
-                      for i, name in enumerate(PATCH_TARGETS)) / len(PATCH_TARGETS)
-            (loss + train_config.aux_weight * aux).backward()
+                group["lr"] = group["base_lr"] * lr_at(step, train_config) / train_config.lr
+            patch_targets, labels = batch.pop("patch_labels"), batch.pop("labels")
+            question_labels = batch.pop("question_labels")
+            logits = model(**batch, use_cache=False).logits[:, :-1].flatten(0, 1)
+            loss = torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten())
+            question_loss = torch.nn.functional.cross_entropy(logits, question_labels[:, 1:].flatten())
+            aux = patch_loss(projected.pop("features"), patch_targets)
+            (loss + train_config.aux_weight * aux + train_config.question_weight * question_loss).backward()
             # Clipped apart: the early patch-loss gradients must not shrink the language model's steps.
             torch.nn.utils.clip_grad_norm_(language_params, train_config.grad_clip)
             torch.nn.utils.clip_grad_norm_(vision_params, train_config.grad_clip)
@@ -269,15 +339,18 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
             log["step"].append(step)
             log["loss"].append(loss.item())
             log["aux_loss"].append(aux.item())
+            log["question_loss"].append(question_loss.item())
             log["lr"].append(optimizer.param_groups[0]["lr"])
             bar.set_postfix(loss=f"{np.mean(log['loss'][-50:]):.3f}", aux=f"{np.mean(log['aux_loss'][-50:]):.3f}",
-                            refresh=False)
+                            question=f"{np.mean(log['question_loss'][-50:]):.3f}", refresh=False)
             if steps_done % train_config.eval_every == 0 or steps_done == train_config.steps:
                 scores = evaluate(loaded, monitor)
                 log["eval"].append({"step": steps_done, "mean": scores["mean"], "per_task": scores["per_task"]})
                 elapsed = time.time() - started
+                recent = {key: np.mean(log[key][-50:]) for key in ("loss", "aux_loss", "question_loss")}
                 print(f"step {steps_done} ({elapsed / 60:.1f} min, {steps_done * train_config.batch_size / elapsed:.1f}"
-                      f" samples/s) loss {np.mean(log['loss'][-50:]):.3f} " + format_scores(scores, "monitor"),
+                      f" samples/s) loss {recent['loss']:.3f} aux {recent['aux_loss']:.3f} question "
+                      f"{recent['question_loss']:.3f} " + format_scores(scores, "monitor"),
                       flush=True)
     finally:
         hook.remove()
@@ -416,12 +489,16 @@ def model_card_markdown(card: dict) -> str:
         "",
         "## Training",
         f"- seed {card['seed']}; {tr['steps']} steps of {t['batch_size']} = {tr['samples']:,} fresh samples "
-        f"(no sample seen twice); AdamW lr {t['lr']} (warmup {t['warmup_steps']}, cosine to "
+        f"(no sample seen twice); AdamW lr {t['lr']} (vision tower and projector "
+        f"{t.get('vision_lr', t['lr'])}; warmup {t['warmup_steps']}, cosine to "
         f"{t['min_lr_ratio']} x), weight decay {t['weight_decay']}, clip {t['grad_clip']} (language model and "
         "vision side apart); loss on the answer tokens"
-        + (f" plus {t['aux_weight']} x a per-patch attribute loss on the projector output (shape, colour, size, "
-           "texture of the covering object, and the patch's row and column; heads dropped after training), "
-           "standing in for the pretrained CLIP tower real LLaVA starts from." if t.get("aux_weight") else "."),
+        + (f" plus {t['question_weight']} x the loss of predicting the question's words"
+           if t.get("question_weight") else "")
+        + (f" plus {t['aux_weight']} x a per-patch loss on the projector output (each image token scores, against "
+           "the tied word embeddings, the shape, colour, size, texture and image side of the object it covers; "
+           "linear heads read its row and column and are dropped after training), standing in for the "
+           "pretrained, word-aligned image features real LLaVA starts from." if t.get("aux_weight") else "."),
         f"- {tr['seconds'] / 60:.1f} min on {tr['device']}, {tr['samples_per_second']} samples/s; torch {tr['torch']}.",
         f"- data: {card['data']['train_stream']}.",
         "",

@@ -9,9 +9,9 @@ the true option of Choose questions comes first exactly half the time, and the
 question text alone gives chance accuracy.
 
 Size budget: the offline model pads an image to a square (side 320) and resizes it
-to `config.TOY_IMAGE_SIZE` (96), a scale of 0.3. The smallest object is drawn
-`SMALL_SIDE` = 56 px wide and tall, i.e. `SMALLEST_OBJECT_PROCESSED_PX` = 16.8
-processed px (two 8-px patches); large objects are 96 px (28.8 processed px).
+to `config.TOY_IMAGE_SIZE` (128), a scale of 0.4. The smallest object is drawn
+`SMALL_SIDE` = 56 px wide and tall, i.e. `SMALLEST_OBJECT_PROCESSED_PX` = 22.4
+processed px (1.4 patches of 16 px); large objects are 96 px (38.4 processed px).
 
 Boxes (x, y, w, h in original pixels, tight around the drawn pixels) are those of the
 objects the question names, in GQA's program order (ChooseRel: the reference object,
@@ -128,7 +128,7 @@ def _patch(color: str, texture: str, side: int) -> Image.Image:
     rgb = np.empty((side, side, 3), np.uint8)
     rgb[:] = COLORS[color]
     yy, xx = np.mgrid[0:side, 0:side]
-    # Bands and dots of 10 px stay 3 px wide after the 0.3 downscale, so texture survives it.
+    # Bands and dots of 10 px stay 4 px wide after the 0.4 downscale, so texture survives it.
     if texture == "striped":
         rgb[(yy // 10) % 2 == 1] = (np.array(COLORS[color]) * 0.35).astype(np.uint8)
     elif texture == "dotted":

@@ -1,0 +1,97 @@
+"""The offline model's training script: its per-patch targets, its labels and its determinism."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from flowlib.data.synthetic import generate_split
+from flowlib.toy_model import ToyConfig, build_toy_model
+from flowlib.train_toy import (
+    PATCH_WORDS,
+    ChunkStream,
+    PatchLoss,
+    TrainConfig,
+    _patch_centres,
+    batches,
+    patch_labels,
+    patch_word_values,
+    train,
+)
+
+#: A toy of the real geometry but two thin layers: builds and steps in well under a second.
+SMALL = dataclasses.replace(ToyConfig(), vision_hidden=32, vision_layers=1, hidden=32, layers=2, heads=2)
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return [json.loads(g) for g in generate_split(2, seed=5, split="train")["scene_graph"]]
+
+
+def test_patch_labels_name_the_object_under_each_patch_centre(scenes):
+    config = ToyConfig()
+    values = patch_word_values()
+    for scene in scenes:
+        labels = patch_labels(scene, config).numpy()
+        rows, cols = _patch_centres(scene["width"], scene["height"], config.image_size, config.patch_size)
+        grid = len(rows)
+        assert labels.shape == (grid * grid, len(PATCH_WORDS) + 2)
+        covered = np.zeros(grid * grid, bool)
+        for obj in scene["objects"].values():
+            side = "left" if obj["x"] + obj["w"] / 2 < scene["width"] / 2 else "right"
+            expected = [1 + values[k].index(v) for k, v in zip(
+                PATCH_WORDS, (obj["name"], obj["color"], obj["size"], obj["texture"], side))]
+            for r in range(grid):
+                for c in range(grid):
+                    if obj["y"] <= rows[r] < obj["y"] + obj["h"] and obj["x"] <= cols[c] < obj["x"] + obj["w"]:
+                        assert list(labels[r * grid + c, :len(PATCH_WORDS)]) == expected
+                        covered[r * grid + c] = True
+            assert covered.any(), "every object covers at least one patch centre"
+        assert (labels[~covered, :len(PATCH_WORDS)] == 0).all()  # background and padding: no words
+        assert list(labels[:, -2]) == [i // grid for i in range(grid * grid)]
+        assert list(labels[:, -1]) == [i % grid for i in range(grid * grid)]
+
+
+def test_patch_loss_rewards_image_tokens_that_spell_their_object():
+    loaded = build_toy_model(SMALL, seed=0)
+    loss = PatchLoss(loaded.model, loaded.tokenizer, SMALL)
+    values = patch_word_values()
+    labels = torch.zeros(1, 2, len(PATCH_WORDS) + 2, dtype=torch.long)
+    labels[0, 0, :len(PATCH_WORDS)] = torch.tensor([1 + values[k].index(w) for k, w in zip(
+        PATCH_WORDS, ("star", "red", "small", "plain", "left"))])
+    embeddings = loaded.model.get_input_embeddings().weight.detach()
+    ids = loaded.tokenizer.convert_tokens_to_ids(["star", "red", "small", "plain", "left"])
+    others = [i for i in loss.word_ids.tolist() if i not in ids]
+    spelled = embeddings[ids].sum(0) - embeddings[others].mean(0) * len(ids)
+    aligned = torch.stack([spelled, -embeddings[loss.word_ids].sum(0)])[None] * 200
+    shuffled = aligned.flip(1)  # the object's words on the background patch and vice versa
+    with torch.no_grad():
+        assert loss(aligned, labels) < loss(shuffled, labels) - 1.0
+
+
+def test_batches_label_the_answer_and_the_question_words():
+    loaded = build_toy_model(SMALL, seed=0)
+    tokenizer = loaded.tokenizer
+    stream = ChunkStream(loaded.processor, SMALL, seed=3, per_task=1, workers=0)
+    batch = next(batches(stream, batch_size=6, pad_id=tokenizer.pad_token_id))
+    for row, labels, question_labels in zip(batch["input_ids"], batch["labels"], batch["question_labels"]):
+        answer = tokenizer.convert_ids_to_tokens(labels[labels != -100].tolist())
+        assert len(answer) == 2 and answer[0][:1].isupper() and answer[1] == tokenizer.eos_token
+        words = tokenizer.convert_ids_to_tokens(question_labels[question_labels != -100].tolist())
+        text = tokenizer.decode(row[row != tokenizer.pad_token_id])
+        assert " ".join(words) in text and words[-1] == "?" and len(words) >= 6
+    stream.close()
+
+
+def test_same_seed_gives_bit_identical_weights(tmp_path, one_thread):
+    config = dataclasses.replace(TrainConfig(), steps=3, batch_size=4, chunk_per_task=1, warmup_steps=1,
+                                 monitor_per_task=1, eval_every=1000, threads=1)
+    for run, seed in (("a", 7), ("b", 7), ("c", 8)):
+        torch.manual_seed(ord(run))  # training must not depend on the global generator's state
+        train(SMALL, config, seed=seed, out=tmp_path / run, workers=0, final_eval=False)
+    weights = {run: (tmp_path / run / "model.safetensors").read_bytes() for run in "abc"}
+    assert weights["a"] == weights["b"]
+    assert weights["a"] != weights["c"]
+    assert json.loads((tmp_path / "a" / "card.json").read_text())["training"]["steps"] == 3
