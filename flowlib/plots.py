@@ -58,27 +58,36 @@ def _band_line(ax, rows: pd.DataFrame, label: str, color) -> None:
     ax.fill_between(rows["layer"], rows["low"], rows["high"], color=color, alpha=0.2, linewidth=0)
 
 
-def plot_flow_curves(summary: pd.DataFrame, title: str, flows: Optional[Sequence[str]] = None):
-    """One panel per task; a line per flow with its 95% band; layer on x, change in probability on y."""
+def _curve_panels(summary: pd.DataFrame, key: str, styles: dict, title: str, ylabel: str, legend_loc: str,
+                  zero_line: bool = False, count_in_title: bool = False):
+    """One panel per task, a banded line per value of `key`; `styles` maps each value to (label, colour)."""
     sns.set_theme(style="whitegrid", context="paper")
     tasks = list(dict.fromkeys(summary["task"]))
-    flows = list(flows or dict.fromkeys(summary["flow"]))
     fig, axes = _panel_grid(len(tasks))
     for ax, task in zip(axes, tasks):
-        for flow in flows:
-            rows = summary[(summary["task"] == task) & (summary["flow"] == flow)].sort_values("layer")
-            if rows.empty:
-                continue
-            _band_line(ax, rows, flow, FLOW_COLORS.get(flow))
-        n = int(summary[summary["task"] == task]["n"].max())
-        ax.set_title(f"{task} (n={n})")
-        ax.axhline(0, color="black", linewidth=0.6)
+        for value, (label, color) in styles.items():
+            rows = summary[(summary["task"] == task) & (summary[key] == value)].sort_values("layer")
+            if not rows.empty:
+                _band_line(ax, rows, label, color)
+        if count_in_title:
+            ax.set_title(f"{task} (n={int(summary[summary['task'] == task]['n'].max())})")
+        else:
+            ax.set_title(task)
+        if zero_line:
+            ax.axhline(0, color="black", linewidth=0.6)
         ax.set_xlabel("Layer")
-        ax.set_ylabel(Y_LABEL)
-    axes[0].legend(fontsize=7, loc="lower left")
+        ax.set_ylabel(ylabel)
+    axes[0].legend(fontsize=7, loc=legend_loc)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def plot_flow_curves(summary: pd.DataFrame, title: str, flows: Optional[Sequence[str]] = None):
+    """One panel per task; a line per flow with its 95% band; layer on x, change in probability on y."""
+    flows = list(flows or dict.fromkeys(summary["flow"]))
+    return _curve_panels(summary, "flow", {flow: (flow, FLOW_COLORS.get(flow)) for flow in flows}, title,
+                         Y_LABEL, "lower left", zero_line=True, count_in_title=True)
 
 
 #: Legend labels of the lens forms: the case is the point, so say it in words.
@@ -88,23 +97,9 @@ FORM_LABELS = {"answer": "answer (lowercase)", "Answer": "Answer (capitalised)",
 
 def plot_lens_curves(summary: pd.DataFrame, title: str, value_label: str = "Probability"):
     """Answer-lens curves: one panel per task, a line per token form (e.g. lowercase / capitalised answer)."""
-    sns.set_theme(style="whitegrid", context="paper")
-    tasks = list(dict.fromkeys(summary["task"]))
-    fig, axes = _panel_grid(len(tasks))
-    palette = dict(zip(dict.fromkeys(summary["form"]), sns.color_palette("tab10")))
-    for ax, task in zip(axes, tasks):
-        for form, color in palette.items():
-            rows = summary[(summary["task"] == task) & (summary["form"] == form)].sort_values("layer")
-            if rows.empty:
-                continue
-            _band_line(ax, rows, FORM_LABELS.get(form, form), color)
-        ax.set_title(task)
-        ax.set_xlabel("Layer")
-        ax.set_ylabel(value_label)
-    axes[0].legend(fontsize=7, loc="upper left")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    forms = dict.fromkeys(summary["form"])
+    styles = {form: (FORM_LABELS.get(form, form), color) for form, color in zip(forms, sns.color_palette("tab10"))}
+    return _curve_panels(summary, "form", styles, title, value_label, "upper left")
 
 
 def denormalised_image(prepared, image_processor) -> np.ndarray:
