@@ -33,6 +33,11 @@ ANSWER_WORDS = tuple(sorted(
 ))
 
 
+#: The user turn that asks for a scene description, a second turn in training only (`flowlib.train_toy`);
+#: its words are already in the vocabulary, so the option leaves the tokenizer unchanged.
+DESCRIBE_REQUEST = "what is in the image ?"
+
+
 @dataclasses.dataclass(frozen=True)
 class ToyConfig:
     """Architecture of the toy LLaVA; every default says why it is what it is."""

@@ -175,6 +175,24 @@ def test_text_only_baseline_is_at_chance(world):
     assert abs(correct_p / n - chance / n) < 0.05, (correct_p / n, chance / n)
 
 
+def test_distractor_cap_keeps_only_the_named_objects_and_true_answers():
+    capped = syn.generate_split(12, seed=3, split="train", max_distractors=0).remove_columns("image").to_list()
+    one = syn.generate_split(12, seed=3, split="train", max_distractors=1).remove_columns("image").to_list()
+    for row in capped:
+        scene = json.loads(row["scene_graph"])
+        assert _solve(row["question"], scene) == row["answer"]
+        named = [b["label"] for b in row["boxes"]]
+        assert sorted(o["name"] for o in scene["objects"].values()) == sorted(named)
+    extra = [len(json.loads(r["scene_graph"])["objects"]) - len(r["boxes"]) for r in one]
+    assert max(extra) == 1 and min(extra) >= 0
+    full = [len(json.loads(r["scene_graph"])["objects"]) for r in rows_of(syn.generate_split(12, seed=3))]
+    assert min(full) >= 2 and max(full) == 4
+
+
+def rows_of(split):
+    return split.remove_columns("image").to_list()
+
+
 def test_vocabulary_covers_all_text(rows):
     vocab = set(syn.synthetic_vocabulary())
     assert all(w == w.lower() for w in vocab)

@@ -16,6 +16,8 @@ from flowlib.train_toy import (
     TrainConfig,
     _patch_centres,
     batches,
+    describe_scene,
+    distractor_caps,
     patch_labels,
     patch_word_values,
     train,
@@ -71,18 +73,66 @@ def test_patch_loss_rewards_image_tokens_that_spell_their_object():
         assert loss(aligned, labels) < loss(shuffled, labels) - 1.0
 
 
-def test_batches_label_the_answer_and_the_question_words():
+def test_batches_label_the_answer_the_question_words_and_the_description(scenes):
     loaded = build_toy_model(SMALL, seed=0)
     tokenizer = loaded.tokenizer
     stream = ChunkStream(loaded.processor, SMALL, seed=3, per_task=1, workers=0)
     batch = next(batches(stream, batch_size=6, pad_id=tokenizer.pad_token_id))
-    for row, labels, question_labels in zip(batch["input_ids"], batch["labels"], batch["question_labels"]):
+    answer_word = tokenizer.convert_tokens_to_ids("ASSISTANT")
+    for row, labels, question_labels, describe_labels in zip(
+            batch["input_ids"], batch["labels"], batch["question_labels"], batch["describe_labels"]):
+        # The answer follows the first turn's "ASSISTANT:", exactly where evaluation reads it.
+        first_assistant = row.tolist().index(answer_word)
+        assert (labels != -100).nonzero().flatten().tolist() == [first_assistant + 2, first_assistant + 3]
         answer = tokenizer.convert_ids_to_tokens(labels[labels != -100].tolist())
-        assert len(answer) == 2 and answer[0][:1].isupper() and answer[1] == tokenizer.eos_token
+        assert answer[0][:1].isupper() and answer[1] == tokenizer.eos_token
         words = tokenizer.convert_ids_to_tokens(question_labels[question_labels != -100].tolist())
         text = tokenizer.decode(row[row != tokenizer.pad_token_id])
         assert " ".join(words) in text and words[-1] == "?" and len(words) >= 6
+        described = tokenizer.convert_ids_to_tokens(describe_labels[describe_labels != -100].tolist())
+        objects = " ".join(described[:-1]).split(" , ")
+        assert described[-1] == tokenizer.eos_token and 2 <= len(objects) <= 4
+        assert all(len(o.split()) == 5 for o in objects)
+        assert "what is in the image ? ASSISTANT :" in text
     stream.close()
+    # Without the description turn the sequence ends with the answer's </s>.
+    plain = ChunkStream(loaded.processor, SMALL, seed=3, per_task=1, workers=0, describe=False)
+    batch = next(batches(plain, batch_size=6, pad_id=tokenizer.pad_token_id))
+    assert (batch["describe_labels"] == -100).all()
+    lengths = batch["attention_mask"].sum(1)
+    assert all(row[n - 1] == tokenizer.eos_token_id and labels[n - 1] == tokenizer.eos_token_id
+               for row, labels, n in zip(batch["input_ids"], batch["labels"], lengths))
+
+
+def test_distractor_curriculum_caps_the_first_chunks():
+    # Chunks of 32 x 6 samples = 12 steps of 16; a chunk takes the stage of its first step.
+    assert distractor_caps(32, 16, ((600, 0), (1200, 1))) == (0,) * 50 + (1,) * 50
+    assert distractor_caps(32, 16, ((601, 0),)) == (0,) * 51
+    loaded = build_toy_model(SMALL, seed=0)
+    stream = ChunkStream(loaded.processor, SMALL, seed=3, per_task=2, workers=0, curriculum=((1, 0),), batch_size=12)
+    objects = []
+    for _ in range(2):
+        chunk = stream.next()
+        objects.append([chunk["ids"][i][start:end].count(loaded.tokenizer.convert_tokens_to_ids(",")) + 1
+                        for i, (start, end) in enumerate(chunk["descriptions"])])
+    assert max(objects[0]) <= 2  # chunk 0: only the objects the question names (one or two)
+    assert max(objects[1]) >= 3  # chunk 1: full scenes
+
+
+def test_descriptions_bind_each_objects_words_together(scenes):
+    rng = np.random.default_rng(0)
+    for scene in scenes:
+        objects = describe_scene(scene, rng).split(" , ")
+        assert len(objects) == len(scene["objects"])
+        expected = []
+        for obj in scene["objects"].values():
+            side = "left" if obj["x"] + obj["w"] / 2 < scene["width"] / 2 else "right"
+            expected.append({obj["name"], obj["color"], obj["size"], obj["texture"], side})
+        assert sorted(map(sorted, (set(o.split()) for o in objects))) == sorted(map(sorted, expected))
+        colors = [obj["color"] for obj in scene["objects"].values()]
+        for words in (o.split() for o in objects):
+            # The first word names one object: its shape, or its colour where no other object has it.
+            assert words[0] in {o["name"] for o in scene["objects"].values()} or colors.count(words[0]) == 1
 
 
 def test_same_seed_gives_bit_identical_weights(tmp_path, one_thread):

@@ -250,7 +250,7 @@ def _plan(task: str, rng, key: int, first: bool):
     return required, free_shapes, avoid_color, constraint, question, true, false, central, pattern
 
 
-def _sample(task: str, rng, key: int, first: bool) -> dict:
+def _sample(task: str, rng, key: int, first: bool, max_distractors: Optional[int] = None) -> dict:
     while True:
         required, free_shapes, avoid_color, constraint, question, true, false, central, pattern = _plan(
             task, rng, key, first)
@@ -260,6 +260,8 @@ def _sample(task: str, rng, key: int, first: bool) -> dict:
                 s = SIZES[o["size"]]
                 return o["x"] + s <= width / 2 - SIDE_MARGIN if side == "left" else o["x"] >= width / 2 + SIDE_MARGIN
         n_objects = int(rng.integers(3, 5))
+        if max_distractors is not None:  # after the draw, so that the random stream is the same either way
+            n_objects = min(n_objects, len(required) + max_distractors)
         colors = [c for c in COLORS if c != avoid_color]
         distractors = [_random_object(rng, s, color=str(rng.choice(colors)))
                        for s in free_shapes[: max(0, n_objects - len(required))]]
@@ -297,8 +299,12 @@ def features():
                      "image_h": Value("int32"), "source": text})
 
 
-def generate_split(n_per_task: int, seed: int = 0, split: str = "train", tasks=TASKS):
+def generate_split(n_per_task: int, seed: int = 0, split: str = "train", tasks=TASKS,
+                   max_distractors: Optional[int] = None):
     """Generate one split: `n_per_task` samples of each task, deterministic in (`seed`, `split`).
+
+    `max_distractors` caps the objects besides those the question names (no cap by default); a
+    training curriculum can start from scenes that hold only the named objects.
 
     Answers cycle through the task's answer keys and option order alternates, then both are
     shuffled, so each is balanced to within one sample per task.
@@ -312,7 +318,7 @@ def generate_split(n_per_task: int, seed: int = 0, split: str = "train", tasks=T
         keys = rng.permutation(np.arange(n_per_task) % _N_KEYS[task])
         firsts = rng.permutation(np.arange(n_per_task) % 2 == 0)
         for i in range(n_per_task):
-            row = _sample(task, rng, int(keys[i]), bool(firsts[i]))
+            row = _sample(task, rng, int(keys[i]), bool(firsts[i]), max_distractors)
             rows.append({"question_id": f"syn-{split}-{task}-{i:06d}", **row})
     columns = {name: [row[name] for row in rows] for name in features()}
     return Dataset.from_dict(columns, features=features())
