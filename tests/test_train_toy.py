@@ -73,7 +73,7 @@ def test_patch_loss_rewards_image_tokens_that_spell_their_object():
         assert loss(aligned, labels) < loss(shuffled, labels) - 1.0
 
 
-def test_batches_label_the_answer_the_question_words_and_the_description(scenes):
+def test_batches_label_the_answer_the_question_words_and_the_description():
     loaded = build_toy_model(SMALL, seed=0)
     tokenizer = loaded.tokenizer
     stream = ChunkStream(loaded.processor, SMALL, seed=3, per_task=1, workers=0)
