@@ -121,6 +121,11 @@ def _patch_centres(width: int, height: int, image_size: int, patch_size: int) ->
     return grid.source_rows[centre], grid.source_cols[centre]
 
 
+def object_side(obj: dict, scene: dict) -> str:
+    """The image half ("left" or "right") holding the centre of a scene-graph object's box."""
+    return "left" if obj["x"] + obj["w"] / 2 < scene["width"] / 2 else "right"
+
+
 def patch_labels(scene: dict, model_config: ToyConfig) -> torch.Tensor:
     """(patches, len(PATCH_WORDS) + 2) int labels of one scene, row-major like the image tokens.
 
@@ -136,7 +141,7 @@ def patch_labels(scene: dict, model_config: ToyConfig) -> torch.Tensor:
     for obj in scene["objects"].values():
         inside = (((rows >= obj["y"]) & (rows < obj["y"] + obj["h"]))[:, None]
                   & ((cols >= obj["x"]) & (cols < obj["x"] + obj["w"]))[None, :])
-        side = "left" if obj["x"] + obj["w"] / 2 < scene["width"] / 2 else "right"
+        side = object_side(obj, scene)
         words = {"shape": obj["name"], "color": obj["color"], "size": obj["size"], "texture": obj["texture"],
                  "side": side}
         for i, kind in enumerate(PATCH_WORDS):
@@ -192,7 +197,7 @@ def describe_scene(scene: dict, rng: np.random.Generator) -> str:
     colors = [obj["color"] for obj in scene["objects"].values()]
     for key in rng.permutation(sorted(scene["objects"])):
         obj = scene["objects"][str(key)]
-        side = "left" if obj["x"] + obj["w"] / 2 < scene["width"] / 2 else "right"
+        side = object_side(obj, scene)
         by_color = colors.count(obj["color"]) == 1 and rng.integers(2)  # only a unique colour names one object
         first = [obj["color"], obj["name"]] if by_color else [obj["name"], obj["color"]]
         parts.append(" ".join(first + [obj["size"], obj["texture"], side]))
@@ -228,6 +233,7 @@ def encode_chunk(processor, seed: int, k: int, per_task: int, model_config: ToyC
     order = np.random.default_rng([seed, k]).permutation(len(samples))
     describe_rng = np.random.default_rng([seed, k, 1])
     tokenizer = processor.tokenizer
+    request = tokenizer(f"USER: {DESCRIBE_REQUEST} ASSISTANT:", add_special_tokens=False)["input_ids"]
     ids, pixels, tasks, labels, questions, answers, descriptions = [], [], [], [], [], [], []
     for i in order:
         sample = samples[int(i)]
@@ -241,7 +247,6 @@ def encode_chunk(processor, seed: int, k: int, per_task: int, model_config: ToyC
         row = prompt_ids + [answer_id, tokenizer.eos_token_id]
         answers.append((len(prompt_ids), len(row)))
         if describe:
-            request = tokenizer(f"USER: {DESCRIBE_REQUEST} ASSISTANT:", add_special_tokens=False)["input_ids"]
             description = tokenizer(describe_scene(scenes[int(i)], describe_rng), add_special_tokens=False)
             row += request
             start = len(row)
