@@ -284,6 +284,105 @@ def _sample(task: str, rng, key: int, first: bool, max_distractors: Optional[int
             "pattern": pattern, "image_w": width, "image_h": height, "source": "synthetic"}
 
 
+def scene_questions(scene: dict, rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
+    """Up to `n` further (question, answer) pairs about a scene graph, for extra training turns.
+
+    Each picks a random task and random objects of the scene; a task the scene cannot ask (no pair
+    of objects sharing exactly one attribute, say) is skipped. Answers follow from the scene graph by
+    the same rules as the generated samples (boxes `GAP` apart for relations, `SIDE_MARGIN` from the
+    midline for sides), so a question never has two readings. Unlike `generate_split`, answers are not
+    balanced: these turns add training signal, they are never evaluated.
+    """
+    objects = [scene["objects"][key] for key in sorted(scene["objects"])]
+    if not objects:  # a LogicalObj "no" scene without distractors can be empty
+        return []
+    pairs = []
+    for _ in range(n):
+        task = TASKS[int(rng.integers(len(TASKS)))]
+        pair = _scene_question(task, objects, scene, rng)
+        if pair is not None:
+            pairs.append(pair)
+    return pairs
+
+
+def _options(true: str, false: str, rng) -> dict:
+    return dict(zip(("opt1", "opt2"), (true, false) if rng.integers(2) else (false, true)))
+
+
+def _scene_question(task: str, objects: list[dict], scene: dict, rng) -> Optional[tuple[str, str]]:
+    pick = lambda items: items[int(rng.integers(len(items)))]  # noqa: E731
+    shapes_here = [o["name"] for o in objects]
+    if task == "ChooseAttr":
+        obj, kind = pick(objects), pick(tuple(ATTRIBUTES))
+        false = pick([v for v in ATTRIBUTES[kind] if v != obj[kind]])
+        return TEMPLATES["ChooseAttr"].format(shape=obj["name"], **_options(obj[kind], false, rng)), obj[kind]
+    if task == "ChooseCat":
+        colors = [o["color"] for o in objects]
+        unique = [o for o in objects if colors.count(o["color"]) == 1]
+        if not unique:
+            return None
+        obj = pick(unique)
+        # A false option that is also in the scene, where there is one, so that only binding answers.
+        false = pick([s for s in shapes_here if s != obj["name"]] or [s for s in SHAPES if s != obj["name"]])
+        return (TEMPLATES["ChooseCat"].format(color=obj["color"], **_options(obj["name"], false, rng)),
+                obj["name"])
+    if task == "ChooseRel":
+        relations = [(a, b, rel) for a in objects for b in objects if a is not b
+                     for rel in ("left", "right", "above", "below") if _holds(rel, a, b)]
+        if not relations:
+            return None
+        a, b, true = pick(relations)
+        vertical = true in ("above", "below")
+        false = {"left": "right", "right": "left", "above": "below", "below": "above"}[true]
+        pattern = "ChooseRel:v" if vertical else "ChooseRel:h"
+        return TEMPLATES[pattern].format(shape=a["name"], shape2=b["name"], **_options(true, false, rng)), true
+    if task == "CompareAttr":
+        pairs = [(a, b, common[0]) for i, a in enumerate(objects) for b in objects[i + 1:]
+                 if len(common := [k for k in ATTRIBUTES if a[k] == b[k]]) == 1]
+        if not pairs:
+            return None
+        kind = pick(sorted({k for _, _, k in pairs}))  # answer kind first: a shared colour is rarer than a size
+        a, b, _ = pick([p for p in pairs if p[2] == kind])
+        if rng.integers(2):
+            a, b = b, a
+        return TEMPLATES["CompareAttr"].format(shape=a["name"], shape2=b["name"]), kind
+    if task == "LogicalObj":
+        kind = pick(tuple(ATTRIBUTES))
+        is_yes = lambda s1, s2, value: any(o["name"] in (s1, s2) and o[kind] == value for o in objects)  # noqa: E731
+        if rng.integers(2):  # "yes": ask about an object that is there
+            obj = pick(objects)
+            s1, s2, value = obj["name"], pick([s for s in SHAPES if s != obj["name"]]), obj[kind]
+            if rng.integers(2):
+                s1, s2 = s2, s1
+        else:  # "no", found by a few random draws (an object of the scene is named half the time)
+            for _ in range(10):
+                s1, s2 = pick(shapes_here), pick(SHAPES)
+                value = pick(ATTRIBUTES[kind])
+                if s1 != s2 and not is_yes(s1, s2, value):
+                    break
+            else:
+                return None
+            if rng.integers(2):
+                s1, s2 = s2, s1
+        answer = "yes" if is_yes(s1, s2, value) else "no"
+        return TEMPLATES["LogicalObj"].format(shape=s1, shape2=s2, value=value), answer
+    if task == "QueryAttr":
+        middle = scene["width"] / 2
+        sided = [(o, "left") for o in objects if o["x"] + o["w"] <= middle - SIDE_MARGIN]
+        sided += [(o, "right") for o in objects if o["x"] >= middle + SIDE_MARGIN]
+        if not sided:
+            return None
+        obj, side = pick(sided)
+        return TEMPLATES["QueryAttr"].format(shape=obj["name"]), side
+    check_task(task)
+
+
+def _holds(relation: str, a: dict, b: dict) -> bool:
+    """Whether box `a` lies `relation` of box `b`, at least `GAP` px apart (tight boxes of the scene graph)."""
+    return {"left": a["x"] + a["w"] + GAP <= b["x"], "right": b["x"] + b["w"] + GAP <= a["x"],
+            "above": a["y"] + a["h"] + GAP <= b["y"], "below": b["y"] + b["h"] + GAP <= a["y"]}[relation]
+
+
 _N_KEYS = {"ChooseAttr": 1, "ChooseCat": 1, "ChooseRel": 2, "CompareAttr": 3, "LogicalObj": 2, "QueryAttr": 2}
 
 
