@@ -33,7 +33,7 @@ ANSWER_WORDS = tuple(sorted(
 ))
 
 
-#: The user turn that asks for a scene description, a second turn in training only (`flowlib.train_toy`);
+#: The user turn that asks for a scene description, a last turn in training only (`flowlib.train_toy`);
 #: its words are already in the vocabulary, so the option leaves the tokenizer unchanged.
 DESCRIBE_REQUEST = "what is in the image ?"
 

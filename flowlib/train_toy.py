@@ -1,15 +1,17 @@
 """Train the offline default model ("toy-llava") on a stream of fresh synthetic scenes.
 
-    python -m flowlib.train_toy [--seed 0] [--out DIR] [--steps N] [--minutes M]
+    python -m flowlib.train_toy [--seed 0] [--out DIR] [--steps N] [--minutes M] [--device cuda --workers 6]
 
 Deterministic from the seed and the configs: chunk k of the training stream is
 `generate_split(chunk_per_task, seed=seed * 1_000_003 + k, split="train")`,
 shuffled by (seed, k); a worker process may generate chunks ahead, which changes
 timing only. The main loss is on the answer tokens (the capitalised answer word
 and `</s>`); three auxiliary losses help a model trained from scratch in an hour:
-predicting the question's words, a second conversation turn that describes the
-scene (`describe_scene`; the first turn is exactly the evaluation prompt), and a
-per-patch word loss on the image tokens (`PatchLoss`). The first steps see scenes
+predicting the question's words, a last conversation turn that describes the
+scene (`describe_scene`), and a per-patch word loss on the image tokens
+(`PatchLoss`). Further question turns about the same image (`scene_questions`)
+add answer signal per image encoded; the first turn is exactly the evaluation
+prompt. The first steps see scenes
 without distractor objects (`TrainConfig.distractor_curriculum`). Writes into the
 output folder: the weights (safetensors), tokenizer and processor files
 (`flowlib.models.save_checkpoint`), `loss.png`, `log.json`, and the model card
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -70,6 +73,10 @@ class TrainConfig:
     # first teach reading an object's words from the image, distractors then demand finding the right one.
     # Trial with (500, 0), (1000, 1): monitor 62.5% at step 1500 (QueryAttr 75%), 55.8% (60%) without.
     distractor_curriculum: tuple = ((600, 0), (1500, 1))
+    # Further question turns about each image (scene_questions): more answer signal per image encoded, but
+    # longer sequences. Off: with 3 (234 tokens a sample, not 150; 18.5 samples/s), 3300 steps in 47 min
+    # reached 56.7% held-out, below the 60.7% of 6600 steps without them in 55 min.
+    extra_questions: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -173,8 +180,8 @@ class PatchLoss(torch.nn.Module):
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         scores = features @ self.embeddings.weight[self.word_ids].T  # (batch, patches, words)
-        columns = self.column[torch.arange(len(PATCH_WORDS)), labels[..., :len(PATCH_WORDS)]]
-        targets = torch.zeros(*scores.shape[:-1], scores.shape[-1] + 1, dtype=scores.dtype)
+        columns = self.column[torch.arange(len(PATCH_WORDS), device=labels.device), labels[..., :len(PATCH_WORDS)]]
+        targets = torch.zeros(*scores.shape[:-1], scores.shape[-1] + 1, dtype=scores.dtype, device=scores.device)
         targets.scatter_(-1, columns, 1.0)
         words = torch.nn.functional.binary_cross_entropy_with_logits(
             scores, targets[..., :-1], reduction="none").sum(-1).mean() / len(PATCH_WORDS)
@@ -217,19 +224,23 @@ def distractor_caps(per_task: int, batch_size: int, curriculum) -> tuple[int, ..
 
 
 def encode_chunk(processor, seed: int, k: int, per_task: int, model_config: ToyConfig = ToyConfig(),
-                 describe: bool = True, max_distractors: int | None = None) -> dict:
+                 describe: bool = True, max_distractors: int | None = None, extra_questions: int = 0) -> dict:
     """Chunk k of the training stream as token id lists and pixel values.
 
-    A sample's ids are the prompt, the answer and `</s>`, then (`describe`) a second turn,
-    `USER: what is in the image ? ASSISTANT: <describe_scene> </s>`, as in LLaVA's multi-turn
-    training conversations; the first turn is exactly what the model sees at evaluation.
+    A sample's ids are the prompt, the answer and `</s>`, then up to `extra_questions` further turns
+    `USER: <question> \n<instruction> ASSISTANT: <Answer> </s>` about the same image (`scene_questions`),
+    then (`describe`) the turn `USER: what is in the image ? ASSISTANT: <describe_scene> </s>`, as in
+    LLaVA's multi-turn training conversations. The first turn is exactly what the model sees at
+    evaluation; the description comes last so that no question can read its answer from it.
+    `answers` holds each sample's (start, end) spans of the answer tokens, the first turn's first.
     """
-    from .data.synthetic import generate_split, to_samples
+    from .data.synthetic import generate_split, scene_questions, to_samples
 
     split = generate_split(per_task, seed=chunk_seed(seed, k), split="train", max_distractors=max_distractors)
     samples, scenes = to_samples(split), [json.loads(g) for g in split["scene_graph"]]
     order = np.random.default_rng([seed, k]).permutation(len(samples))
     describe_rng = np.random.default_rng([seed, k, 1])
+    questions_rng = np.random.default_rng([seed, k, 2])
     tokenizer = processor.tokenizer
     request = tokenizer(f"USER: {DESCRIBE_REQUEST} ASSISTANT:", add_special_tokens=False)["input_ids"]
     ids, pixels, tasks, labels, questions, answers, descriptions = [], [], [], [], [], [], []
@@ -238,12 +249,14 @@ def encode_chunk(processor, seed: int, k: int, per_task: int, model_config: ToyC
         labels.append(patch_labels(scenes[int(i)], model_config))
         prompt, _ = build_prompt(sample.question)
         enc = processor(images=sample.load_image(), text=prompt, return_tensors="pt")
-        answer_id = tokenizer.convert_tokens_to_ids(answer_target(sample.answer))
-        if answer_id == tokenizer.unk_token_id:
-            raise ValueError(f"answer {sample.answer!r} is not in the toy vocabulary")
         prompt_ids = enc["input_ids"][0].tolist()
-        row = prompt_ids + [answer_id, tokenizer.eos_token_id]
-        answers.append((len(prompt_ids), len(row)))
+        row = prompt_ids + [_answer_id(tokenizer, sample.answer), tokenizer.eos_token_id]
+        spans = [(len(prompt_ids), len(row))]
+        for question, answer in scene_questions(scenes[int(i)], questions_rng, extra_questions):
+            row += tokenizer(f"USER: {question} \n{cfg.INSTRUCTION} ASSISTANT:", add_special_tokens=False)["input_ids"]
+            row += [_answer_id(tokenizer, answer), tokenizer.eos_token_id]
+            spans.append((len(row) - 2, len(row)))
+        answers.append(tuple(spans))
         if describe:
             description = tokenizer(describe_scene(scenes[int(i)], describe_rng), add_special_tokens=False)
             row += request
@@ -260,6 +273,13 @@ def encode_chunk(processor, seed: int, k: int, per_task: int, model_config: ToyC
             "questions": questions, "answers": answers, "descriptions": descriptions}
 
 
+def _answer_id(tokenizer, answer: str) -> int:
+    answer_id = tokenizer.convert_tokens_to_ids(answer_target(answer))
+    if answer_id == tokenizer.unk_token_id:
+        raise ValueError(f"answer {answer!r} is not in the toy vocabulary")
+    return answer_id
+
+
 def _find_last(ids: list[int], part: list[int]) -> tuple[int, int]:
     """(start, end) of the last occurrence of `part` in `ids`."""
     for start in range(len(ids) - len(part), -1, -1):
@@ -268,15 +288,14 @@ def _find_last(ids: list[int], part: list[int]) -> tuple[int, int]:
     raise ValueError("the question's tokens are not in the prompt")
 
 
-def _producer(queue, model_config: dict, seed: int, per_task: int, start: int, threads: int, describe: bool,
-              caps: tuple):
-    torch.set_num_threads(threads)
+def _producer(queue, model_config: dict, seed: int, per_task: int, start: int, stride: int, describe: bool,
+              caps: tuple, extra_questions: int):
+    """Put chunks start, start + stride, ... into `queue`, forever (a worker process of `ChunkStream`)."""
+    torch.set_num_threads(1)
     loaded = build_toy_model(ToyConfig(**model_config), seed=0)  # only its processor is used
-    k = start
-    while True:
+    for k in itertools.count(start, stride):
         queue.put((k, encode_chunk(loaded.processor, seed, k, per_task, ToyConfig(**model_config), describe,
-                                   _cap(caps, k))))
-        k += 1
+                                   _cap(caps, k), extra_questions)))
 
 
 def _cap(caps: tuple, k: int) -> int | None:
@@ -284,48 +303,53 @@ def _cap(caps: tuple, k: int) -> int | None:
 
 
 class ChunkStream:
-    """Chunks 0, 1, 2, ... in order, generated in a worker process (workers=1) or inline (workers=0).
+    """Chunks 0, 1, 2, ... in order, generated inline (workers=0) or ahead by worker processes.
 
-    `describe` adds the description turn; `curriculum` and `batch_size` set each chunk's distractor cap
-    (`distractor_caps`).
+    Worker w of n makes chunks w, w + n, ... and they are read back in turn, so the stream is the
+    same for any number of workers (one keeps up with 2 CPU cores; a GPU needs several).
+
+    `describe` adds the description turn and `extra_questions` the further question turns
+    (`encode_chunk`); `curriculum` and `batch_size` set each chunk's distractor cap (`distractor_caps`).
     """
 
     def __init__(self, processor, model_config: ToyConfig, seed: int, per_task: int, workers: int = 1,
-                 describe: bool = True, curriculum: tuple = (), batch_size: int = TrainConfig.batch_size):
+                 describe: bool = True, curriculum: tuple = (), batch_size: int = TrainConfig.batch_size,
+                 extra_questions: int = 0):
         self.processor, self.seed, self.per_task, self.k = processor, seed, per_task, 0
-        self.model_config, self.describe = model_config, describe
+        self.model_config, self.describe, self.extra_questions = model_config, describe, extra_questions
         self.caps = distractor_caps(per_task, batch_size, curriculum)
-        self.process = None
-        if workers:
-            ctx = mp.get_context("spawn")
-            self.queue = ctx.Queue(maxsize=3)
-            self.process = ctx.Process(target=_producer, daemon=True,
-                                       args=(self.queue, model_config.to_dict(), seed, per_task, 0, 1, describe,
-                                             self.caps))
-            self.process.start()
+        self.queues, self.processes = [], []
+        ctx = mp.get_context("spawn")
+        for w in range(workers):
+            self.queues.append(ctx.Queue(maxsize=3))
+            self.processes.append(ctx.Process(target=_producer, daemon=True, args=(
+                self.queues[-1], model_config.to_dict(), seed, per_task, w, workers, describe, self.caps,
+                extra_questions)))
+            self.processes[-1].start()
 
     def next(self) -> dict:
-        if self.process is None:
+        if not self.processes:
             chunk = encode_chunk(self.processor, self.seed, self.k, self.per_task, self.model_config, self.describe,
-                                 _cap(self.caps, self.k))
+                                 _cap(self.caps, self.k), self.extra_questions)
         else:
-            k, chunk = self.queue.get(timeout=600)
+            k, chunk = self.queues[self.k % len(self.queues)].get(timeout=600)
             assert k == self.k, (k, self.k)
         self.k += 1
         return chunk
 
     def close(self):
-        if self.process is not None:
-            self.process.terminate()
-            self.process.join(5)
+        for process in self.processes:
+            process.terminate()
+            process.join(5)
 
 
 def batches(stream: ChunkStream, batch_size: int, pad_id: int):
     """Yield right-padded training batches.
 
-    `labels` mark the answer word and its `</s>`; `question_labels` the question's words, whose
-    prediction is an auxiliary loss (many of them can only be guessed from the image: which shapes and
-    colours a scene holds); `describe_labels` the scene description of the second turn and its `</s>`.
+    `labels` mark the answer words and their `</s>` (of every question turn); `question_labels` the
+    first question's words, whose prediction is an auxiliary loss (many of them can only be guessed
+    from the image: which shapes and colours a scene holds); `describe_labels` the scene description
+    of the last turn and its `</s>`.
     """
     while True:
         chunk = stream.next()
@@ -340,9 +364,10 @@ def batches(stream: ChunkStream, batch_size: int, pad_id: int):
             for i, r in enumerate(rows):
                 input_ids[i, :len(r)] = torch.tensor(r)
                 attention_mask[i, :len(r)] = 1
-                for target, key in ((labels, "answers"), (question_labels, "questions"),
-                                    (describe_labels, "descriptions")):
-                    span_start, span_end = chunk[key][start + i]
+                spans = [(labels, span) for span in chunk["answers"][start + i]]
+                spans += [(question_labels, chunk["questions"][start + i]),
+                          (describe_labels, chunk["descriptions"][start + i])]
+                for target, (span_start, span_end) in spans:
                     target[i, span_start:span_end] = input_ids[i, span_start:span_end]
             yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                    "question_labels": question_labels, "describe_labels": describe_labels,
@@ -360,18 +385,25 @@ def lr_at(step: int, train: TrainConfig) -> float:
 # ----------------------------------------------------------------------------- training
 
 def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out: Path | None = None,
-          minutes: float | None = None, workers: int = 1, final_eval: bool = True) -> dict:
-    """Train a toy LLaVA from `seed`; save it with its card into `out` (if given); return the card."""
+          minutes: float | None = None, workers: int = 1, final_eval: bool = True, device: str = "cpu") -> dict:
+    """Train a toy LLaVA from `seed`; save it with its card into `out` (if given); return the card.
+
+    `device` ("cpu", "cuda", "cuda:1", ...) runs the model there; the data stream stays on the CPU
+    (`workers` processes). The weights are saved from the CPU either way.
+    """
     from tqdm import tqdm
 
     from .data.synthetic import generate_split, to_samples
 
+    device = torch.device(device)
+    if device.type == "cuda":  # cuBLAS is deterministic only with a fixed workspace, set before its first use
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.set_num_threads(train_config.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     loaded = build_toy_model(model_config, seed=seed)
-    model = loaded.model.train()
+    model = loaded.model.to(device).train()
     tokenizer = loaded.tokenizer
-    patch_loss = PatchLoss(model, tokenizer, model_config)
+    patch_loss = PatchLoss(model, tokenizer, model_config).to(device)
     projected = {}
     hook = model.model.multi_modal_projector.register_forward_hook(
         lambda module, args, output: projected.__setitem__("features", output))
@@ -390,7 +422,7 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
     monitor = to_samples(generate_split(train_config.monitor_per_task, seed=seed + 1, split="validation"))
     stream = ChunkStream(loaded.processor, model_config, seed, train_config.chunk_per_task, workers,
                          describe=train_config.describe_weight > 0, curriculum=train_config.distractor_curriculum,
-                         batch_size=train_config.batch_size)
+                         batch_size=train_config.batch_size, extra_questions=train_config.extra_questions)
     log = {"step": [], "loss": [], "aux_loss": [], "question_loss": [], "describe_loss": [], "lr": [], "eval": []}
     started = time.time()
     steps_done = 0
@@ -401,7 +433,7 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
             if minutes is not None and time.time() - started > 60 * minutes:
                 print(f"time budget of {minutes} min reached at step {step}", flush=True)
                 break
-            batch = next(data)
+            batch = {key: value.to(device) for key, value in next(data).items()}
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_at(step, train_config) / train_config.lr
             patch_targets, labels = batch.pop("patch_labels"), batch.pop("labels")
@@ -449,6 +481,10 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
         stream.close()
     train_seconds = time.time() - started
     model.eval()
+    if device.type == "cuda":
+        where = f"{torch.cuda.get_device_name(device)}, data on {workers} CPU worker process(es)"
+    else:
+        where = f"cpu ({platform.processor() or platform.machine()}, {train_config.threads} threads)"
     card = {
         "name": cfg.OFFLINE_MODEL,
         "architecture": "LlavaForConditionalGeneration (CLIP vision tower, 2-layer GELU projector, Llama decoder)",
@@ -464,11 +500,12 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
         "training": {"steps": steps_done, "samples": steps_done * train_config.batch_size,
                      "seconds": round(train_seconds, 1),
                      "samples_per_second": round(steps_done * train_config.batch_size / train_seconds, 2),
-                     "device": f"cpu ({platform.processor() or platform.machine()}, {train_config.threads} threads)",
+                     "device": where,
                      "torch": torch.__version__, "final_loss_mean_last_50": float(np.mean(log["loss"][-50:]))},
     }
     if final_eval:
         card["evaluation"] = final_evaluation(loaded, train_config)
+    model.to("cpu")
     if out is not None:
         save_run(loaded, card, log, Path(out))
     return card
@@ -585,7 +622,9 @@ def model_card_markdown(card: dict) -> str:
         "vision side apart); loss on the answer tokens"
         + (f" plus {t['question_weight']} x the loss of predicting the question's words"
            if t.get("question_weight") else "")
-        + (f" plus {t['describe_weight']} x the loss of a second, training-only turn that describes every object "
+        + (f"; each image also gets up to {t['extra_questions']} further training-only question turns about the "
+           "same scene (`scene_questions`), their answers in the same loss" if t.get("extra_questions") else "")
+        + (f" plus {t['describe_weight']} x the loss of a last, training-only turn that describes every object "
            "(`USER: what is in the image ? ASSISTANT: star red large striped left , ...`)"
            if t.get("describe_weight") else "")
         + (f" plus {t['aux_weight']} x a per-patch loss on the projector output (each image token scores, against "
@@ -619,13 +658,18 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes")
     parser.add_argument("--threads", type=int, default=TrainConfig.threads)
-    parser.add_argument("--workers", type=int, default=1, help="data worker processes (0 or 1)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="data worker processes (0: inline; one keeps up with 2 CPU cores, a GPU needs more)")
+    parser.add_argument("--device", default="cpu", help="where the model trains: cpu, cuda, cuda:1, ...")
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--extra-questions", type=int, default=TrainConfig.extra_questions,
+                        help="further question turns per training image (scene_questions)")
     parser.add_argument("--no-eval", action="store_true", help="skip the final held-out evaluation")
     args = parser.parse_args(argv)
-    train_config = dataclasses.replace(TrainConfig(), steps=args.steps, threads=args.threads, lr=args.lr)
+    train_config = dataclasses.replace(TrainConfig(), steps=args.steps, threads=args.threads, lr=args.lr,
+                                       extra_questions=args.extra_questions)
     card = train(ToyConfig(), train_config, seed=args.seed, out=args.out, minutes=args.minutes,
-                 workers=args.workers, final_eval=not args.no_eval)
+                 workers=args.workers, final_eval=not args.no_eval, device=args.device)
     print(json.dumps(card.get("evaluation", {}).get("heldout", {}).get("image", {}), indent=1))
     print(f"saved to {args.out}")
 

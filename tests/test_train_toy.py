@@ -104,6 +104,30 @@ def test_batches_label_the_answer_the_question_words_and_the_description():
                for row, labels, n in zip(batch["input_ids"], batch["labels"], lengths))
 
 
+def test_extra_question_turns_come_between_the_answer_and_the_description():
+    loaded = build_toy_model(SMALL, seed=0)
+    tokenizer = loaded.tokenizer
+    stream = ChunkStream(loaded.processor, SMALL, seed=3, per_task=1, workers=0, extra_questions=3)
+    batch = next(batches(stream, batch_size=6, pad_id=tokenizer.pad_token_id))
+    stream.close()
+    assistant, eos = tokenizer.convert_tokens_to_ids("ASSISTANT"), tokenizer.eos_token_id
+    turns = []
+    for row, labels, describe_labels in zip(batch["input_ids"], batch["labels"], batch["describe_labels"]):
+        row = row.tolist()
+        answer_at = [i for i in (labels != -100).nonzero().flatten().tolist() if labels[i] != eos]
+        # Every answer word follows an "ASSISTANT :" and is followed by </s>; the first is the evaluation's.
+        assert all(row[i - 2] == assistant and row[i + 1] == eos and labels[i + 1] == eos for i in answer_at)
+        assert answer_at[0] == row.index(assistant) + 2
+        assert all(tokenizer.convert_ids_to_tokens(row[i])[:1].isupper() for i in answer_at)
+        # The extra turns repeat the instruction, without the image, before the description turn.
+        text = tokenizer.decode([t for t in row if t != tokenizer.pad_token_id])
+        assert text.count("using a single word or phrase") == len(answer_at)
+        assert text.count("<image>") == (SMALL.image_size // SMALL.patch_size) ** 2  # the first turn's only
+        assert max(answer_at) < (describe_labels != -100).nonzero().min()
+        turns.append(len(answer_at))
+    assert max(turns) == 4 and min(turns) >= 2  # up to 3 extra turns; a scene may not allow every task
+
+
 def test_distractor_curriculum_caps_the_first_chunks():
     # Chunks of 32 x 6 samples = 12 steps of 16; a chunk takes the stage of its first step.
     assert distractor_caps(32, 16, ((600, 0), (1200, 1))) == (0,) * 50 + (1,) * 50
@@ -133,6 +157,19 @@ def test_descriptions_bind_each_objects_words_together(scenes):
         for words in (o.split() for o in objects):
             # The first word names one object: its shape, or its colour where no other object has it.
             assert words[0] in {o["name"] for o in scene["objects"].values()} or colors.count(words[0]) == 1
+
+
+def test_the_stream_is_the_same_for_any_number_of_workers():
+    loaded = build_toy_model(SMALL, seed=0)
+    chunks = {}
+    for workers in (0, 2):
+        stream = ChunkStream(loaded.processor, SMALL, seed=3, per_task=1, workers=workers, extra_questions=2)
+        chunks[workers] = [stream.next() for _ in range(3)]
+        stream.close()
+    for inline, ahead in zip(chunks[0], chunks[2]):
+        assert inline["ids"] == ahead["ids"] and inline["answers"] == ahead["answers"]
+        assert torch.equal(inline["pixel_values"], ahead["pixel_values"])
+    assert chunks[0][0]["ids"] != chunks[0][1]["ids"]
 
 
 def test_same_seed_gives_bit_identical_weights(tmp_path, one_thread):
