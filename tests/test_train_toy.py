@@ -20,6 +20,7 @@ from flowlib.train_toy import (
     distractor_caps,
     patch_labels,
     patch_word_values,
+    pretrain_vision,
     train,
 )
 
@@ -172,9 +173,23 @@ def test_the_stream_is_the_same_for_any_number_of_workers():
     assert chunks[0][0]["ids"] != chunks[0][1]["ids"]
 
 
+def test_vision_pretraining_trains_the_tower_and_projector_only(one_thread):
+    config = dataclasses.replace(TrainConfig(), chunk_per_task=2, vision_pretrain_steps=100,
+                                 vision_pretrain_chunks=2, vision_pretrain_batch=8)
+    loaded = build_toy_model(SMALL, seed=0)
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    result = pretrain_vision(loaded, SMALL, config, seed=0)
+    changed = {n for n, p in loaded.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith(("model.vision_tower", "model.multi_modal_projector")) for n in changed)
+    assert any(n.startswith("model.multi_modal_projector") for n in changed)
+    assert set(result["held_out_patch_accuracy"]) == set(PATCH_WORDS) and result["steps"] == 100
+    assert result["loss_last_tenth"] < 0.8 * result["loss_first_tenth"]  # it learns, even this thin tower
+
+
 def test_same_seed_gives_bit_identical_weights(tmp_path, one_thread):
     config = dataclasses.replace(TrainConfig(), steps=3, batch_size=4, chunk_per_task=1, warmup_steps=1,
-                                 monitor_per_task=1, eval_every=1000, threads=1)
+                                 monitor_per_task=1, eval_every=1000, threads=1, vision_pretrain_steps=2,
+                                 vision_pretrain_chunks=1, vision_pretrain_batch=4)
     for run, seed in (("a", 7), ("b", 7), ("c", 8)):
         torch.manual_seed(ord(run))  # training must not depend on the global generator's state
         train(SMALL, config, seed=seed, out=tmp_path / run, workers=0, final_eval=False)
