@@ -438,9 +438,10 @@ def pretrain_vision(loaded, model_config: ToyConfig, train_config: TrainConfig, 
     batches_per_epoch = len(pixels) // batch
     losses = []
     for step in tqdm(range(train_config.vision_pretrain_steps), desc="vision pretraining", mininterval=10):
-        if step % batches_per_epoch == 0:
+        position = step % batches_per_epoch
+        if position == 0:
             permutation = torch.randperm(len(pixels), generator=order)
-        index = permutation[(step % batches_per_epoch) * batch:(step % batches_per_epoch + 1) * batch]
+        index = permutation[position * batch:(position + 1) * batch]
         features = image_features(model, pixels[index].to(device))
         target = labels[index].to(device)
         loss = sum(torch.nn.functional.cross_entropy(head(features).flatten(0, 1), target[..., i].flatten())
