@@ -189,6 +189,16 @@ def test_distractor_cap_keeps_only_the_named_objects_and_true_answers():
     assert max(len(json.loads(r["scene_graph"])["objects"]) for r in full) == 4
 
 
+def test_task_counts_weight_the_mix_without_changing_each_task_samples():
+    weighted = syn.generate_split({"ChooseCat": 5, "QueryAttr": 2}, seed=3, split="train")
+    assert Counter(weighted["task"]) == {"ChooseCat": 5, "QueryAttr": 2}
+    # A task's samples depend on its own count only: the same 2 QueryAttr as when every task has 2.
+    alone = syn.generate_split(2, seed=3, split="train", tasks=("QueryAttr",))
+    assert weighted.remove_columns("image").to_list()[5:] == alone.remove_columns("image").to_list()
+    for row in weighted.remove_columns("image").to_list():
+        assert _solve(row["question"], json.loads(row["scene_graph"])) == row["answer"]
+
+
 def test_scene_questions_are_answered_by_the_scene_graph(rows):
     # The extra training turns: every answer is what an independent reading of the scene graph gives.
     rng = np.random.default_rng(0)

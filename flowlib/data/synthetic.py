@@ -32,7 +32,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Mapping, Optional, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -398,9 +398,13 @@ def features():
                      "image_h": Value("int32"), "source": text})
 
 
-def generate_split(n_per_task: int, seed: int = 0, split: str = "train", tasks=TASKS,
+def generate_split(n_per_task: Union[int, Mapping[str, int]], seed: int = 0, split: str = "train", tasks=TASKS,
                    max_distractors: Optional[int] = None):
     """Generate one split: `n_per_task` samples of each task, deterministic in (`seed`, `split`).
+
+    `n_per_task` may instead map tasks to their counts (`{"ChooseCat": 48, "QueryAttr": 16}`), to
+    weight a training mix; `tasks` is then its keys. A task's samples depend only on (`seed`,
+    `split`, the task, its count), never on the other tasks.
 
     `max_distractors` caps the objects besides those the question names (no cap by default); a
     training curriculum can start from scenes that hold only the named objects.
@@ -412,11 +416,12 @@ def generate_split(n_per_task: int, seed: int = 0, split: str = "train", tasks=T
 
     rows = []
     split_id = int.from_bytes(split.encode()[:8], "little")
-    for task in tasks:
+    counts = dict(n_per_task) if isinstance(n_per_task, Mapping) else {task: n_per_task for task in tasks}
+    for task, n in counts.items():
         rng = np.random.default_rng([seed, split_id, TASKS.index(check_task(task))])
-        keys = rng.permutation(np.arange(n_per_task) % _N_KEYS[task])
-        firsts = rng.permutation(np.arange(n_per_task) % 2 == 0)
-        for i in range(n_per_task):
+        keys = rng.permutation(np.arange(n) % _N_KEYS[task])
+        firsts = rng.permutation(np.arange(n) % 2 == 0)
+        for i in range(n):
             row = _sample(task, rng, int(keys[i]), bool(firsts[i]), max_distractors)
             rows.append({"question_id": f"syn-{split}-{task}-{i:06d}", **row})
     columns = {name: [row[name] for row in rows] for name in features()}
