@@ -11,6 +11,12 @@ causal and padding mask plus `-inf` on those edges). The image then reaches the
 answer through no path at all, which is what the paper's attention-knockout
 method assumes.
 
+`forced_choice=True` scores instead the candidate answer (the two options, or the
+task's answer set) with the highest logit at that position, in either case: with
+the image cut off the model may answer no candidate at all ("Plain"), which free
+answers count as wrong and put below chance; forced choice measures what the
+model still knows about the answer.
+
 Example:
     >>> scores = evaluate(loaded, samples)                 # {"per_task": {...}, "mean": 0.93, ...}
     >>> evaluate(loaded, samples, blank=True)["mean"]      # image withheld
@@ -23,10 +29,13 @@ from typing import Iterable, Optional, Sequence
 import torch
 from PIL import Image
 
+from .lens import first_token
 from .sample import TASKS, Sample
 
 #: Chance accuracy of each task of the synthetic world: two options, or three attributes for CompareAttr.
 CHANCE = {task: 0.5 for task in TASKS} | {"CompareAttr": 1 / 3}
+#: The answers a synthetic question can have where it offers no options of its own (see CHANCE).
+ANSWER_SETS = {"CompareAttr": ("color", "size", "texture"), "LogicalObj": ("yes", "no"), "QueryAttr": ("left", "right")}
 #: The synthetic world's background: a "blank" image is an empty scene of the same size.
 BLANK_COLOR = (232, 232, 226)
 
@@ -40,6 +49,16 @@ def chance_accuracy(tasks: Iterable[str]) -> dict:
     """Chance accuracy per task and their mean (as `evaluate` averages: over tasks)."""
     per_task = {t: CHANCE[t] for t in dict.fromkeys(tasks)}
     return {"per_task": per_task, "mean": sum(per_task.values()) / len(per_task)}
+
+
+def answer_candidates(sample: Sample) -> tuple[str, ...]:
+    """The answers forced choice picks from: the sample's two options, else its task's answer set."""
+    if sample.has_options:
+        return (sample.true_option.strip().lower(), sample.false_option.strip().lower())
+    if sample.task in ANSWER_SETS:
+        return ANSWER_SETS[sample.task]
+    raise ValueError(f"sample {sample.question_id}: task {sample.task} has no options and no known answer set; "
+                     "forced choice needs one (give true_option and false_option)")
 
 
 def image_blocked_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int,
@@ -98,18 +117,27 @@ def decode_answer(tokenizer, token_id: int) -> str:
     return tokenizer.decode([int(token_id)]).strip().lower()
 
 
-def first_words(loaded, prepared: Sequence, batch_size: int = 32, block_image: bool = False) -> list[str]:
+def first_words(loaded, prepared: Sequence, batch_size: int = 32, block_image: bool = False,
+                candidates: Optional[Sequence[Sequence[str]]] = None) -> list[str]:
     """Greedy first words (lowercased) for prepared inputs, batched with right padding.
 
     One forward pass and an argmax, no generation loop: exact for the toy model's one-token answers.
     The knockout runner's correct-answer filter generates the whole answer (`runner.greedy_answer`).
+    With `candidates` (one list of lowercase words per input), each answer is instead the candidate
+    whose first token, lowercase or capitalised, has the highest logit.
     """
     answers = []
     pad = loaded.tokenizer.pad_token_id
     for start in range(0, len(prepared), batch_size):
         batch = collate(prepared[start:start + batch_size], pad)
-        ids = next_token_logits(loaded, batch, block_image).argmax(-1)
-        answers += [decode_answer(loaded.tokenizer, i) for i in ids]
+        logits = next_token_logits(loaded, batch, block_image)
+        if candidates is None:
+            answers += [decode_answer(loaded.tokenizer, i) for i in logits.argmax(-1)]
+            continue
+        for row, words in zip(logits, candidates[start:start + batch_size]):
+            scores = [max(row[first_token(loaded.tokenizer, form)] for form in (word, word.capitalize()))
+                      for word in words]
+            answers.append(words[int(torch.stack(scores).argmax())])
     return answers
 
 
@@ -119,7 +147,7 @@ def first_word(loaded, prepared, block_image: bool = False) -> str:
 
 
 def evaluate(loaded, samples: Sequence[Sample], *, blank: bool = False, block_image: bool = False,
-             batch_size: int = 32, return_answers: bool = False) -> dict:
+             forced_choice: bool = False, batch_size: int = 32, return_answers: bool = False) -> dict:
     """Accuracy per task (and the mean over tasks) of greedy first words against the samples' answers.
 
     Args:
@@ -127,6 +155,7 @@ def evaluate(loaded, samples: Sequence[Sample], *, blank: bool = False, block_im
         samples: the samples to answer.
         blank: replace each image by a blank one of the same size (`blank_image`).
         block_image: cut every edge image -> later positions in all layers (`image_blocked_mask`).
+        forced_choice: score the likeliest of the sample's candidate answers (`answer_candidates`).
         batch_size: samples per forward pass.
         return_answers: also return the list of answers given.
     """
@@ -137,7 +166,8 @@ def evaluate(loaded, samples: Sequence[Sample], *, blank: bool = False, block_im
         for start in range(0, len(samples), batch_size):
             chunk = samples[start:start + batch_size]
             prepared = [loaded.prepare(s, image=blank_image(s.load_image()) if blank else None) for s in chunk]
-            answers += first_words(loaded, prepared, batch_size, block_image)
+            candidates = [answer_candidates(s) for s in chunk] if forced_choice else None
+            answers += first_words(loaded, prepared, batch_size, block_image, candidates)
     finally:
         loaded.model.train(was_training)
     result = score(samples, answers)

@@ -606,7 +606,12 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
 
 
 def final_evaluation(loaded, train_config: TrainConfig) -> dict:
-    """Held-out and CI-subset accuracy: with the image, with a blank image, with image edges cut."""
+    """Held-out and CI-subset accuracy: with the image, with a blank image, with image edges cut.
+
+    With the edges cut the model's free answers are mostly no candidate at all, so the card also
+    records forced choice among the candidate answers (`evaluate(forced_choice=True)`): what it still
+    knows about the answer, to compare with chance.
+    """
     results = {}
     for name, samples in (("heldout", heldout_samples(train_config)), ("ci_subset", ci_samples())):
         t0 = time.time()
@@ -615,9 +620,10 @@ def final_evaluation(loaded, train_config: TrainConfig) -> dict:
             "image": evaluate(loaded, samples),
             "blank_image": evaluate(loaded, samples, blank=True),
             "image_blocked": evaluate(loaded, samples, block_image=True),
+            "image_blocked_forced_choice": evaluate(loaded, samples, block_image=True, forced_choice=True),
             "chance": chance_accuracy(s.task for s in samples),
         }
-        for key in ("image", "blank_image", "image_blocked"):
+        for key in ("image", "blank_image", "image_blocked", "image_blocked_forced_choice"):
             results[name][key].pop("n", None)
             print(format_scores(results[name][key], f"{name} {key}"), flush=True)
         print(f"{name}: evaluated in {time.time() - t0:.0f} s", flush=True)
@@ -661,7 +667,11 @@ def _table(evaluation: dict) -> str:
     tasks = list(evaluation["image"]["per_task"])
     rows = ["| condition | mean | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 2) + "|"]
     for key, label in (("image", "with the image"), ("blank_image", "blank image"),
-                       ("image_blocked", "image -> later edges cut, all layers"), ("chance", "chance")):
+                       ("image_blocked", "image -> later edges cut, all layers"),
+                       ("image_blocked_forced_choice", "the same, forced choice among the candidate answers"),
+                       ("chance", "chance")):
+        if key not in evaluation:  # cards written before forced choice was recorded
+            continue
         scores = evaluation[key]
         rows.append(f"| {label} | {100 * scores['mean']:.1f} | "
                     + " | ".join(f"{100 * scores['per_task'][t]:.1f}" for t in tasks) + " |")
@@ -750,7 +760,9 @@ def model_card_markdown(card: dict) -> str:
                              "re-measured by tests/test_toy_model.py")):
             ev = card["evaluation"][name]
             lines += [f"## {title}", "", f"{ev['n']} samples; accuracy = the first generated word, lowercased, "
-                      "equals the answer. Blank image: a uniform image of the scene's background colour, same size.",
+                      "equals the answer (forced choice: the candidate answer, options or the task's answer set, "
+                      "with the highest logit). Blank image: a uniform image of the scene's background colour, same "
+                      "size.",
                       "", _table(ev), ""]
     lines += ["![loss](loss.png)", ""]
     return "\n".join(lines)
