@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from flowlib.data.synthetic import generate_split
+from flowlib.sample import TASKS
 from flowlib.toy_model import ToyConfig, build_toy_model
 from flowlib.train_toy import (
     PATCH_WORDS,
@@ -17,6 +18,7 @@ from flowlib.train_toy import (
     _patch_centres,
     batches,
     describe_scene,
+    chunk_size,
     distractor_caps,
     patch_labels,
     patch_word_values,
@@ -187,7 +189,7 @@ def test_vision_pretraining_trains_the_tower_and_projector_only(one_thread):
 
 
 def test_same_seed_gives_bit_identical_weights(tmp_path, one_thread):
-    config = dataclasses.replace(TrainConfig(), steps=3, batch_size=4, chunk_per_task=1, warmup_steps=1,
+    config = dataclasses.replace(TrainConfig(), steps=3, batch_size=4, chunk_per_task=2, warmup_steps=1,
                                  monitor_per_task=1, eval_every=1000, threads=1, vision_pretrain_steps=2,
                                  vision_pretrain_chunks=1, vision_pretrain_batch=4)
     for run, seed in (("a", 7), ("b", 7), ("c", 8)):
@@ -197,3 +199,25 @@ def test_same_seed_gives_bit_identical_weights(tmp_path, one_thread):
     assert weights["a"] == weights["b"]
     assert weights["a"] != weights["c"]
     assert json.loads((tmp_path / "a" / "card.json").read_text())["training"]["steps"] == 3
+
+
+def test_task_weights_share_a_chunk_in_whole_counts():
+    assert TrainConfig(task_weights=()).task_counts() == {task: 32 for task in TASKS}  # empty: equal shares
+    assert chunk_size(TrainConfig().task_counts()) == 192  # the default's weights split its chunk exactly
+    weighted = TrainConfig(chunk_per_task=2, task_weights=(("ChooseCat", 3), ("CompareAttr", 2), ("QueryAttr", 1)))
+    assert weighted.task_counts() == {"ChooseCat": 6, "CompareAttr": 4, "QueryAttr": 2}
+    assert chunk_size(weighted.task_counts()) == chunk_size(2) == 12
+    with pytest.raises(ValueError, match="whole counts"):
+        TrainConfig(chunk_per_task=1, task_weights=(("ChooseCat", 1), ("QueryAttr", 4))).task_counts()
+    with pytest.raises(ValueError, match="unknown tasks"):
+        TrainConfig(task_weights=(("ChooseColour", 1),)).task_counts()
+
+
+def test_stream_follows_the_task_counts_and_their_chunk_size():
+    loaded = build_toy_model(SMALL)
+    counts = {"ChooseCat": 3, "QueryAttr": 1}
+    stream = ChunkStream(loaded.processor, SMALL, seed=3, per_task=counts, workers=0, curriculum=((1, 0),),
+                         batch_size=2)
+    assert stream.caps == (0,)  # the curriculum's one step is the first chunk's (4 samples, 2 batches)
+    chunk = stream.next()
+    assert sorted(chunk["tasks"]) == ["ChooseCat"] * 3 + ["QueryAttr"]
