@@ -13,9 +13,9 @@ method assumes.
 
 `forced_choice=True` scores instead the candidate answer (the two options, or the
 task's answer set) with the highest logit at that position, in either case: with
-the image cut off the model may answer no candidate at all ("Plain"), which free
-answers count as wrong and put below chance; forced choice measures what the
-model still knows about the answer.
+the image cut off a model may answer no candidate at all (the toy model says
+"circle" to most questions), which free answers count as wrong, below chance;
+forced choice measures what the model still knows about the answer.
 
 Example:
     >>> scores = evaluate(loaded, samples)                 # {"per_task": {...}, "mean": 0.93, ...}

@@ -67,7 +67,7 @@ class TrainConfig:
     # and QueryAttr reached 98-99% held-out while ChooseCat, CompareAttr, ChooseRel and LogicalObj stayed at
     # 47-72%, so the samples go where the errors were (a chunk of 192: 16, 16, 32, 32, 48, 48). Measured: the
     # mean stayed (73.2% in 5300 steps, 73.6% in 5700 with equal shares); CompareAttr and ChooseCat gained 6
-    # points, LogicalObj lost 12, ChooseCat is still near chance.
+    # points, LogicalObj lost 11.5, ChooseCat is still near chance.
     task_weights: tuple = (("ChooseAttr", 1), ("QueryAttr", 1), ("ChooseRel", 2), ("LogicalObj", 2),
                            ("CompareAttr", 3), ("ChooseCat", 3))
     eval_every: int = 300  # steps between progress evaluations on the monitor set
@@ -325,8 +325,8 @@ def _find_last(ids: list[int], part: list[int]) -> tuple[int, int]:
     raise ValueError("the question's tokens are not in the prompt")
 
 
-def _producer(queue, model_config: dict, seed: int, per_task: int | Mapping[str, int], start: int, stride: int, describe: bool,
-              caps: tuple, extra_questions: int):
+def _producer(queue, model_config: dict, seed: int, per_task: int | Mapping[str, int], start: int, stride: int,
+              describe: bool, caps: tuple, extra_questions: int):
     """Put chunks start, start + stride, ... into `queue` (a worker process of `ChunkStream`).
 
     Runs until the trainer is gone: a trainer killed without cleanup (SIGKILL, SIGTERM) would
@@ -361,9 +361,9 @@ class ChunkStream:
     (`encode_chunk`); `curriculum` and `batch_size` set each chunk's distractor cap (`distractor_caps`).
     """
 
-    def __init__(self, processor, model_config: ToyConfig, seed: int, per_task: int | Mapping[str, int], workers: int = 1,
-                 describe: bool = True, curriculum: tuple = (), batch_size: int = TrainConfig.batch_size,
-                 extra_questions: int = 0):
+    def __init__(self, processor, model_config: ToyConfig, seed: int, per_task: int | Mapping[str, int],
+                 workers: int = 1, describe: bool = True, curriculum: tuple = (),
+                 batch_size: int = TrainConfig.batch_size, extra_questions: int = 0):
         self.processor, self.seed, self.per_task, self.k = processor, seed, per_task, 0
         self.model_config, self.describe, self.extra_questions = model_config, describe, extra_questions
         self.caps = distractor_caps(per_task, batch_size, curriculum)
