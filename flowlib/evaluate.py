@@ -32,10 +32,10 @@ from PIL import Image
 from .lens import first_token
 from .sample import TASKS, Sample
 
-#: Chance accuracy of each task of the synthetic world: two options, or three attributes for CompareAttr.
-CHANCE = {task: 0.5 for task in TASKS} | {"CompareAttr": 1 / 3}
-#: The answers a synthetic question can have where it offers no options of its own (see CHANCE).
+#: The answers a synthetic question can have where it offers no options of its own; the others offer two.
 ANSWER_SETS = {"CompareAttr": ("color", "size", "texture"), "LogicalObj": ("yes", "no"), "QueryAttr": ("left", "right")}
+#: Chance accuracy of each task of the synthetic world: one over its number of candidate answers.
+CHANCE = {task: 1 / len(ANSWER_SETS.get(task, ("true option", "false option"))) for task in TASKS}
 #: The synthetic world's background: a "blank" image is an empty scene of the same size.
 BLANK_COLOR = (232, 232, 226)
 
