@@ -11,6 +11,8 @@ KERNEL      := flowlib
 
 # Notebook parameters that can be overridden, e.g. `make figures MODEL=llava-hf/llava-1.5-7b-hf DEVICE=cuda`.
 # Knockout tables go to $(BUILD)/runs, cleared first so figures always come from the current code.
+# Batch runs leave out the widget cells (WIDGETS=False): papermill can hang on a cell that opens widgets
+# (nbclient issue #312); in JupyterLab they run as usual.
 PARAMS := $(if $(MODEL),-p MODEL "$(MODEL)") $(if $(DATA),-p DATA "$(DATA)") \
           $(if $(DEVICE),-p DEVICE "$(DEVICE)") $(if $(DTYPE),-p DTYPE "$(DTYPE)") \
           $(if $(SAMPLES),-p SAMPLES_PER_TASK $(SAMPLES)) $(if $(WINDOW),-p WINDOW $(WINDOW)) \
@@ -44,7 +46,7 @@ figures: $(STAMP)  ## execute every notebook with papermill; figures land in fig
 	@for nb in $(NOTEBOOKS); do \
 	  echo "papermill $$nb"; \
 	  FLOWLIB_RUNS=$(abspath $(BUILD))/runs $(PY) -m papermill --kernel $(KERNEL) --cwd notebooks \
-	    $$nb $(BUILD)/$$nb $(PARAMS) || exit 1; \
+	    $$nb $(BUILD)/$$nb $(PARAMS) -p WIDGETS False || exit 1; \
 	done
 	@echo "figures in figures/, executed notebooks in $(BUILD)/notebooks/"
 

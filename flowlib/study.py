@@ -24,6 +24,10 @@ from .data.sources import load_samples
 from .models import LoadedModel, load_model
 from .sample import TASKS, Sample
 
+#: Models up to this size get a live explorer (sweeps recomputed on the CPU as the controls move);
+#: larger ones browse the stored knockout table.
+LIVE_EXPLORER_MAX_PARAMETERS = 50_000_000
+
 
 def slug(text: str) -> str:
     """A filesystem-safe name for `text`."""
@@ -151,7 +155,7 @@ class Study:
         """A `FlowExplorer`: live on a model small enough for the CPU, else over the stored `table`."""
         from .widgets import FlowExplorer
 
-        if self.loaded.model.num_parameters() < 50_000_000 or table is None:
+        if self.loaded.model.num_parameters() <= LIVE_EXPLORER_MAX_PARAMETERS or table is None:
             return FlowExplorer.live(self.loaded, self.prepared_examples(per_task), flows=list(flows),
                                      window=self.window, title=self.label)
         return FlowExplorer.stored(table, title=self.label)
