@@ -276,3 +276,16 @@ def test_preview_draws_boxes_and_title(world):
     assert len(ax.patches) == 2 and sample.answer in ax.get_title() and sample.question[:20] in ax.get_title()
     assert ax.get_images()[0].get_array().shape[:2] == (sample.load_image().height, sample.load_image().width)
     plt.close(fig)
+
+
+def test_choose_false_options_appear_in_the_scene_only_by_chance():
+    # As in GQA's choose questions: the false option is sometimes elsewhere in the scene (then only
+    # binding the question to its object answers it) and sometimes nowhere.
+    split = syn.generate_split(120, seed=5, split="train", tasks=("ChooseCat", "ChooseAttr"))
+    present = defaultdict(list)
+    for row in split.remove_columns("image"):
+        objects = json.loads(row["scene_graph"])["objects"].values()
+        values = {o["name"] for o in objects} | {a for o in objects for a in o["attributes"]}
+        present[row["task"]].append(row["false_option"] in values)
+    for task in ("ChooseCat", "ChooseAttr"):
+        assert 0.25 < np.mean(present[task]) < 0.75, (task, np.mean(present[task]))

@@ -56,7 +56,7 @@ SMALLEST_OBJECT_PROCESSED_PX = SMALL_SIDE * config.TOY_IMAGE_SIZE / max(max(s) f
 GAP = 8  # px between objects, so a box never touches another object's pixels
 SIDE_MARGIN = 4  # px a QueryAttr object keeps from the image's vertical midline
 SPLITS = {"train": 0.8, "validation": 0.1, "test": 0.1}
-VERSION = 1  # bump when drawing or phrasing changes: it keys the cache folder
+VERSION = 2  # bump when drawing or phrasing changes: it keys the cache folder
 SYNTHETIC_PUNCTUATION = ("?", ",")
 
 TEMPLATES = {  # question patterns, all lowercase, words split by spaces
@@ -193,7 +193,10 @@ def _plan(task: str, rng, key: int, first: bool):
         required = [_random_object(rng, s1, **{kind: true})]
         pattern, central = "ChooseAttr", s1
     elif task == "ChooseCat":
-        true, false = s1, s2
+        # The false shape is any other shape and, like ChooseAttr's false value, appears among the
+        # distractors only by chance (as in GQA, where "a cat or a bird?" is asked of a bird photo).
+        # It was once always the first distractor, so every question demanded colour binding.
+        true, false = s1, str(rng.choice(shapes[1:]))
         color = str(rng.choice(list(COLORS)))
         required, avoid_color = [_random_object(rng, s1, color=color)], color
         fields["color"] = color
