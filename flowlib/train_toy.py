@@ -798,6 +798,17 @@ def model_card_markdown(card: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_task_weights(text: str) -> tuple:
+    """`"ChooseRel=3,LogicalObj=3"` -> `(("ChooseRel", 3), ("LogicalObj", 3))`, for `TrainConfig.task_weights`."""
+    weights = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        task, _, weight = part.partition("=")
+        if not weight.strip().isdigit():
+            raise ValueError(f"task weight {part!r} is not TASK=INTEGER; write e.g. 'ChooseRel=3,LogicalObj=3'")
+        weights.append((task.strip(), int(weight)))
+    return tuple(weights)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=0)
@@ -813,11 +824,21 @@ def main(argv=None) -> None:
                         help="further question turns per training image (scene_questions)")
     parser.add_argument("--vision-pretrain-steps", type=int, default=TrainConfig.vision_pretrain_steps,
                         help="steps of vision pretraining before the main steps (pretrain_vision)")
+    parser.add_argument("--task-weights", default=None, metavar="TASK=W,...",
+                        help="each task's share of the training mix, e.g. 'ChooseAttr=1,QueryAttr=1,ChooseRel=3,"
+                             "LogicalObj=3,CompareAttr=3,ChooseCat=1' (a task left out gets none; default: "
+                             "TrainConfig.task_weights)")
     parser.add_argument("--no-eval", action="store_true", help="skip the final held-out evaluation")
     args = parser.parse_args(argv)
     train_config = dataclasses.replace(TrainConfig(), steps=args.steps, threads=args.threads, lr=args.lr,
                                        extra_questions=args.extra_questions,
                                        vision_pretrain_steps=args.vision_pretrain_steps)
+    try:
+        if args.task_weights is not None:
+            train_config = dataclasses.replace(train_config, task_weights=parse_task_weights(args.task_weights))
+        train_config.task_counts()  # bad weights fail now, not after minutes of vision pretraining
+    except ValueError as err:
+        parser.error(str(err))
     card = train(ToyConfig(), train_config, seed=args.seed, out=args.out, minutes=args.minutes,
                  workers=args.workers, final_eval=not args.no_eval, device=args.device)
     print(json.dumps(card.get("evaluation", {}).get("heldout", {}).get("image", {}), indent=1))

@@ -20,11 +20,13 @@ from flowlib.train_toy import (
     describe_scene,
     chunk_size,
     distractor_caps,
+    parse_task_weights,
     patch_labels,
     patch_word_values,
     pretrain_vision,
     train,
 )
+from flowlib import train_toy
 
 #: A toy of the real geometry but two thin layers: builds and steps in well under a second.
 SMALL = dataclasses.replace(ToyConfig(), vision_hidden=32, vision_layers=1, hidden=32, layers=2, heads=2)
@@ -221,3 +223,12 @@ def test_stream_follows_the_task_counts_and_their_chunk_size():
     assert stream.caps == (0,)  # the curriculum's one step is the first chunk's (4 samples, 2 batches)
     chunk = stream.next()
     assert sorted(chunk["tasks"]) == ["ChooseCat"] * 3 + ["QueryAttr"]
+
+
+def test_task_weights_from_the_command_line():
+    assert parse_task_weights("ChooseRel=3, LogicalObj=3,ChooseCat=1") == (("ChooseRel", 3), ("LogicalObj", 3),
+                                                                          ("ChooseCat", 1))
+    with pytest.raises(ValueError, match="TASK=INTEGER"):
+        parse_task_weights("ChooseRel=3,LogicalObj")
+    with pytest.raises(SystemExit):  # unknown task: the parser's error, before any training starts
+        train_toy.main(["--task-weights", "ChooseColour=1", "--out", "unused"])
