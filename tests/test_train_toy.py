@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from flowlib import train_toy
 from flowlib.data.synthetic import generate_split
 from flowlib.sample import TASKS
 from flowlib.toy_model import ToyConfig, build_toy_model
@@ -26,7 +27,6 @@ from flowlib.train_toy import (
     pretrain_vision,
     train,
 )
-from flowlib import train_toy
 
 #: A toy of the real geometry but two thin layers: builds and steps in well under a second.
 SMALL = dataclasses.replace(ToyConfig(), vision_hidden=32, vision_layers=1, hidden=32, layers=2, heads=2)
