@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from papermill.translators import PythonTranslator
 
 from flowlib.notebook_check import dirty_cells
 
@@ -35,6 +36,14 @@ def test_notebook_is_clean_and_thin(notebook):
     assert not any(line.lstrip().startswith(("def ", "class ")) for src in code for line in src.splitlines())
     # Batch runs pass WIDGETS=False: papermill can deadlock on a cell that opens widgets (nbclient #312).
     assert "WIDGETS = True" in "".join(cells[1]["source"]) and code[-1].endswith("if WIDGETS else None")
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_reads_every_parameter(notebook):
+    # `papermill --help-notebook` lists what it can parse; a comment holding `=` hides its line.
+    source = "".join(json.loads(notebook.read_text())["cells"][1]["source"])
+    assigned = [line.split("=")[0].strip() for line in source.splitlines() if line[:1].isupper() and " = " in line]
+    assert [p.name for p in PythonTranslator.inspect({"source": source})] == assigned
 
 
 @pytest.mark.slow
