@@ -735,9 +735,8 @@ def model_card_markdown(card: dict) -> str:
         f"# {card['name']}: the offline default model of flowlib",
         "",
         "A small LLaVA-1.5-style model trained from scratch on flowlib's synthetic world "
-        "(`python -m flowlib.train_toy --seed {}`). It answers the paper's six task families; "
-        "its first answer token is the capitalised word (e.g. `Red`), questions and options are lowercase.".format(
-            card["seed"]),
+        f"(`{command_line(t, card['seed'])}`). It answers the paper's six task families; "
+        "its first answer token is the capitalised word (e.g. `Red`), questions and options are lowercase.",
         "",
         "## Architecture",
         f"- {card['architecture']}",
@@ -810,7 +809,38 @@ def parse_task_weights(text: str) -> tuple:
     return tuple(weights)
 
 
-def main(argv=None) -> None:
+#: TrainConfig fields the command line sets, with their flags (`build_parser`, `command_line`).
+CLI_FIELDS = {"steps": "--steps", "threads": "--threads", "lr": "--lr", "extra_questions": "--extra-questions",
+              "vision_pretrain_steps": "--vision-pretrain-steps", "task_weights": "--task-weights"}
+
+
+def command_line(train_config: Mapping, seed: int) -> str:
+    """What trains with `train_config` (a `TrainConfig.to_dict()`): a `python -m flowlib.train_toy` command.
+
+    Names the flags whose values differ from today's `TrainConfig` defaults. Where a setting differs that
+    no flag reaches, it is the Python call instead: `train(ToyConfig(), TrainConfig(...), seed=...)`.
+    """
+    defaults, changed = TrainConfig().to_dict(), {}
+    for field, default in defaults.items():
+        value = json.loads(json.dumps(train_config.get(field, default)))  # as card.json stores it
+        if value != json.loads(json.dumps(default)):
+            changed[field] = _as_tuples(value)
+    if set(changed) - set(CLI_FIELDS):
+        settings = ", ".join(f"{field}={value!r}" for field, value in changed.items())
+        return f"flowlib.train_toy.train(ToyConfig(), TrainConfig({settings}), seed={seed})"
+    parts = ["python -m flowlib.train_toy", f"--seed {seed}"]
+    for field, value in changed.items():
+        text = ",".join(f"{task}={weight}" for task, weight in value) if field == "task_weights" else value
+        parts.append(f"{CLI_FIELDS[field]} {text}")
+    return " ".join(parts)
+
+
+def _as_tuples(value):
+    """JSON lists (as card.json stores TrainConfig's tuples) back to tuples, nested."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=cfg.SHORT_NAMES[cfg.OFFLINE_MODEL])
@@ -830,14 +860,25 @@ def main(argv=None) -> None:
                              "LogicalObj=3,CompareAttr=3,ChooseCat=1' (a task left out gets none; default: "
                              "TrainConfig.task_weights)")
     parser.add_argument("--no-eval", action="store_true", help="skip the final held-out evaluation")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig a parsed command line asks for; ValueError for task weights that cannot be used."""
     train_config = dataclasses.replace(TrainConfig(), steps=args.steps, threads=args.threads, lr=args.lr,
                                        extra_questions=args.extra_questions,
                                        vision_pretrain_steps=args.vision_pretrain_steps)
+    if args.task_weights is not None:
+        train_config = dataclasses.replace(train_config, task_weights=parse_task_weights(args.task_weights))
+    train_config.task_counts()  # bad weights fail now, not after minutes of vision pretraining
+    return train_config
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        if args.task_weights is not None:
-            train_config = dataclasses.replace(train_config, task_weights=parse_task_weights(args.task_weights))
-        train_config.task_counts()  # bad weights fail now, not after minutes of vision pretraining
+        train_config = train_config_from_args(args)
     except ValueError as err:
         parser.error(str(err))
     card = train(ToyConfig(), train_config, seed=args.seed, out=args.out, minutes=args.minutes,

@@ -232,3 +232,23 @@ def test_task_weights_from_the_command_line():
         parse_task_weights("ChooseRel=3,LogicalObj")
     with pytest.raises(SystemExit):  # unknown task: the parser's error, before any training starts
         train_toy.main(["--task-weights", "ChooseColour=1", "--out", "unused"])
+
+
+def test_the_model_card_names_the_command_that_reproduces_the_run():
+    assert train_toy.command_line(TrainConfig().to_dict(), seed=3) == "python -m flowlib.train_toy --seed 3"
+    changed = dataclasses.replace(TrainConfig(), steps=1234, lr=1e-3, vision_pretrain_steps=0,
+                                  task_weights=(("ChooseRel", 1), ("LogicalObj", 2)))
+    as_stored = json.loads(json.dumps(changed.to_dict()))  # card.json holds lists where the config has tuples
+    command = train_toy.command_line(as_stored, seed=5)
+    assert "--task-weights ChooseRel=1,LogicalObj=2" in command and "--steps 1234" in command
+    program, argv = "python -m flowlib.train_toy ", command.split(" ")
+    assert command.startswith(program)
+    args = train_toy.build_parser().parse_args(argv[3:])
+    assert args.seed == 5 and train_toy.train_config_from_args(args) == changed
+    # A setting no flag reaches: the Python call, which rebuilds the same config.
+    changed = dataclasses.replace(changed, batch_size=8, distractor_curriculum=((10, 0),))
+    call = train_toy.command_line(json.loads(json.dumps(changed.to_dict())), seed=5)
+    prefix, suffix = "flowlib.train_toy.train(ToyConfig(), ", ", seed=5)"
+    assert call.startswith(prefix) and call.endswith(suffix)
+    config_expression = call.removeprefix(prefix).removesuffix(suffix)
+    assert eval(config_expression, {"TrainConfig": TrainConfig}) == changed
