@@ -12,6 +12,7 @@ from flowlib.data.synthetic import generate_split
 from flowlib.sample import TASKS
 from flowlib.toy_model import ToyConfig, build_toy_model
 from flowlib.train_toy import (
+    PATCH_POSITIONS,
     PATCH_WORDS,
     ChunkStream,
     PatchLoss,
@@ -48,8 +49,9 @@ def test_patch_labels_name_the_object_under_each_patch_centre(scenes):
         covered = np.zeros(grid * grid, bool)
         for obj in scene["objects"].values():
             side = "left" if obj["x"] + obj["w"] / 2 < scene["width"] / 2 else "right"
+            level = "above" if obj["y"] + obj["h"] / 2 < scene["height"] / 2 else "below"
             expected = [1 + values[k].index(v) for k, v in zip(
-                PATCH_WORDS, (obj["name"], obj["color"], obj["size"], obj["texture"], side))]
+                PATCH_WORDS, (obj["name"], obj["color"], obj["size"], obj["texture"], side, level), strict=True)]
             for r in range(grid):
                 for c in range(grid):
                     if obj["y"] <= rows[r] < obj["y"] + obj["h"] and obj["x"] <= cols[c] < obj["x"] + obj["w"]:
@@ -67,9 +69,9 @@ def test_patch_loss_rewards_image_tokens_that_spell_their_object():
     values = patch_word_values()
     labels = torch.zeros(1, 2, len(PATCH_WORDS) + 2, dtype=torch.long)
     labels[0, 0, :len(PATCH_WORDS)] = torch.tensor([1 + values[k].index(w) for k, w in zip(
-        PATCH_WORDS, ("star", "red", "small", "plain", "left"))])
+        PATCH_WORDS, ("star", "red", "small", "plain", "left", "below"), strict=True)])
     embeddings = loaded.model.get_input_embeddings().weight.detach()
-    ids = loaded.tokenizer.convert_tokens_to_ids(["star", "red", "small", "plain", "left"])
+    ids = loaded.tokenizer.convert_tokens_to_ids(["star", "red", "small", "plain", "left", "below"])
     others = [i for i in loss.word_ids.tolist() if i not in ids]
     spelled = embeddings[ids].sum(0) - embeddings[others].mean(0) * len(ids)
     aligned = torch.stack([spelled, -embeddings[loss.word_ids].sum(0)])[None] * 200
@@ -97,7 +99,7 @@ def test_batches_label_the_answer_the_question_words_and_the_description():
         described = tokenizer.convert_ids_to_tokens(describe_labels[describe_labels != -100].tolist())
         objects = " ".join(described[:-1]).split(" , ")
         assert described[-1] == tokenizer.eos_token and 2 <= len(objects) <= 4
-        assert all(len(o.split()) == 5 for o in objects)
+        assert all(len(o.split()) == 6 for o in objects)
         assert "what is in the image ? ASSISTANT :" in text
     stream.close()
     # Without the description turn the sequence ends with the answer's </s>.
@@ -156,7 +158,8 @@ def test_descriptions_bind_each_objects_words_together(scenes):
         expected = []
         for obj in scene["objects"].values():
             side = "left" if obj["x"] + obj["w"] / 2 < scene["width"] / 2 else "right"
-            expected.append({obj["name"], obj["color"], obj["size"], obj["texture"], side})
+            level = "above" if obj["y"] + obj["h"] / 2 < scene["height"] / 2 else "below"
+            expected.append({obj["name"], obj["color"], obj["size"], obj["texture"], side, level})
         assert sorted(map(sorted, (set(o.split()) for o in objects))) == sorted(map(sorted, expected))
         colors = [obj["color"] for obj in scene["objects"].values()]
         for words in (o.split() for o in objects):
@@ -186,7 +189,8 @@ def test_vision_pretraining_trains_the_tower_and_projector_only(one_thread):
     changed = {n for n, p in loaded.model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith(("model.vision_tower", "model.multi_modal_projector")) for n in changed)
     assert any(n.startswith("model.multi_modal_projector") for n in changed)
-    assert set(result["held_out_patch_accuracy"]) == set(PATCH_WORDS) and result["steps"] == 100
+    assert set(result["held_out_patch_accuracy"]) == set(PATCH_WORDS + PATCH_POSITIONS)
+    assert result["steps"] == 100
     assert result["loss_last_tenth"] < 0.8 * result["loss_first_tenth"]  # it learns, even this thin tower
 
 
