@@ -186,6 +186,20 @@ def score(samples: Sequence[Sample], answers: Sequence[str]) -> dict:
             "n": {t: len(h) for t, h in hits.items()}}
 
 
+def score_by_answer(samples: Sequence[Sample], answers: Sequence[str]) -> list[dict]:
+    """Accuracy per task and correct answer: rows of task, answer, n, accuracy, in task then answer order.
+
+    Where a model leans to one answer (a "yes" bias on LogicalObj, say), the correct-answer filter of
+    the knockout analyses keeps mostly samples of that answer; this shows it.
+    """
+    hits: dict[tuple[str, str], list[bool]] = {}
+    for sample, answer in zip(samples, answers, strict=True):
+        truth = sample.answer.strip().lower()
+        hits.setdefault((sample.task, truth), []).append(answer == truth)
+    return [{"task": task, "answer": truth, "n": len(h), "accuracy": sum(h) / len(h)}
+            for (task, truth), h in sorted(hits.items(), key=lambda kv: (TASKS.index(kv[0][0]), kv[0][1]))]
+
+
 def format_scores(scores: dict, label: Optional[str] = None) -> str:
     """One line: mean and per-task accuracy in percent."""
     parts = " ".join(f"{t}={100 * a:.0f}" for t, a in scores["per_task"].items())

@@ -45,6 +45,8 @@ class Study:
     window: int
     #: question id -> answered correctly (greedy); filled once, read by every later filter.
     verdicts: dict = dataclasses.field(default_factory=dict)
+    #: question id -> first answer word with the image (`accuracy`), reused by `accuracy_by_answer`.
+    first_words: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def open(
@@ -120,10 +122,21 @@ class Study:
         from .evaluate import CHANCE, evaluate
 
         samples = self.all_samples()
-        seen, blank = evaluate(self.loaded, samples), evaluate(self.loaded, samples, blank=True)
+        seen, blank = evaluate(self.loaded, samples, return_answers=True), evaluate(self.loaded, samples, blank=True)
+        self.first_words.update({s.question_id: a for s, a in zip(samples, seen["answers"])})
         return pd.DataFrame([{"task": task, "n": seen["n"][task], "accuracy": seen["per_task"][task],
                               "blank_accuracy": blank["per_task"][task], "chance": CHANCE[task]}
                              for task in seen["per_task"]])
+
+    def accuracy_by_answer(self) -> pd.DataFrame:
+        """Accuracy with the image per task and correct answer (`evaluate.score_by_answer`)."""
+        from .evaluate import evaluate, score_by_answer
+
+        samples = self.all_samples()
+        if any(s.question_id not in self.first_words for s in samples):
+            answers = evaluate(self.loaded, samples, return_answers=True)["answers"]
+            self.first_words.update({s.question_id: a for s, a in zip(samples, answers)})
+        return pd.DataFrame(score_by_answer(samples, [self.first_words[s.question_id] for s in samples]))
 
     def correct(self, per_task: Optional[int] = None) -> dict[str, list[Sample]]:
         """The samples the model answers correctly (greedy), at most `per_task` per task."""

@@ -31,3 +31,28 @@ def test_explorer_rereads_the_stored_table_on_a_large_model(study, monkeypatch):
                  relative_change=float(10 * layer + q)) for q in (1, 3) for layer in range(4)]
     explorer = study.explorer(["Image->Question"], pd.DataFrame(rows))
     assert explorer.current["mean"].tolist() == [2.0, 12.0, 22.0, 32.0]
+
+
+def test_score_by_answer_splits_each_task_by_its_correct_answer():
+    from flowlib.evaluate import score_by_answer
+    from flowlib.sample import Sample
+
+    def sample(i, task, answer):
+        return Sample(f"q{i}", "is there either a star or a circle that is red?", answer, task, image=None)
+
+    samples = [sample(0, "LogicalObj", "yes"), sample(1, "LogicalObj", "No"), sample(2, "LogicalObj", "no"),
+               sample(3, "ChooseAttr", "red")]
+    rows = score_by_answer(samples, ["yes", "yes", "no", "blue"])
+    assert rows == [{"task": "ChooseAttr", "answer": "red", "n": 1, "accuracy": 0.0},
+                    {"task": "LogicalObj", "answer": "no", "n": 2, "accuracy": 0.5},
+                    {"task": "LogicalObj", "answer": "yes", "n": 1, "accuracy": 1.0}]
+
+
+def test_accuracy_by_answer_adds_up_to_the_accuracy_per_task(study):
+    by_task = study.accuracy().set_index("task")
+    by_answer = study.accuracy_by_answer()
+    assert set(by_answer["task"]) == set(by_task.index)
+    for task, rows in by_answer.groupby("task"):
+        assert rows["n"].sum() == by_task.loc[task, "n"]
+        assert (rows["accuracy"] * rows["n"]).sum() / rows["n"].sum() == pytest.approx(by_task.loc[task, "accuracy"])
+    assert study.accuracy_by_answer().equals(by_answer)  # the second call reuses the stored answers
