@@ -45,7 +45,7 @@ class Study:
     window: int
     #: question id -> answered correctly (greedy); filled once, read by every later filter.
     verdicts: dict = dataclasses.field(default_factory=dict)
-    #: question id -> first answer word with the image (`accuracy`), reused by `accuracy_by_answer`.
+    #: question id -> first answer word with the image (`answers_with_image`), filled once.
     first_words: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -119,24 +119,29 @@ class Study:
 
     def accuracy(self) -> pd.DataFrame:
         """Accuracy per task (first generated word) with the image and with a blank image, and chance."""
-        from .evaluate import CHANCE, evaluate
+        from .evaluate import CHANCE, evaluate, score
 
         samples = self.all_samples()
-        seen, blank = evaluate(self.loaded, samples, return_answers=True), evaluate(self.loaded, samples, blank=True)
-        self.first_words.update({s.question_id: a for s, a in zip(samples, seen["answers"])})
+        seen, blank = score(samples, self.answers_with_image()), evaluate(self.loaded, samples, blank=True)
         return pd.DataFrame([{"task": task, "n": seen["n"][task], "accuracy": seen["per_task"][task],
                               "blank_accuracy": blank["per_task"][task], "chance": CHANCE[task]}
                              for task in seen["per_task"]])
 
     def accuracy_by_answer(self) -> pd.DataFrame:
         """Accuracy with the image per task and correct answer (`evaluate.score_by_answer`)."""
-        from .evaluate import evaluate, score_by_answer
+        from .evaluate import score_by_answer
 
-        samples = self.all_samples()
-        if any(s.question_id not in self.first_words for s in samples):
-            answers = evaluate(self.loaded, samples, return_answers=True)["answers"]
-            self.first_words.update({s.question_id: a for s, a in zip(samples, answers)})
-        return pd.DataFrame(score_by_answer(samples, [self.first_words[s.question_id] for s in samples]))
+        return pd.DataFrame(score_by_answer(self.all_samples(), self.answers_with_image()))
+
+    def answers_with_image(self) -> list[str]:
+        """The first answer word to each of `all_samples()`, evaluated once and then read from `first_words`."""
+        from .evaluate import evaluate
+
+        missing = [s for s in self.all_samples() if s.question_id not in self.first_words]
+        if missing:
+            answers = evaluate(self.loaded, missing, return_answers=True)["answers"]
+            self.first_words.update({s.question_id: a for s, a in zip(missing, answers)})
+        return [self.first_words[s.question_id] for s in self.all_samples()]
 
     def correct(self, per_task: Optional[int] = None) -> dict[str, list[Sample]]:
         """The samples the model answers correctly (greedy), at most `per_task` per task."""
