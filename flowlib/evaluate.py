@@ -176,11 +176,16 @@ def evaluate(loaded, samples: Sequence[Sample], *, blank: bool = False, block_im
     return result
 
 
+def correct_answer(sample: Sample) -> str:
+    """The sample's answer as `score` compares it with a first word: stripped and lowercased."""
+    return sample.answer.strip().lower()
+
+
 def score(samples: Sequence[Sample], answers: Sequence[str]) -> dict:
     """Accuracy per task, the mean over tasks, and counts, for answers given to samples."""
     hits: dict[str, list[bool]] = {}
     for sample, answer in zip(samples, answers):
-        hits.setdefault(sample.task, []).append(answer == sample.answer.strip().lower())
+        hits.setdefault(sample.task, []).append(answer == correct_answer(sample))
     per_task = {t: sum(h) / len(h) for t, h in sorted(hits.items(), key=lambda kv: TASKS.index(kv[0]))}
     return {"per_task": per_task, "mean": sum(per_task.values()) / max(1, len(per_task)),
             "n": {t: len(h) for t, h in hits.items()}}
@@ -194,7 +199,7 @@ def score_by_answer(samples: Sequence[Sample], answers: Sequence[str]) -> list[d
     """
     hits: dict[tuple[str, str], list[bool]] = {}
     for sample, answer in zip(samples, answers, strict=True):
-        truth = sample.answer.strip().lower()
+        truth = correct_answer(sample)
         hits.setdefault((sample.task, truth), []).append(answer == truth)
     return [{"task": task, "answer": truth, "n": len(h), "accuracy": sum(h) / len(h)}
             for (task, truth), h in sorted(hits.items(), key=lambda kv: (TASKS.index(kv[0][0]), kv[0][1]))]

@@ -183,6 +183,12 @@ def object_level(obj: dict, scene: dict) -> str:
     return "above" if obj["y"] + obj["h"] / 2 < scene["height"] / 2 else "below"
 
 
+def object_words(obj: dict, scene: dict) -> dict:
+    """A scene-graph object's word of each `PATCH_WORDS` kind, in that order: its patch targets and description."""
+    return {"shape": obj["name"], "color": obj["color"], "size": obj["size"], "texture": obj["texture"],
+            "side": object_side(obj, scene), "level": object_level(obj, scene)}
+
+
 def patch_labels(scene: dict, model_config: ToyConfig) -> torch.Tensor:
     """(patches, len(PATCH_WORDS) + 2) int labels of one scene, row-major like the image tokens.
 
@@ -198,8 +204,7 @@ def patch_labels(scene: dict, model_config: ToyConfig) -> torch.Tensor:
     for obj in scene["objects"].values():
         inside = (((rows >= obj["y"]) & (rows < obj["y"] + obj["h"]))[:, None]
                   & ((cols >= obj["x"]) & (cols < obj["x"] + obj["w"]))[None, :])
-        words = {"shape": obj["name"], "color": obj["color"], "size": obj["size"], "texture": obj["texture"],
-                 "side": object_side(obj, scene), "level": object_level(obj, scene)}
+        words = object_words(obj, scene)
         for i, kind in enumerate(PATCH_WORDS):
             labels[inside, i] = 1 + values[kind].index(words[kind])
     return torch.from_numpy(labels.reshape(grid * grid, len(PATCH_WORDS) + 2))
@@ -255,9 +260,9 @@ def describe_scene(scene: dict, rng: np.random.Generator) -> str:
     for key in rng.permutation(sorted(scene["objects"])):
         obj = scene["objects"][str(key)]
         by_color = colors.count(obj["color"]) == 1 and rng.integers(2)  # only a unique colour names one object
-        first = [obj["color"], obj["name"]] if by_color else [obj["name"], obj["color"]]
-        parts.append(" ".join(first + [obj["size"], obj["texture"], object_side(obj, scene),
-                                       object_level(obj, scene)]))
+        words = object_words(obj, scene)
+        first = ["color", "shape"] if by_color else ["shape", "color"]
+        parts.append(" ".join(words[kind] for kind in first + [k for k in words if k not in first]))
     return " , ".join(parts)
 
 

@@ -3,6 +3,7 @@
 import pandas as pd
 import pytest
 
+from flowlib import evaluate as evaluate_module
 from flowlib import study as study_module
 from flowlib.study import Study
 
@@ -48,11 +49,17 @@ def test_score_by_answer_splits_each_task_by_its_correct_answer():
                     {"task": "LogicalObj", "answer": "yes", "n": 1, "accuracy": 1.0}]
 
 
-def test_accuracy_by_answer_adds_up_to_the_accuracy_per_task(study):
+def test_accuracy_by_answer_adds_up_to_the_accuracy_per_task(study, monkeypatch):
+    study.first_words.clear()
     by_task = study.accuracy().set_index("task")
     by_answer = study.accuracy_by_answer()
     assert set(by_answer["task"]) == set(by_task.index)
     for task, rows in by_answer.groupby("task"):
         assert rows["n"].sum() == by_task.loc[task, "n"]
         assert (rows["accuracy"] * rows["n"]).sum() / rows["n"].sum() == pytest.approx(by_task.loc[task, "accuracy"])
-    assert study.accuracy_by_answer().equals(by_answer)  # the second call reuses the stored answers
+    # Both read the answers evaluated once: another evaluation with the image would fail here.
+    real_evaluate = evaluate_module.evaluate
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda loaded, samples, **kw: (
+        real_evaluate(loaded, samples, **kw) if kw.get("blank") else pytest.fail("answers evaluated twice")))
+    assert study.accuracy_by_answer().equals(by_answer)
+    assert study.accuracy().equals(by_task.reset_index())
