@@ -37,6 +37,11 @@ ANSWER_WORDS = tuple(sorted(
 #: its words are already in the vocabulary, so the option leaves the tokenizer unchanged.
 DESCRIBE_REQUEST = "what is in the image ?"
 
+#: The user turn of a training-only attribute query (`flowlib.train_toy.attribute_query`): which shapes of
+#: the scene have a colour, size or texture; answered by those shapes or by "no". Its words too are
+#: already in the vocabulary.
+ATTRIBUTE_QUERY = "which shape is {value} ?"
+
 
 @dataclasses.dataclass(frozen=True)
 class ToyConfig:

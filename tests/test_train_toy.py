@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flowlib import train_toy
-from flowlib.data.synthetic import generate_split
+from flowlib.data.synthetic import COLORS, SHAPES, generate_split
 from flowlib.sample import TASKS
 from flowlib.toy_model import ToyConfig, build_toy_model
 from flowlib.train_toy import (
@@ -18,8 +18,10 @@ from flowlib.train_toy import (
     PatchLoss,
     TrainConfig,
     _patch_centres,
+    attribute_query,
     batches,
     describe_scene,
+    forward_shared_prefix,
     chunk_size,
     distractor_caps,
     parse_task_weights,
@@ -148,6 +150,57 @@ def test_distractor_curriculum_caps_the_first_chunks():
                         for i, (start, end) in enumerate(chunk["descriptions"])])
     assert max(objects[0]) <= 2  # chunk 0: only the objects the question names (one or two)
     assert max(objects[1]) >= 3  # chunk 1: full scenes
+
+
+def test_attribute_queries_name_the_shapes_that_have_the_value(scenes):
+    rng = np.random.default_rng(0)
+    asked, empty = set(), 0
+    for scene in scenes * 10:
+        question, answer = attribute_query(scene, rng)
+        value = question.removeprefix("which shape is ").removesuffix(" ?")
+        having = [o["name"] for o in scene["objects"].values() if value in (o["color"], o["size"], o["texture"])]
+        if having:
+            assert answer.split(" , ") == [s for s in SHAPES if s in having]  # one spelling: SHAPES order
+        else:
+            assert answer == "no"
+            empty += 1
+        asked.add(value)
+    assert {"small", "large", "plain", "striped"} <= asked and asked & set(COLORS)  # every kind is asked
+    assert 0 < empty < len(scenes) * 10
+
+
+def test_attribute_query_turns_come_after_the_answer_and_before_the_description():
+    loaded = build_toy_model(SMALL, seed=0)
+    tokenizer = loaded.tokenizer
+    stream = ChunkStream(loaded.processor, SMALL, seed=3, per_task=1, workers=0, attribute_queries=2)
+    batch = next(batches(stream, batch_size=6, pad_id=tokenizer.pad_token_id))
+    stream.close()
+    for row, labels, query_labels, describe_labels in zip(
+            batch["input_ids"], batch["labels"], batch["query_labels"], batch["describe_labels"]):
+        text = tokenizer.decode(row[row != tokenizer.pad_token_id])
+        turns = text.split("USER : which shape is ")[1:]
+        assert len(turns) == 2
+        answers = [turn.split("ASSISTANT : ")[1].split(" </s>")[0] for turn in turns]
+        labelled = tokenizer.decode(query_labels[query_labels != -100])
+        assert labelled == " </s> ".join(answers) + " </s>"  # only the answers and their </s> are labelled
+        at = (query_labels != -100).nonzero().flatten()
+        assert (labels != -100).nonzero().max() < at.min() and at.max() < (describe_labels != -100).nonzero().min()
+
+
+def test_the_shared_prefix_forward_gives_the_plain_logits():
+    loaded = build_toy_model(SMALL, seed=0)
+    tokenizer = loaded.tokenizer
+    stream = ChunkStream(loaded.processor, SMALL, seed=3, per_task=1, workers=0, attribute_queries=1)
+    batch = next(batches(stream, batch_size=6, pad_id=tokenizer.pad_token_id))
+    stream.close()
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values")}
+    with torch.no_grad():
+        plain = loaded.model(**inputs, use_cache=False).logits
+        shared, prefix = forward_shared_prefix(loaded.model, inputs)
+    # The system prompt and "USER :", up to the first image token.
+    assert tokenizer.decode(batch["input_ids"][0, prefix - 2:prefix + 1]) == "USER : <image>"
+    assert shared.shape[1] == plain.shape[1] - prefix
+    torch.testing.assert_close(shared, plain[:, prefix:], atol=1e-5, rtol=1e-4)
 
 
 def test_descriptions_bind_each_objects_words_together(scenes):
