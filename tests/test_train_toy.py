@@ -35,6 +35,15 @@ from flowlib.train_toy import (
 SMALL = dataclasses.replace(ToyConfig(), vision_hidden=32, vision_layers=1, hidden=32, layers=2, heads=2)
 
 
+def first_batch(**stream_options):
+    """The untrained SMALL toy and the first batch of 6 of its training stream (seed 3, one sample per task)."""
+    loaded = build_toy_model(SMALL, seed=0)
+    stream = ChunkStream(loaded.processor, SMALL, seed=3, per_task=1, workers=0, **stream_options)
+    batch = next(batches(stream, batch_size=6, pad_id=loaded.tokenizer.pad_token_id))
+    stream.close()
+    return loaded, batch
+
+
 @pytest.fixture(scope="module")
 def scenes():
     return [json.loads(g) for g in generate_split(2, seed=5, split="train")["scene_graph"]]
@@ -83,10 +92,8 @@ def test_patch_loss_rewards_image_tokens_that_spell_their_object():
 
 
 def test_batches_label_the_answer_the_question_words_and_the_description():
-    loaded = build_toy_model(SMALL, seed=0)
+    loaded, batch = first_batch()
     tokenizer = loaded.tokenizer
-    stream = ChunkStream(loaded.processor, SMALL, seed=3, per_task=1, workers=0)
-    batch = next(batches(stream, batch_size=6, pad_id=tokenizer.pad_token_id))
     answer_word = tokenizer.convert_tokens_to_ids("ASSISTANT")
     for row, labels, question_labels, describe_labels in zip(
             batch["input_ids"], batch["labels"], batch["question_labels"], batch["describe_labels"]):
@@ -103,10 +110,8 @@ def test_batches_label_the_answer_the_question_words_and_the_description():
         assert described[-1] == tokenizer.eos_token and 2 <= len(objects) <= 4
         assert all(len(o.split()) == 6 for o in objects)
         assert "what is in the image ? ASSISTANT :" in text
-    stream.close()
     # Without the description turn the sequence ends with the answer's </s>.
-    plain = ChunkStream(loaded.processor, SMALL, seed=3, per_task=1, workers=0, describe=False)
-    batch = next(batches(plain, batch_size=6, pad_id=tokenizer.pad_token_id))
+    _, batch = first_batch(describe=False)
     assert (batch["describe_labels"] == -100).all()
     lengths = batch["attention_mask"].sum(1)
     assert all(row[n - 1] == tokenizer.eos_token_id and labels[n - 1] == tokenizer.eos_token_id
@@ -114,11 +119,8 @@ def test_batches_label_the_answer_the_question_words_and_the_description():
 
 
 def test_extra_question_turns_come_between_the_answer_and_the_description():
-    loaded = build_toy_model(SMALL, seed=0)
+    loaded, batch = first_batch(extra_questions=3)
     tokenizer = loaded.tokenizer
-    stream = ChunkStream(loaded.processor, SMALL, seed=3, per_task=1, workers=0, extra_questions=3)
-    batch = next(batches(stream, batch_size=6, pad_id=tokenizer.pad_token_id))
-    stream.close()
     assistant, eos = tokenizer.convert_tokens_to_ids("ASSISTANT"), tokenizer.eos_token_id
     turns = []
     for row, labels, describe_labels in zip(batch["input_ids"], batch["labels"], batch["describe_labels"]):
@@ -170,11 +172,8 @@ def test_attribute_queries_name_the_shapes_that_have_the_value(scenes):
 
 
 def test_attribute_query_turns_come_after_the_answer_and_before_the_description():
-    loaded = build_toy_model(SMALL, seed=0)
+    loaded, batch = first_batch(attribute_queries=2)
     tokenizer = loaded.tokenizer
-    stream = ChunkStream(loaded.processor, SMALL, seed=3, per_task=1, workers=0, attribute_queries=2)
-    batch = next(batches(stream, batch_size=6, pad_id=tokenizer.pad_token_id))
-    stream.close()
     for row, labels, query_labels, describe_labels in zip(
             batch["input_ids"], batch["labels"], batch["query_labels"], batch["describe_labels"]):
         text = tokenizer.decode(row[row != tokenizer.pad_token_id])
@@ -188,11 +187,8 @@ def test_attribute_query_turns_come_after_the_answer_and_before_the_description(
 
 
 def test_the_shared_prefix_forward_gives_the_plain_logits():
-    loaded = build_toy_model(SMALL, seed=0)
+    loaded, batch = first_batch(attribute_queries=1)
     tokenizer = loaded.tokenizer
-    stream = ChunkStream(loaded.processor, SMALL, seed=3, per_task=1, workers=0, attribute_queries=1)
-    batch = next(batches(stream, batch_size=6, pad_id=tokenizer.pad_token_id))
-    stream.close()
     inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values")}
     with torch.no_grad():
         plain = loaded.model(**inputs, use_cache=False).logits
