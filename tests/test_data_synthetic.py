@@ -289,3 +289,31 @@ def test_choose_false_options_appear_in_the_scene_only_by_chance():
         present[row["task"]].append(row["false_option"] in values)
     for task in ("ChooseCat", "ChooseAttr"):
         assert 0.25 < np.mean(present[task]) < 0.75, (task, np.mean(present[task]))
+
+
+def _hard_case(row) -> bool:
+    """Whether a ChooseCat or LogicalObj row is one a presence shortcut gets wrong."""
+    objects = list(json.loads(row["scene_graph"])["objects"].values())
+    words = row["question"].rstrip("?").split()
+    if row["task"] == "ChooseCat":
+        color = words[4]
+        return any(o["name"] == row["false_option"] and o["color"] != color for o in objects)
+    named, value = {words[4], words[7]}, words[-1]
+    return any(o["name"] not in named and value in o["attributes"] for o in objects)
+
+
+def test_hard_samples_defeat_the_presence_shortcuts_and_leave_other_tasks_alone():
+    plain = syn.generate_split(40, seed=5, split="train").remove_columns("image").to_list()
+    hard = syn.generate_split(40, seed=5, split="train", hard=1.0).remove_columns("image").to_list()
+    for rows in (plain, hard):
+        for row in rows:
+            assert _solve(row["question"], json.loads(row["scene_graph"])) == row["answer"]
+    cat = lambda rows: [_hard_case(r) for r in rows if r["task"] == "ChooseCat"]  # noqa: E731
+    no = lambda rows: [_hard_case(r) for r in rows if r["task"] == "LogicalObj" and r["answer"] == "no"]  # noqa: E731
+    assert all(cat(hard)) and all(no(hard))
+    assert 0.2 < np.mean(cat(plain)) < 0.8 and np.mean(no(plain)) < 0.9  # chance presence without the option
+    assert Counter(r["answer"] for r in hard if r["task"] == "LogicalObj") == {"yes": 20, "no": 20}
+    others = lambda rows: [r for r in rows if r["task"] not in syn.HARD_TASKS]  # noqa: E731
+    assert others(hard) == others(plain)
+    with pytest.raises(ValueError, match="from 0 to 1"):
+        syn.generate_split(3, hard=1.5)

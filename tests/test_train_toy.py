@@ -220,13 +220,17 @@ def test_the_stream_is_the_same_for_any_number_of_workers():
     loaded = build_toy_model(SMALL, seed=0)
     chunks = {}
     for workers in (0, 2):
-        stream = ChunkStream(loaded.processor, SMALL, seed=3, per_task=1, workers=workers, extra_questions=2)
+        stream = ChunkStream(loaded.processor, SMALL, seed=3, per_task=1, workers=workers, extra_questions=2,
+                             hard=1.0)
         chunks[workers] = [stream.next() for _ in range(3)]
         stream.close()
     for inline, ahead in zip(chunks[0], chunks[2]):
         assert inline["ids"] == ahead["ids"] and inline["answers"] == ahead["answers"]
         assert torch.equal(inline["pixel_values"], ahead["pixel_values"])
     assert chunks[0][0]["ids"] != chunks[0][1]["ids"]
+    # The hard share reaches the chunks (and through the workers' arguments, by the equality above).
+    plain = train_toy.encode_chunk(loaded.processor, 3, 0, 1, SMALL, extra_questions=2)
+    assert not torch.equal(plain["pixel_values"], chunks[0][0]["pixel_values"])
 
 
 def test_vision_pretraining_trains_the_tower_and_projector_only(one_thread):
@@ -289,11 +293,12 @@ def test_task_weights_from_the_command_line():
 
 def test_the_model_card_names_the_command_that_reproduces_the_run():
     assert train_toy.command_line(TrainConfig().to_dict(), seed=3) == "python -m flowlib.train_toy --seed 3"
-    changed = dataclasses.replace(TrainConfig(), steps=1234, lr=1e-3, vision_pretrain_steps=0,
+    changed = dataclasses.replace(TrainConfig(), steps=1234, lr=1e-3, vision_pretrain_steps=0, hard_negatives=0.5,
                                   task_weights=(("ChooseRel", 1), ("LogicalObj", 2)))
     as_stored = json.loads(json.dumps(changed.to_dict()))  # card.json holds lists where the config has tuples
     command = train_toy.command_line(as_stored, seed=5)
     assert "--task-weights ChooseRel=1,LogicalObj=2" in command and "--steps 1234" in command
+    assert "--hard-negatives 0.5" in command
     program, argv = "python -m flowlib.train_toy ", command.split(" ")
     assert command.startswith(program)
     args = train_toy.build_parser().parse_args(argv[3:])

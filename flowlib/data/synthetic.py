@@ -181,11 +181,15 @@ def _random_object(rng, shape: str, **fixed) -> dict:
     return obj
 
 
-def _plan(task: str, rng, key: int, first: bool):
-    """The question's objects, text and answer; `key` picks the balanced answer, `first` the option order."""
+def _plan(task: str, rng, key: int, first: bool, hard: bool = False):
+    """The question's objects, text and answer; `key` picks the balanced answer, `first` the option order.
+
+    `lead` holds the first distractor's fixed fields (its shape, or an attribute): `hard` samples use it
+    to place the object a shortcut would be fooled by (see `HARD_TASKS`).
+    """
     shapes = [str(s) for s in rng.permutation(SHAPES)]
     s1, s2 = shapes[0], shapes[1]
-    reserved, avoid_color, constraint = {s1}, None, (lambda i, o, p: True)
+    reserved, avoid_color, constraint, lead = {s1}, None, (lambda i, o, p: True), {}
     fields = {"shape": s1, "shape2": s2}
     if task == "ChooseAttr":
         kind = ("color", "size", "texture")[int(rng.integers(3))]
@@ -201,6 +205,8 @@ def _plan(task: str, rng, key: int, first: bool):
         required, avoid_color = [_random_object(rng, s1, color=color)], color
         fields["color"] = color
         pattern, central = "ChooseCat", "object"
+        if hard:
+            lead = {"name": false}
     elif task == "ChooseRel":
         vertical = bool(rng.integers(2))
         pair = ("above", "below") if vertical else ("left", "right")
@@ -240,6 +246,8 @@ def _plan(task: str, rng, key: int, first: bool):
                     for i, s in enumerate((s1, s2)) if present[i]]
         reserved, fields["value"] = {s1, s2}, value
         pattern, central = "LogicalObj", s1
+        if hard and true == "no":
+            lead = {kind: value}
     elif task == "QueryAttr":
         true, false = ("left", "right")[key], None
         required = [_random_object(rng, s1)]  # its side constraint needs the width: see `_sample`
@@ -250,13 +258,16 @@ def _plan(task: str, rng, key: int, first: bool):
         fields["opt1"], fields["opt2"] = (true, false) if first else (false, true)
     question = TEMPLATES[pattern].format(**fields)
     free_shapes = [s for s in shapes if s not in reserved]
-    return required, free_shapes, avoid_color, constraint, question, true, false, central, pattern
+    if "name" in lead:
+        free_shapes.insert(0, free_shapes.pop(free_shapes.index(lead["name"])))
+    return required, free_shapes, avoid_color, constraint, question, true, false, central, pattern, lead
 
 
-def _sample(task: str, rng, key: int, first: bool, max_distractors: Optional[int] = None) -> dict:
+def _sample(task: str, rng, key: int, first: bool, max_distractors: Optional[int] = None,
+            hard: bool = False) -> dict:
     while True:
-        required, free_shapes, avoid_color, constraint, question, true, false, central, pattern = _plan(
-            task, rng, key, first)
+        required, free_shapes, avoid_color, constraint, question, true, false, central, pattern, lead = _plan(
+            task, rng, key, first, hard)
         width, height = IMAGE_SIZES[int(rng.integers(2))]
         if task == "QueryAttr":
             def constraint(i, o, placed, side=true, width=width):
@@ -268,6 +279,8 @@ def _sample(task: str, rng, key: int, first: bool, max_distractors: Optional[int
         colors = [c for c in COLORS if c != avoid_color]
         distractors = [_random_object(rng, s, color=str(rng.choice(colors)))
                        for s in free_shapes[: max(0, n_objects - len(required))]]
+        if distractors:  # placed right after the named objects, so that it fits where any distractor does
+            distractors[0].update(lead)
         placed = _place(rng, width, height, required, distractors, constraint)
         if placed is not None:
             break
@@ -386,6 +399,12 @@ def _holds(relation: str, a: dict, b: dict) -> bool:
             "above": a["y"] + a["h"] + GAP <= b["y"], "below": b["y"] + b["h"] + GAP <= a["y"]}[relation]
 
 
+#: Tasks whose `hard` samples (`generate_split(hard=...)`) defeat a shortcut: ChooseCat's false shape is
+#: always in the scene (in another colour), so that only binding the colour to a shape answers; a LogicalObj
+#: "no" scene always holds the asked value, on a shape the question does not name, so that seeing the value
+#: somewhere is not enough. Without them a model can score 75% on ChooseCat by naming the option it sees.
+HARD_TASKS = ("ChooseCat", "LogicalObj")
+
 _N_KEYS = {"ChooseAttr": 1, "ChooseCat": 1, "ChooseRel": 2, "CompareAttr": 3, "LogicalObj": 2, "QueryAttr": 2}
 
 
@@ -402,7 +421,7 @@ def features():
 
 
 def generate_split(n_per_task: Union[int, Mapping[str, int]], seed: int = 0, split: str = "train", tasks=TASKS,
-                   max_distractors: Optional[int] = None):
+                   max_distractors: Optional[int] = None, hard: float = 0.0):
     """Generate one split: `n_per_task` samples of each task, deterministic in (`seed`, `split`).
 
     `n_per_task` may instead map tasks to their counts (`{"ChooseCat": 48, "QueryAttr": 16}`), to
@@ -412,11 +431,16 @@ def generate_split(n_per_task: Union[int, Mapping[str, int]], seed: int = 0, spl
     `max_distractors` caps the objects besides those the question names (no cap by default); a
     training curriculum can start from scenes that hold only the named objects.
 
+    `hard` is the share of `HARD_TASKS` samples drawn as hard cases, for a training stream; at 0 (the
+    default, and every evaluation split) the samples are exactly those of a split without the option.
+
     Answers cycle through the task's answer keys and option order alternates, then both are
     shuffled, so each is balanced to within one sample per task.
     """
     from datasets import Dataset
 
+    if not 0.0 <= hard <= 1.0:
+        raise ValueError(f"hard={hard!r} is a share of samples: give a number from 0 to 1")
     rows = []
     split_id = int.from_bytes(split.encode()[:8], "little")
     counts = dict(n_per_task) if isinstance(n_per_task, Mapping) else {task: n_per_task for task in tasks}
@@ -425,7 +449,8 @@ def generate_split(n_per_task: Union[int, Mapping[str, int]], seed: int = 0, spl
         keys = rng.permutation(np.arange(n) % _N_KEYS[task])
         firsts = rng.permutation(np.arange(n) % 2 == 0)
         for i in range(n):
-            row = _sample(task, rng, int(keys[i]), bool(firsts[i]), max_distractors)
+            is_hard = hard > 0 and task in HARD_TASKS and bool(rng.random() < hard)  # no draw at 0: same stream
+            row = _sample(task, rng, int(keys[i]), bool(firsts[i]), max_distractors, is_hard)
             rows.append({"question_id": f"syn-{split}-{task}-{i:06d}", **row})
     columns = {name: [row[name] for row in rows] for name in features()}
     return Dataset.from_dict(columns, features=features())
