@@ -57,9 +57,9 @@ class TrainConfig:
     """Training settings; every default says why it is what it is."""
 
     steps: int = 5000  # fixed steps (not a time budget) so that a run is reproducible. Sized for the hour on
-    # 2 cores: 5300 steps of the previous recipe took 59.5 min. The committed model's 5000 then took 69.6 min
-    # on a slower day (vision pretraining, nearly the same work, 437 s against 340 s; main steps 21.4 against
-    # 26.2 samples/s). bfloat16 autocast was no help: 0.76 s a step against 0.65 in float32 on these cores.
+    # 2 cores: the committed model's 5000 took 52.4 min in all (45.4 on a quieter day; vision pretraining 7.4
+    # and 5.0 min, main steps 29.6 and 33.0 samples/s) with the shared-prefix forward; 69.6 min without it on
+    # a slow day. bfloat16 autocast was no help: 0.76 s a step against 0.65 in float32 on these cores.
     batch_size: int = 16  # small batches mean more updates from the few samples a CPU hour affords
     lr: float = 3e-4  # decoder: at 1e-3 or 2e-3 the 12-layer decoder had not learned to copy an option by 2000 steps
     vision_lr: float = 1e-3  # vision tower and projector: their patch-word loss learns fast at this rate
@@ -78,7 +78,8 @@ class TrainConfig:
     # 54, QueryAttr 70, LogicalObj 62 (same seed and steps). With each object's level (above or below the
     # middle) among its patch words and in the descriptions, the same mix reached 86.1%: ChooseRel 96,
     # CompareAttr 88, but ChooseCat 72 (97% where the false shape is not in the scene, 45% where it is: no
-    # colour binding yet at step 5000) and LogicalObj 66.
+    # colour binding yet at step 5000) and LogicalObj 66. Rerun with the shared-prefix forward (the committed
+    # model): 86.8%, ChooseCat 78 (58% where the false shape is present), LogicalObj 67.5.
     task_weights: tuple = (("ChooseAttr", 1), ("QueryAttr", 1), ("ChooseRel", 2), ("LogicalObj", 2),
                            ("CompareAttr", 3), ("ChooseCat", 3))
     eval_every: int = 300  # steps between progress evaluations on the monitor set
