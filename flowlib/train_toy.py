@@ -404,7 +404,7 @@ def _find_last(ids: list[int], part: list[int]) -> tuple[int, int]:
 
 
 def _producer(queue, model_config: dict, seed: int, per_task: int | Mapping[str, int], start: int, stride: int,
-              describe: bool, caps: tuple, extra_questions: int, attribute_queries: int, hard: float):
+              caps: tuple, chunk_options: dict):
     """Put chunks start, start + stride, ... into `queue` (a worker process of `ChunkStream`).
 
     Runs until the trainer is gone: a trainer killed without cleanup (SIGKILL, SIGTERM) would
@@ -414,8 +414,8 @@ def _producer(queue, model_config: dict, seed: int, per_task: int | Mapping[str,
     trainer = os.getppid()
     loaded = build_toy_model(ToyConfig(**model_config), seed=0)  # only its processor is used
     for k in itertools.count(start, stride):
-        chunk = encode_chunk(loaded.processor, seed, k, per_task, ToyConfig(**model_config), describe,
-                             _cap(caps, k), extra_questions, attribute_queries, hard)
+        chunk = encode_chunk(loaded.processor, seed, k, per_task, ToyConfig(**model_config),
+                             max_distractors=_cap(caps, k), **chunk_options)
         while True:
             try:
                 queue.put((k, chunk), timeout=5)
@@ -423,6 +423,10 @@ def _producer(queue, model_config: dict, seed: int, per_task: int | Mapping[str,
             except Full:
                 if os.getppid() != trainer:
                     return
+
+
+#: The keyword options of `encode_chunk` that a `ChunkStream` passes to every chunk.
+CHUNK_OPTIONS = ("describe", "extra_questions", "attribute_queries", "hard")
 
 
 def _cap(caps: tuple, k: int) -> int | None:
@@ -435,32 +439,32 @@ class ChunkStream:
     Worker w of n makes chunks w, w + n, ... and they are read back in turn, so the stream is the
     same for any number of workers (one keeps up with 2 CPU cores; a GPU needs several).
 
-    `describe` adds the description turn, `extra_questions` the further question turns and
-    `attribute_queries` the attribute-query turns, `hard` the share of hard samples (`encode_chunk`); `curriculum` and `batch_size` set
-    each chunk's distractor cap (`distractor_caps`).
+    `curriculum` and `batch_size` set each chunk's distractor cap (`distractor_caps`); `chunk_options`
+    are `encode_chunk`'s (`CHUNK_OPTIONS`: the description turn, further question turns, attribute-query
+    turns, the share of hard samples), the same for every chunk.
     """
 
     def __init__(self, processor, model_config: ToyConfig, seed: int, per_task: int | Mapping[str, int],
-                 workers: int = 1, describe: bool = True, curriculum: tuple = (),
-                 batch_size: int = TrainConfig.batch_size, extra_questions: int = 0, attribute_queries: int = 0,
-                 hard: float = 0.0):
+                 workers: int = 1, curriculum: tuple = (), batch_size: int = TrainConfig.batch_size,
+                 **chunk_options):
+        unknown = sorted(set(chunk_options) - set(CHUNK_OPTIONS))
+        if unknown:  # checked here: in a worker process the error would only show as a stalled stream
+            raise TypeError(f"ChunkStream got unknown chunk options {unknown}; they are {list(CHUNK_OPTIONS)}")
         self.processor, self.seed, self.per_task, self.k = processor, seed, per_task, 0
-        self.model_config, self.describe, self.extra_questions = model_config, describe, extra_questions
-        self.attribute_queries, self.hard = attribute_queries, hard
+        self.model_config, self.chunk_options = model_config, chunk_options
         self.caps = distractor_caps(per_task, batch_size, curriculum)
         self.queues, self.processes = [], []
         ctx = mp.get_context("spawn")
         for w in range(workers):
             self.queues.append(ctx.Queue(maxsize=3))
             self.processes.append(ctx.Process(target=_producer, daemon=True, args=(
-                self.queues[-1], model_config.to_dict(), seed, per_task, w, workers, describe, self.caps,
-                extra_questions, attribute_queries, hard)))
+                self.queues[-1], model_config.to_dict(), seed, per_task, w, workers, self.caps, chunk_options)))
             self.processes[-1].start()
 
     def next(self) -> dict:
         if not self.processes:
-            chunk = encode_chunk(self.processor, self.seed, self.k, self.per_task, self.model_config, self.describe,
-                                 _cap(self.caps, self.k), self.extra_questions, self.attribute_queries, self.hard)
+            chunk = encode_chunk(self.processor, self.seed, self.k, self.per_task, self.model_config,
+                                 max_distractors=_cap(self.caps, self.k), **self.chunk_options)
         else:
             k, chunk = self.queues[self.k % len(self.queues)].get(timeout=600)
             assert k == self.k, (k, self.k)

@@ -280,6 +280,8 @@ def test_stream_follows_the_task_counts_and_their_chunk_size():
     assert stream.caps == (0,)  # the curriculum's one step is the first chunk's (4 samples, 2 batches)
     chunk = stream.next()
     assert sorted(chunk["tasks"]) == ["ChooseCat"] * 3 + ["QueryAttr"]
+    with pytest.raises(TypeError, match="hard_negatives"):  # before any worker starts
+        ChunkStream(loaded.processor, SMALL, seed=3, per_task=counts, hard_negatives=0.5)
 
 
 def test_task_weights_from_the_command_line():

@@ -431,8 +431,9 @@ def generate_split(n_per_task: Union[int, Mapping[str, int]], seed: int = 0, spl
     `max_distractors` caps the objects besides those the question names (no cap by default); a
     training curriculum can start from scenes that hold only the named objects.
 
-    `hard` is the share of `HARD_TASKS` samples drawn as hard cases, for a training stream; at 0 (the
-    default, and every evaluation split) the samples are exactly those of a split without the option.
+    `hard` is the share of `HARD_TASKS` samples drawn as hard cases, for a training stream (a hard case
+    needs a distractor, so `max_distractors=0` leaves none); at 0 (the default, and every evaluation
+    split) the samples are exactly those of a split without the option.
 
     Answers cycle through the task's answer keys and option order alternates, then both are
     shuffled, so each is balanced to within one sample per task.
