@@ -44,6 +44,7 @@ import torch
 from . import config as cfg
 from .evaluate import chance_accuracy, evaluate, format_scores
 from .geometry import llava15_geometry
+from .data.synthetic import HARD_TASKS
 from .models import build_prompt, save_checkpoint
 from .sample import TASKS
 from .toy_model import ATTRIBUTE_QUERY, DESCRIBE_REQUEST, ToyConfig, answer_target, build_toy_model, count_parameters
@@ -111,6 +112,7 @@ class TrainConfig:
     # (forced choice) 46.8; main steps 29.7 samples/s (its 77.9 min included 33 min of vision pretraining
     # slowed by other jobs on the cores). Not the default yet: the worst task got worse.
     hard_negatives: float = 0.0
+    hard_tasks: tuple = HARD_TASKS  # which of them draw hard samples
     # (until step, most distractor objects) stages, then full scenes: scenes holding only the named objects
     # first teach reading an object's words from the image, distractors then demand finding the right one.
     # Trial with (500, 0), (1000, 1): monitor 62.5% at step 1500 (QueryAttr 75%), 55.8% (60%) without.
@@ -322,10 +324,10 @@ def distractor_caps(per_task: int | Mapping[str, int], batch_size: int, curricul
 
 def encode_chunk(processor, seed: int, k: int, per_task: int | Mapping[str, int], model_config: ToyConfig = ToyConfig(),
                  describe: bool = True, max_distractors: int | None = None, extra_questions: int = 0,
-                 attribute_queries: int = 0, hard: float = 0.0) -> dict:
+                 attribute_queries: int = 0, hard: float = 0.0, hard_tasks: tuple = HARD_TASKS) -> dict:
     """Chunk k of the training stream as token id lists and pixel values.
 
-    `hard` is the share of ChooseCat and LogicalObj samples drawn as hard cases (`generate_split`).
+    `hard` is the share of `hard_tasks` samples drawn as hard cases (`generate_split`).
 
     `per_task` is a count for every task or a {task: count} mapping (`TrainConfig.task_counts`).
 
@@ -342,7 +344,7 @@ def encode_chunk(processor, seed: int, k: int, per_task: int | Mapping[str, int]
     from .data.synthetic import generate_split, scene_questions, to_samples
 
     split = generate_split(per_task, seed=chunk_seed(seed, k), split="train", max_distractors=max_distractors,
-                           hard=hard)
+                           hard=hard, hard_tasks=hard_tasks)
     samples, scenes = to_samples(split), [json.loads(g) for g in split["scene_graph"]]
     order = np.random.default_rng([seed, k]).permutation(len(samples))
     describe_rng = np.random.default_rng([seed, k, 1])
@@ -426,7 +428,7 @@ def _producer(queue, model_config: dict, seed: int, per_task: int | Mapping[str,
 
 
 #: The keyword options of `encode_chunk` that a `ChunkStream` passes to every chunk.
-CHUNK_OPTIONS = ("describe", "extra_questions", "attribute_queries", "hard")
+CHUNK_OPTIONS = ("describe", "extra_questions", "attribute_queries", "hard", "hard_tasks")
 
 
 def _cap(caps: tuple, k: int) -> int | None:
@@ -441,7 +443,7 @@ class ChunkStream:
 
     `curriculum` and `batch_size` set each chunk's distractor cap (`distractor_caps`); `chunk_options`
     are `encode_chunk`'s (`CHUNK_OPTIONS`: the description turn, further question turns, attribute-query
-    turns, the share of hard samples), the same for every chunk.
+    turns, the share of hard samples and their tasks), the same for every chunk.
     """
 
     def __init__(self, processor, model_config: ToyConfig, seed: int, per_task: int | Mapping[str, int],
@@ -662,7 +664,8 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
     stream = ChunkStream(loaded.processor, model_config, seed, train_config.task_counts(), workers,
                          describe=train_config.describe_weight > 0, curriculum=train_config.distractor_curriculum,
                          batch_size=train_config.batch_size, extra_questions=train_config.extra_questions,
-                         attribute_queries=train_config.attribute_queries, hard=train_config.hard_negatives)
+                         attribute_queries=train_config.attribute_queries, hard=train_config.hard_negatives,
+                         hard_tasks=tuple(train_config.hard_tasks))
     log = {"step": [], "loss": [], "aux_loss": [], "question_loss": [], "query_loss": [], "describe_loss": [],
            "lr": [], "eval": []}
     steps_done = 0
@@ -904,9 +907,9 @@ def model_card_markdown(card: dict) -> str:
         f"- data: {card['data']['train_stream']}"
         + "".join(f"; until step {until}, scenes with at most {cap} distractor object{'s' * (cap != 1)} "
                   "(max_distractors)" for until, cap in t.get("distractor_curriculum", ()))
-        + (f"; {t['hard_negatives']:.0%} of ChooseCat and LogicalObj training samples hard (ChooseCat's false "
-           "shape always in the scene, LogicalObj `no` scenes holding the asked value on an unnamed shape; "
-           "`generate_split(hard=...)`), the held-out split as generated" if t.get("hard_negatives") else "")
+        + (f"; {t['hard_negatives']:.0%} of {' and '.join(t.get('hard_tasks', HARD_TASKS))} training samples hard "
+           f"({_hard_case_text(t.get('hard_tasks', HARD_TASKS))}; `generate_split(hard=...)`), the held-out split "
+           "as generated" if t.get("hard_negatives") else "")
         + ".",
     ]
     if "vision_pretraining" in tr:
@@ -935,6 +938,22 @@ def model_card_markdown(card: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_hard_tasks(text: str) -> tuple:
+    """'ChooseCat,LogicalObj' -> ("ChooseCat", "LogicalObj"); ValueError names the tasks allowed."""
+    tasks = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not tasks or not set(tasks) <= set(HARD_TASKS):
+        raise ValueError(f"--hard-tasks {text!r}: give some of {','.join(HARD_TASKS)}, comma-separated")
+    return tasks
+
+
+_HARD_CASES = {"ChooseCat": "ChooseCat's false shape always in the scene",
+               "LogicalObj": "LogicalObj `no` scenes holding the asked value on an unnamed shape"}
+
+
+def _hard_case_text(tasks) -> str:
+    return ", ".join(_HARD_CASES[task] for task in tasks)
+
+
 def parse_task_weights(text: str) -> tuple:
     """`"ChooseRel=3,LogicalObj=3"` -> `(("ChooseRel", 3), ("LogicalObj", 3))`, for `TrainConfig.task_weights`."""
     weights = []
@@ -948,7 +967,8 @@ def parse_task_weights(text: str) -> tuple:
 
 #: TrainConfig fields the command line sets, with their flags (`build_parser`, `command_line`).
 CLI_FIELDS = {"steps": "--steps", "threads": "--threads", "lr": "--lr", "extra_questions": "--extra-questions",
-              "attribute_queries": "--attribute-queries", "hard_negatives": "--hard-negatives", "vision_pretrain_steps": "--vision-pretrain-steps",
+              "attribute_queries": "--attribute-queries", "hard_negatives": "--hard-negatives",
+              "hard_tasks": "--hard-tasks", "vision_pretrain_steps": "--vision-pretrain-steps",
               "task_weights": "--task-weights"}
 
 
@@ -968,7 +988,8 @@ def command_line(train_config: Mapping, seed: int) -> str:
         return f"flowlib.train_toy.train(ToyConfig(), TrainConfig({settings}), seed={seed})"
     parts = ["python -m flowlib.train_toy", f"--seed {seed}"]
     for field, value in changed.items():
-        text = ",".join(f"{task}={weight}" for task, weight in value) if field == "task_weights" else value
+        text = (",".join(f"{task}={weight}" for task, weight in value) if field == "task_weights"
+                else ",".join(value) if field == "hard_tasks" else value)
         parts.append(f"{CLI_FIELDS[field]} {text}")
     return " ".join(parts)
 
@@ -995,6 +1016,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="attribute-query turns per training image (attribute_query)")
     parser.add_argument("--hard-negatives", type=float, default=TrainConfig.hard_negatives,
                         help="share of training ChooseCat and LogicalObj samples drawn as hard cases (0 to 1)")
+    parser.add_argument("--hard-tasks", default=",".join(TrainConfig.hard_tasks), metavar="TASK,...",
+                        help=f"which of {', '.join(HARD_TASKS)} draw hard samples (default: both)")
     parser.add_argument("--vision-pretrain-steps", type=int, default=TrainConfig.vision_pretrain_steps,
                         help="steps of vision pretraining before the main steps (pretrain_vision)")
     parser.add_argument("--task-weights", default=None, metavar="TASK=W,...",
@@ -1011,6 +1034,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
                                        extra_questions=args.extra_questions,
                                        attribute_queries=args.attribute_queries,
                                        hard_negatives=args.hard_negatives,
+                                       hard_tasks=parse_hard_tasks(args.hard_tasks),
                                        vision_pretrain_steps=args.vision_pretrain_steps)
     if args.task_weights is not None:
         train_config = dataclasses.replace(train_config, task_weights=parse_task_weights(args.task_weights))

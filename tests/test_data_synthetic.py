@@ -317,3 +317,11 @@ def test_hard_samples_defeat_the_presence_shortcuts_and_leave_other_tasks_alone(
     assert others(hard) == others(plain)
     with pytest.raises(ValueError, match="from 0 to 1"):
         syn.generate_split(3, hard=1.5)
+    # hard_tasks picks which tasks draw hard samples; the others' samples stay those of the plain split.
+    cat_only = syn.generate_split(40, seed=5, split="train", hard=1.0, hard_tasks=("ChooseCat",))
+    cat_only = cat_only.remove_columns("image").to_list()
+    assert all(cat(cat_only)) and [r for r in cat_only if r["task"] != "ChooseCat"] == [
+        r for r in plain if r["task"] != "ChooseCat"]
+    for bad in ("ChooseCat", ("QueryAttr",)):
+        with pytest.raises(ValueError, match="hard_tasks"):
+            syn.generate_split(3, hard=0.5, hard_tasks=bad)

@@ -284,6 +284,13 @@ def test_stream_follows_the_task_counts_and_their_chunk_size():
         ChunkStream(loaded.processor, SMALL, seed=3, per_task=counts, hard_negatives=0.5)
 
 
+def test_hard_tasks_from_the_command_line():
+    assert train_toy.parse_hard_tasks("LogicalObj, ChooseCat") == ("LogicalObj", "ChooseCat")
+    for bad in ("QueryAttr", ""):
+        with pytest.raises(ValueError, match="ChooseCat,LogicalObj"):
+            train_toy.parse_hard_tasks(bad)
+
+
 def test_task_weights_from_the_command_line():
     assert parse_task_weights("ChooseRel=3, LogicalObj=3,ChooseCat=1") == (("ChooseRel", 3), ("LogicalObj", 3),
                                                                           ("ChooseCat", 1))
@@ -296,11 +303,11 @@ def test_task_weights_from_the_command_line():
 def test_the_model_card_names_the_command_that_reproduces_the_run():
     assert train_toy.command_line(TrainConfig().to_dict(), seed=3) == "python -m flowlib.train_toy --seed 3"
     changed = dataclasses.replace(TrainConfig(), steps=1234, lr=1e-3, vision_pretrain_steps=0, hard_negatives=0.5,
-                                  task_weights=(("ChooseRel", 1), ("LogicalObj", 2)))
+                                  hard_tasks=("ChooseCat",), task_weights=(("ChooseRel", 1), ("LogicalObj", 2)))
     as_stored = json.loads(json.dumps(changed.to_dict()))  # card.json holds lists where the config has tuples
     command = train_toy.command_line(as_stored, seed=5)
     assert "--task-weights ChooseRel=1,LogicalObj=2" in command and "--steps 1234" in command
-    assert "--hard-negatives 0.5" in command
+    assert "--hard-negatives 0.5 --hard-tasks ChooseCat" in command
     program, argv = "python -m flowlib.train_toy ", command.split(" ")
     assert command.startswith(program)
     args = train_toy.build_parser().parse_args(argv[3:])
@@ -312,3 +319,17 @@ def test_the_model_card_names_the_command_that_reproduces_the_run():
     assert call.startswith(prefix) and call.endswith(suffix)
     config_expression = call.removeprefix(prefix).removesuffix(suffix)
     assert eval(config_expression, {"TrainConfig": TrainConfig}) == changed
+
+
+def test_the_model_card_renders_from_its_json_and_names_the_hard_tasks():
+    from flowlib import config as cfg
+
+    folder = cfg.SHORT_NAMES[cfg.OFFLINE_MODEL]
+    card = json.loads((folder / "card.json").read_text())
+    assert train_toy.model_card_markdown(card) == (folder / "MODEL_CARD.md").read_text()  # committed in step
+    card["train_config"].update(hard_negatives=0.5, hard_tasks=["ChooseCat"])
+    text = train_toy.model_card_markdown(card)
+    assert "50% of ChooseCat training samples hard (ChooseCat's false shape always in the scene;" in text
+    assert "LogicalObj `no` scenes" not in text
+    card["train_config"]["hard_tasks"] = ["ChooseCat", "LogicalObj"]
+    assert "LogicalObj `no` scenes" in train_toy.model_card_markdown(card)

@@ -421,7 +421,7 @@ def features():
 
 
 def generate_split(n_per_task: Union[int, Mapping[str, int]], seed: int = 0, split: str = "train", tasks=TASKS,
-                   max_distractors: Optional[int] = None, hard: float = 0.0):
+                   max_distractors: Optional[int] = None, hard: float = 0.0, hard_tasks=HARD_TASKS):
     """Generate one split: `n_per_task` samples of each task, deterministic in (`seed`, `split`).
 
     `n_per_task` may instead map tasks to their counts (`{"ChooseCat": 48, "QueryAttr": 16}`), to
@@ -431,9 +431,10 @@ def generate_split(n_per_task: Union[int, Mapping[str, int]], seed: int = 0, spl
     `max_distractors` caps the objects besides those the question names (no cap by default); a
     training curriculum can start from scenes that hold only the named objects.
 
-    `hard` is the share of `HARD_TASKS` samples drawn as hard cases, for a training stream (a hard case
-    needs a distractor, so `max_distractors=0` leaves none); at 0 (the default, and every evaluation
-    split) the samples are exactly those of a split without the option.
+    `hard` is the share of `hard_tasks` samples (some of `HARD_TASKS`) drawn as hard cases, for a
+    training stream (a hard case needs a distractor, so `max_distractors=0` leaves none); at 0 (the
+    default, and every evaluation split) the samples are exactly those of a split without the option,
+    and so are those of a task left out of `hard_tasks`.
 
     Answers cycle through the task's answer keys and option order alternates, then both are
     shuffled, so each is balanced to within one sample per task.
@@ -442,6 +443,8 @@ def generate_split(n_per_task: Union[int, Mapping[str, int]], seed: int = 0, spl
 
     if not 0.0 <= hard <= 1.0:
         raise ValueError(f"hard={hard!r} is a share of samples: give a number from 0 to 1")
+    if isinstance(hard_tasks, str) or not set(hard_tasks) <= set(HARD_TASKS):
+        raise ValueError(f"hard_tasks={hard_tasks!r}: give a tuple of tasks from {HARD_TASKS}")
     rows = []
     split_id = int.from_bytes(split.encode()[:8], "little")
     counts = dict(n_per_task) if isinstance(n_per_task, Mapping) else {task: n_per_task for task in tasks}
@@ -450,7 +453,7 @@ def generate_split(n_per_task: Union[int, Mapping[str, int]], seed: int = 0, spl
         keys = rng.permutation(np.arange(n) % _N_KEYS[task])
         firsts = rng.permutation(np.arange(n) % 2 == 0)
         for i in range(n):
-            is_hard = hard > 0 and task in HARD_TASKS and bool(rng.random() < hard)  # no draw at 0: same stream
+            is_hard = hard > 0 and task in hard_tasks and bool(rng.random() < hard)  # no draw at 0: same stream
             row = _sample(task, rng, int(keys[i]), bool(firsts[i]), max_distractors, is_hard)
             rows.append({"question_id": f"syn-{split}-{task}-{i:06d}", **row})
     columns = {name: [row[name] for row in rows] for name in features()}
