@@ -42,6 +42,10 @@ DESCRIBE_REQUEST = "what is in the image ?"
 #: already in the vocabulary.
 ATTRIBUTE_QUERY = "which shape is {value} ?"
 
+#: The user turn of a training-only check of one shape (`flowlib.train_toy.verify_query`), LogicalObj's
+#: question with a single shape; answered "Yes" or "No". Its words are in the vocabulary too.
+VERIFY_QUERY = "is there a {shape} that is {value} ?"
+
 
 @dataclasses.dataclass(frozen=True)
 class ToyConfig:

@@ -12,7 +12,8 @@ scene (`describe_scene`), and a per-patch word loss on the image tokens
 (`PatchLoss`). Optional turns (off by default, measured no help) add more answer
 signal per image encoded: further questions about the same image
 (`scene_questions`) and questions for the shapes that have an attribute
-(`attribute_query`); the first turn is exactly the evaluation prompt. The
+(`attribute_query`) or whether one shape has a value (`verify_query`); the
+first turn is exactly the evaluation prompt. The
 system prompt every sample opens with is computed once per batch
 (`forward_shared_prefix`). The first steps see scenes
 without distractor objects (`TrainConfig.distractor_curriculum`). Writes into the
@@ -47,7 +48,7 @@ from .geometry import llava15_geometry
 from .data.synthetic import HARD_TASKS
 from .models import build_prompt, save_checkpoint
 from .sample import TASKS
-from .toy_model import ATTRIBUTE_QUERY, DESCRIBE_REQUEST, ToyConfig, answer_target, build_toy_model, count_parameters
+from .toy_model import ATTRIBUTE_QUERY, DESCRIBE_REQUEST, VERIFY_QUERY, ToyConfig, answer_target, build_toy_model, count_parameters
 
 #: The fixed small held-out set a CI test re-measures (`ci_samples`): 30 per task, validation split, seed 0.
 CI_PER_TASK, CI_SEED, CI_SPLIT = 30, 0, "validation"
@@ -101,6 +102,13 @@ class TrainConfig:
     # answered exactly (all 20 "no"), but did not carry over: 4600 steps reached 78.0% held-out, ChooseCat
     # 71.5, LogicalObj 59, ChooseRel 73.5 (48.3 min). Off.
     attribute_queries: int = 0
+    # Turns checking one shape (verify_query: is there a star that is large ?), LogicalObj's question with a
+    # single shape. LogicalObj's monitor accuracy stays at 50-60% from step 300 to 5000 in every recipe so
+    # far, and the committed model's "no" errors follow neither rule alone (named shape present: "no" right
+    # 38% where both named shapes are present without the value; value anywhere: 48% where neither named
+    # shape is there but the value is), so binding a value to a named shape and answering yes or no is
+    # what it lacks. Its answers share the attribute queries' loss and weight.
+    verify_queries: int = 0
     query_weight: float = 1.0
     # Share of training ChooseCat and LogicalObj samples drawn hard (generate_split's `hard`): ChooseCat's
     # false shape always in the scene, a LogicalObj "no" scene always holding the asked value on an unnamed
@@ -305,6 +313,30 @@ def attribute_query(scene: dict, rng: np.random.Generator) -> tuple[str, str]:
     return ATTRIBUTE_QUERY.format(value=value), " , ".join(s for s in SHAPES if s in having) or "no"
 
 
+def verify_query(scene: dict, rng: np.random.Generator) -> tuple[str, str]:
+    """A training-only (question, answer) pair: "is there a star that is large ?" -> "yes" or "no".
+
+    Half the answers are "yes" (a shape of the scene and one of its own values, of a kind drawn
+    uniformly); the other half ask a shape of the scene with a value of that kind it lacks, or, one time
+    in three, a shape the scene does not hold. A scene holds each shape at most once.
+    """
+    from .data.synthetic import ATTRIBUTES, SHAPES
+
+    objects = [scene["objects"][key] for key in sorted(scene["objects"])]
+    obj = objects[int(rng.integers(len(objects)))]
+    kind = tuple(ATTRIBUTES)[int(rng.integers(len(ATTRIBUTES)))]
+    shape, value, answer = obj["name"], obj[kind], "yes"
+    if rng.random() >= 0.5:
+        answer = "no"
+        if rng.random() < 1 / 3:
+            absent = [s for s in SHAPES if s not in {o["name"] for o in objects}]
+            shape = str(absent[int(rng.integers(len(absent)))])
+        else:
+            others = [v for v in ATTRIBUTES[kind] if v != obj[kind]]
+            value = str(others[int(rng.integers(len(others)))])
+    return VERIFY_QUERY.format(shape=shape, value=value), answer
+
+
 def chunk_size(per_task: int | Mapping[str, int]) -> int:
     """Samples in a chunk of `per_task` (a count for every task, or a {task: count} mapping)."""
     return sum(per_task.values()) if isinstance(per_task, Mapping) else per_task * len(TASKS)
@@ -324,7 +356,8 @@ def distractor_caps(per_task: int | Mapping[str, int], batch_size: int, curricul
 
 def encode_chunk(processor, seed: int, k: int, per_task: int | Mapping[str, int], model_config: ToyConfig = ToyConfig(),
                  describe: bool = True, max_distractors: int | None = None, extra_questions: int = 0,
-                 attribute_queries: int = 0, hard: float = 0.0, hard_tasks: tuple = HARD_TASKS) -> dict:
+                 attribute_queries: int = 0, verify_queries: int = 0, hard: float = 0.0,
+                 hard_tasks: tuple = HARD_TASKS) -> dict:
     """Chunk k of the training stream as token id lists and pixel values.
 
     `hard` is the share of `hard_tasks` samples drawn as hard cases (`generate_split`).
@@ -334,12 +367,13 @@ def encode_chunk(processor, seed: int, k: int, per_task: int | Mapping[str, int]
     A sample's ids are the prompt, the answer and `</s>`, then up to `extra_questions` further turns
     `USER: <question> \n<instruction> ASSISTANT: <Answer> </s>` about the same image (`scene_questions`),
     then `attribute_queries` turns `USER: which shape is <value> ? ASSISTANT: <shapes or no> </s>`
-    (`attribute_query`), then (`describe`) the turn
+    (`attribute_query`), then `verify_queries` turns `USER: is there a <shape> that is <value> ? ASSISTANT:
+    <Yes or No> </s>` (`verify_query`), then (`describe`) the turn
     `USER: what is in the image ? ASSISTANT: <describe_scene> </s>`, as in LLaVA's multi-turn training
     conversations. The first turn is exactly what the model sees at
     evaluation; the description comes last so that no question can read its answer from it.
     `answers` holds each sample's (start, end) spans of the answer tokens, the first turn's first;
-    `queries` the spans of the attribute queries' answers, `descriptions` the description's span.
+    `queries` the spans of the attribute and verify queries' answers, `descriptions` the description's span.
     """
     from .data.synthetic import generate_split, scene_questions, to_samples
 
@@ -350,6 +384,7 @@ def encode_chunk(processor, seed: int, k: int, per_task: int | Mapping[str, int]
     describe_rng = np.random.default_rng([seed, k, 1])
     questions_rng = np.random.default_rng([seed, k, 2])
     queries_rng = np.random.default_rng([seed, k, 3])
+    verify_rng = np.random.default_rng([seed, k, 4])
     tokenizer = processor.tokenizer
     request = tokenizer(f"USER: {DESCRIBE_REQUEST} ASSISTANT:", add_special_tokens=False)["input_ids"]
     ids, pixels, tasks, labels, questions, answers, queries, descriptions = [], [], [], [], [], [], [], []
@@ -373,6 +408,11 @@ def encode_chunk(processor, seed: int, k: int, per_task: int | Mapping[str, int]
             start = len(row)
             row += tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             spans.append((start, len(row)))
+        for _ in range(verify_queries):
+            question, answer = verify_query(scenes[int(i)], verify_rng)
+            row += tokenizer(f"USER: {question} ASSISTANT:", add_special_tokens=False)["input_ids"]
+            row += [_answer_id(tokenizer, answer), tokenizer.eos_token_id]
+            spans.append((len(row) - 2, len(row)))
         queries.append(tuple(spans))
         if describe:
             description = tokenizer(describe_scene(scenes[int(i)], describe_rng), add_special_tokens=False)
@@ -428,7 +468,7 @@ def _producer(queue, model_config: dict, seed: int, per_task: int | Mapping[str,
 
 
 #: The keyword options of `encode_chunk` that a `ChunkStream` passes to every chunk.
-CHUNK_OPTIONS = ("describe", "extra_questions", "attribute_queries", "hard", "hard_tasks")
+CHUNK_OPTIONS = ("describe", "extra_questions", "attribute_queries", "verify_queries", "hard", "hard_tasks")
 
 
 def _cap(caps: tuple, k: int) -> int | None:
@@ -664,7 +704,8 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
     stream = ChunkStream(loaded.processor, model_config, seed, train_config.task_counts(), workers,
                          describe=train_config.describe_weight > 0, curriculum=train_config.distractor_curriculum,
                          batch_size=train_config.batch_size, extra_questions=train_config.extra_questions,
-                         attribute_queries=train_config.attribute_queries, hard=train_config.hard_negatives,
+                         attribute_queries=train_config.attribute_queries,
+                         verify_queries=train_config.verify_queries, hard=train_config.hard_negatives,
                          hard_tasks=tuple(train_config.hard_tasks))
     log = {"step": [], "loss": [], "aux_loss": [], "question_loss": [], "query_loss": [], "describe_loss": [],
            "lr": [], "eval": []}
@@ -690,7 +731,7 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
             loss = torch.nn.functional.cross_entropy(logits, labels.flatten())
             question_loss = torch.nn.functional.cross_entropy(logits, question_labels.flatten())
             total = loss + train_config.question_weight * question_loss
-            if train_config.attribute_queries:
+            if train_config.attribute_queries or train_config.verify_queries:
                 query_loss = torch.nn.functional.cross_entropy(logits, query_labels.flatten())
                 total = total + train_config.query_weight * query_loss
             else:
@@ -894,6 +935,9 @@ def model_card_markdown(card: dict) -> str:
         + (f" plus {t['query_weight']} x the loss of {t['attribute_queries']} training-only turn(s) asking which "
            "shapes have a colour, size or texture (`USER: which shape is large ? ASSISTANT: circle , star`, or "
            "`no`)" if t.get("attribute_queries") else "")
+        + (f" plus {t['query_weight']} x the loss of {t['verify_queries']} training-only turn(s) checking one "
+           "shape (`USER: is there a star that is large ? ASSISTANT: Yes`, or `No`, half each)"
+           if t.get("verify_queries") else "")
         + (f" plus {t['describe_weight']} x the loss of a last, training-only turn that describes every object "
            "(`USER: what is in the image ? ASSISTANT: star red large striped left above , ...`)"
            if t.get("describe_weight") else "")
@@ -967,7 +1011,8 @@ def parse_task_weights(text: str) -> tuple:
 
 #: TrainConfig fields the command line sets, with their flags (`build_parser`, `command_line`).
 CLI_FIELDS = {"steps": "--steps", "threads": "--threads", "lr": "--lr", "extra_questions": "--extra-questions",
-              "attribute_queries": "--attribute-queries", "hard_negatives": "--hard-negatives",
+              "attribute_queries": "--attribute-queries",
+              "verify_queries": "--verify-queries", "hard_negatives": "--hard-negatives",
               "hard_tasks": "--hard-tasks", "vision_pretrain_steps": "--vision-pretrain-steps",
               "task_weights": "--task-weights"}
 
@@ -1014,6 +1059,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="further question turns per training image (scene_questions)")
     parser.add_argument("--attribute-queries", type=int, default=TrainConfig.attribute_queries,
                         help="attribute-query turns per training image (attribute_query)")
+    parser.add_argument("--verify-queries", type=int, default=TrainConfig.verify_queries,
+                        help="turns per training image checking one shape's value (verify_query)")
     parser.add_argument("--hard-negatives", type=float, default=TrainConfig.hard_negatives,
                         help="share of training ChooseCat and LogicalObj samples drawn as hard cases (0 to 1)")
     parser.add_argument("--hard-tasks", default=",".join(TrainConfig.hard_tasks), metavar="TASK,...",
@@ -1033,6 +1080,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     train_config = dataclasses.replace(TrainConfig(), steps=args.steps, threads=args.threads, lr=args.lr,
                                        extra_questions=args.extra_questions,
                                        attribute_queries=args.attribute_queries,
+                                       verify_queries=args.verify_queries,
                                        hard_negatives=args.hard_negatives,
                                        hard_tasks=parse_hard_tasks(args.hard_tasks),
                                        vision_pretrain_steps=args.vision_pretrain_steps)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flowlib import train_toy
-from flowlib.data.synthetic import COLORS, SHAPES, generate_split
+from flowlib.data.synthetic import ATTRIBUTES, COLORS, SHAPES, generate_split
 from flowlib.sample import TASKS
 from flowlib.toy_model import ToyConfig, build_toy_model
 from flowlib.train_toy import (
@@ -19,6 +19,7 @@ from flowlib.train_toy import (
     TrainConfig,
     _patch_centres,
     attribute_query,
+    verify_query,
     batches,
     describe_scene,
     forward_shared_prefix,
@@ -186,6 +187,33 @@ def test_attribute_query_turns_come_after_the_answer_and_before_the_description(
         assert (labels != -100).nonzero().max() < at.min() and at.max() < (describe_labels != -100).nonzero().min()
 
 
+def test_verify_queries_check_one_shape_and_answer_yes_half_the_time(scenes):
+    rng = np.random.default_rng(0)
+    answers, absent, kinds = [], 0, set()
+    for scene in scenes * 30:
+        question, answer = verify_query(scene, rng)
+        shape, value = question.removeprefix("is there a ").removesuffix(" ?").split(" that is ")
+        holds = [o for o in scene["objects"].values() if o["name"] == shape]
+        assert answer == ("yes" if any(value in o["attributes"] for o in holds) else "no")
+        absent += not holds
+        kinds.add(next(kind for kind, values in ATTRIBUTES.items() if value in values))
+        answers.append(answer)
+    n = len(answers)
+    assert 0.4 < answers.count("yes") / n < 0.6 and 0.1 < absent / n < 0.25 and kinds == set(ATTRIBUTES)
+
+
+def test_verify_query_turns_are_answered_yes_or_no_after_the_attribute_queries():
+    loaded, batch = first_batch(attribute_queries=1, verify_queries=2)
+    tokenizer = loaded.tokenizer
+    for row, query_labels in zip(batch["input_ids"], batch["query_labels"]):
+        text = tokenizer.decode(row[row != tokenizer.pad_token_id])
+        assert text.index("USER : which shape is ") < text.index("USER : is there a ")
+        turns = text.split("USER : is there a ")[1:]
+        answers = [turn.split("ASSISTANT : ")[1].split(" </s>")[0] for turn in turns]
+        assert len(answers) == 2 and set(answers) <= {"Yes", "No"}  # capitalised, as the first answer word
+        assert tokenizer.decode(query_labels[query_labels != -100]).endswith(" </s> ".join(answers) + " </s>")
+
+
 def test_the_shared_prefix_forward_gives_the_plain_logits():
     loaded, batch = first_batch(attribute_queries=1)
     tokenizer = loaded.tokenizer
@@ -303,11 +331,12 @@ def test_task_weights_from_the_command_line():
 def test_the_model_card_names_the_command_that_reproduces_the_run():
     assert train_toy.command_line(TrainConfig().to_dict(), seed=3) == "python -m flowlib.train_toy --seed 3"
     changed = dataclasses.replace(TrainConfig(), steps=1234, lr=1e-3, vision_pretrain_steps=0, hard_negatives=0.5,
-                                  hard_tasks=("ChooseCat",), task_weights=(("ChooseRel", 1), ("LogicalObj", 2)))
+                                  hard_tasks=("ChooseCat",), verify_queries=1, task_weights=(("ChooseRel", 1), ("LogicalObj", 2)))
     as_stored = json.loads(json.dumps(changed.to_dict()))  # card.json holds lists where the config has tuples
     command = train_toy.command_line(as_stored, seed=5)
     assert "--task-weights ChooseRel=1,LogicalObj=2" in command and "--steps 1234" in command
     assert "--hard-negatives 0.5 --hard-tasks ChooseCat" in command
+    assert "--verify-queries 1" in command
     program, argv = "python -m flowlib.train_toy ", command.split(" ")
     assert command.startswith(program)
     args = train_toy.build_parser().parse_args(argv[3:])
