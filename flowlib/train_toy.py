@@ -324,13 +324,17 @@ def verify_query(scene: dict, rng: np.random.Generator) -> tuple[str, str]:
 
     Half the answers are "yes" (a shape of the scene and one of its own values, of a kind drawn
     uniformly); the other half ask a shape of the scene with a value of that kind it lacks, or, one time
-    in three, a shape the scene does not hold. A scene holds each shape at most once.
+    in three, a shape the scene does not hold. A scene holds each shape at most once; an empty scene (a
+    LogicalObj "no" sample naming two absent shapes, in the curriculum's first stage) gets a "no".
     """
     from .data.synthetic import ATTRIBUTES, SHAPES
 
     objects = [scene["objects"][key] for key in sorted(scene["objects"])]
-    obj = objects[int(rng.integers(len(objects)))]
     kind = tuple(ATTRIBUTES)[int(rng.integers(len(ATTRIBUTES)))]
+    if not objects:
+        value = ATTRIBUTES[kind][int(rng.integers(len(ATTRIBUTES[kind])))]
+        return VERIFY_QUERY.format(shape=SHAPES[int(rng.integers(len(SHAPES)))], value=value), "no"
+    obj = objects[int(rng.integers(len(objects)))]
     shape, value, answer = obj["name"], obj[kind], "yes"
     if rng.random() >= 0.5:
         answer = "no"
@@ -462,8 +466,11 @@ def _producer(queue, model_config: dict, seed: int, per_task: int | Mapping[str,
     trainer = os.getppid()
     loaded = build_toy_model(ToyConfig(**model_config), seed=0)  # only its processor is used
     for k in itertools.count(start, stride):
-        chunk = encode_chunk(loaded.processor, seed, k, per_task, ToyConfig(**model_config),
-                             max_distractors=_cap(caps, k), **chunk_options)
+        try:
+            chunk = encode_chunk(loaded.processor, seed, k, per_task, ToyConfig(**model_config),
+                                 max_distractors=_cap(caps, k), **chunk_options)
+        except Exception as error:  # sent on, so that the trainer fails now, not after a 10-minute wait
+            chunk = RuntimeError(f"data worker failed on chunk {k}: {error!r}")
         while True:
             try:
                 queue.put((k, chunk), timeout=5)
@@ -515,6 +522,8 @@ class ChunkStream:
                                  max_distractors=_cap(self.caps, self.k), **self.chunk_options)
         else:
             k, chunk = self.queues[self.k % len(self.queues)].get(timeout=600)
+            if isinstance(chunk, Exception):
+                raise chunk
             assert k == self.k, (k, self.k)
         self.k += 1
         return chunk

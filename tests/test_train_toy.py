@@ -200,6 +200,8 @@ def test_verify_queries_check_one_shape_and_answer_yes_half_the_time(scenes):
         answers.append(answer)
     n = len(answers)
     assert 0.4 < answers.count("yes") / n < 0.6 and 0.1 < absent / n < 0.25 and kinds == set(ATTRIBUTES)
+    question, answer = verify_query({"objects": {}}, rng)  # the curriculum's empty LogicalObj "no" scenes
+    assert question.startswith("is there a ") and answer == "no"
 
 
 def test_verify_query_turns_are_answered_yes_or_no_after_the_attribute_queries():
@@ -259,6 +261,16 @@ def test_the_stream_is_the_same_for_any_number_of_workers():
     # The hard share reaches the chunks (and through the workers' arguments, by the equality above).
     plain = train_toy.encode_chunk(loaded.processor, 3, 0, 1, SMALL, extra_questions=2)
     assert not torch.equal(plain["pixel_values"], chunks[0][0]["pixel_values"])
+
+
+def test_a_data_workers_error_stops_the_trainer_at_once():
+    loaded = build_toy_model(SMALL, seed=0)
+    stream = ChunkStream(loaded.processor, SMALL, seed=3, per_task=1, workers=1, hard=1.5)
+    try:
+        with pytest.raises(RuntimeError, match="data worker failed on chunk 0: ValueError.*from 0 to 1"):
+            stream.next()
+    finally:
+        stream.close()
 
 
 def test_vision_pretraining_trains_the_tower_and_projector_only(one_thread):
