@@ -43,9 +43,9 @@ import numpy as np
 import torch
 
 from . import config as cfg
+from .data.synthetic import HARD_CASES, HARD_TASKS
 from .evaluate import chance_accuracy, evaluate, format_scores
 from .geometry import llava15_geometry
-from .data.synthetic import HARD_TASKS
 from .models import build_prompt, save_checkpoint
 from .sample import TASKS
 from .toy_model import ATTRIBUTE_QUERY, DESCRIBE_REQUEST, VERIFY_QUERY, ToyConfig, answer_target, build_toy_model, count_parameters
@@ -481,6 +481,8 @@ def _producer(queue, model_config: dict, seed: int, per_task: int | Mapping[str,
             except Full:
                 if os.getppid() != trainer:
                     return
+        if isinstance(chunk, Exception):  # the trainer raises it; nothing after it will be read
+            return
 
 
 #: The keyword options of `encode_chunk` that a `ChunkStream` passes to every chunk.
@@ -970,7 +972,7 @@ def model_card_markdown(card: dict) -> str:
         + "".join(f"; until step {until}, scenes with at most {cap} distractor object{'s' * (cap != 1)} "
                   "(max_distractors)" for until, cap in t.get("distractor_curriculum", ()))
         + (f"; {t['hard_negatives']:.0%} of {' and '.join(t.get('hard_tasks', HARD_TASKS))} training samples hard "
-           f"({_hard_case_text(t.get('hard_tasks', HARD_TASKS))}; `generate_split(hard=...)`), the held-out split "
+           f"({', '.join(HARD_CASES[task] for task in t.get('hard_tasks', HARD_TASKS))}; `generate_split(hard=...)`), the held-out split "
            "as generated" if t.get("hard_negatives") else "")
         + ".",
     ]
@@ -1006,14 +1008,6 @@ def parse_hard_tasks(text: str) -> tuple:
     if not tasks or not set(tasks) <= set(HARD_TASKS):
         raise ValueError(f"--hard-tasks {text!r}: give some of {','.join(HARD_TASKS)}, comma-separated")
     return tasks
-
-
-_HARD_CASES = {"ChooseCat": "ChooseCat's false shape always in the scene",
-               "LogicalObj": "LogicalObj `no` scenes holding the asked value on an unnamed shape"}
-
-
-def _hard_case_text(tasks) -> str:
-    return ", ".join(_HARD_CASES[task] for task in tasks)
 
 
 def parse_task_weights(text: str) -> tuple:

@@ -403,7 +403,9 @@ def _holds(relation: str, a: dict, b: dict) -> bool:
 #: always in the scene (in another colour), so that only binding the colour to a shape answers; a LogicalObj
 #: "no" scene always holds the asked value, on a shape the question does not name, so that seeing the value
 #: somewhere is not enough. Without them a model can score 75% on ChooseCat by naming the option it sees.
-HARD_TASKS = ("ChooseCat", "LogicalObj")
+HARD_CASES = {"ChooseCat": "ChooseCat's false shape always in the scene",
+              "LogicalObj": "LogicalObj `no` scenes holding the asked value on an unnamed shape"}
+HARD_TASKS = tuple(HARD_CASES)
 
 _N_KEYS = {"ChooseAttr": 1, "ChooseCat": 1, "ChooseRel": 2, "CompareAttr": 3, "LogicalObj": 2, "QueryAttr": 2}
 
