@@ -231,6 +231,17 @@ def test_same_seed_same_bytes_other_seed_differs():
     assert a.features == syn.features()
 
 
+def test_rows_hold_the_split_pixel_for_pixel():
+    # The training stream reads generate_rows' in-memory images; evaluation reads generate_split's PNGs.
+    options = dict(seed=5, split="train", hard=0.5, max_distractors=1)
+    rows, split = syn.generate_rows(3, **options), syn.generate_split(3, **options)
+    assert len(rows) == len(split) == 18
+    for row, stored in zip(rows, split):
+        assert {k: v for k, v in row.items() if k != "image"} == {k: v for k, v in stored.items() if k != "image"}
+        assert row["image"].mode == stored["image"].mode == "RGB"
+        assert np.array_equal(np.asarray(row["image"]), np.asarray(stored["image"]))
+
+
 def test_save_is_atomic_and_load_or_generate_caches(tmp_path, monkeypatch):
     path = tmp_path / "world"
     first = syn.load_or_generate_world(path, n_per_task=10, seed=1)

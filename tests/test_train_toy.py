@@ -1,6 +1,7 @@
 """The offline model's training script: its per-patch targets, its labels and its determinism."""
 
 import dataclasses
+import hashlib
 import json
 
 import numpy as np
@@ -140,6 +141,19 @@ def test_extra_question_turns_come_between_the_answer_and_the_description():
     assert max(turns) == 4 and min(turns) >= 2  # up to 3 extra turns; a scene may not allow every task
 
 
+def test_extra_question_turns_ask_only_the_chosen_tasks():
+    loaded, batch = first_batch(extra_questions=2, extra_question_tasks=("LogicalObj",))
+    tokenizer, eos = loaded.tokenizer, loaded.tokenizer.eos_token_id
+    extra_answers = []
+    for row, labels in zip(batch["input_ids"], batch["labels"]):
+        answer_at = [i for i in (labels != -100).nonzero().flatten().tolist() if labels[i] != eos]
+        extra_answers += tokenizer.convert_ids_to_tokens([int(row[i]) for i in answer_at[1:]])
+        text = tokenizer.decode([t for t in row if t != tokenizer.pad_token_id])
+        # Every extra turn is LogicalObj's question (the evaluation's turn may be one too).
+        assert len(answer_at) - 1 <= text.count("is there either a ") <= len(answer_at)
+    assert len(extra_answers) >= 8 and set(extra_answers) == {"Yes", "No"}
+
+
 def test_distractor_curriculum_caps_the_first_chunks():
     # Chunks of 32 x 6 samples = 12 steps of 16; a chunk takes the stage of its first step.
     assert distractor_caps(32, 16, ((600, 0), (1200, 1))) == (0,) * 50 + (1,) * 50
@@ -263,6 +277,25 @@ def test_the_stream_is_the_same_for_any_number_of_workers():
     assert not torch.equal(plain["pixel_values"], chunks[0][0]["pixel_values"])
 
 
+@pytest.mark.parametrize("k, digest", [
+    (0, "a7a680276edf6fc9f19cc2ecb78d2566ce20ab2e1cb6b66d4cf6a70f050c0f49"),  # curriculum: named objects only
+    (200, "389edb8115ffa1171d9d83a528c905f49386c41efb11ec10c95d89e39de7d7d9"),  # full scenes
+])
+def test_the_default_training_stream_is_pinned(k, digest):
+    # The model card's command reproduces the committed weights only while the default recipe's stream
+    # stays the same, token for token and pixel for pixel; a speed-up of the data path must keep it.
+    train_config = TrainConfig()
+    caps = distractor_caps(train_config.task_counts(), train_config.batch_size, train_config.distractor_curriculum)
+    chunk = train_toy.encode_chunk(build_toy_model(ToyConfig(), seed=0).processor, 0, k, train_config.task_counts(),
+                                   max_distractors=caps[k] if k < len(caps) else None)
+    digest_of = hashlib.sha256()
+    for key in ("ids", "tasks", "questions", "answers", "queries", "descriptions"):
+        digest_of.update(repr(chunk[key]).encode())
+    for key in ("pixel_values", "patch_labels"):
+        digest_of.update(chunk[key].numpy().tobytes())
+    assert digest_of.hexdigest() == digest
+
+
 def test_a_data_workers_error_stops_the_trainer_at_once():
     loaded = build_toy_model(SMALL, seed=0)
     stream = ChunkStream(loaded.processor, SMALL, seed=3, per_task=1, workers=1, hard=1.5)
@@ -325,10 +358,14 @@ def test_stream_follows_the_task_counts_and_their_chunk_size():
 
 
 def test_hard_tasks_from_the_command_line():
-    assert train_toy.parse_hard_tasks("LogicalObj, ChooseCat") == ("LogicalObj", "ChooseCat")
+    assert train_toy.parse_tasks("LogicalObj, ChooseCat") == ("LogicalObj", "ChooseCat")
     for bad in ("QueryAttr", ""):
-        with pytest.raises(ValueError, match="ChooseCat,LogicalObj"):
-            train_toy.parse_hard_tasks(bad)
+        with pytest.raises(ValueError, match="--hard-tasks .*ChooseCat,LogicalObj"):
+            train_toy.parse_tasks(bad)
+    args = train_toy.build_parser().parse_args(["--extra-questions", "1", "--extra-question-tasks", "LogicalObj"])
+    assert train_toy.train_config_from_args(args).extra_question_tasks == ("LogicalObj",)
+    with pytest.raises(SystemExit):  # unknown task: the parser's error, before any training starts
+        train_toy.main(["--extra-question-tasks", "ChooseColour", "--out", "unused"])
 
 
 def test_task_weights_from_the_command_line():

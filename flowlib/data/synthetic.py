@@ -136,11 +136,15 @@ def _patch(color: str, texture: str, side: int) -> Image.Image:
     return Image.fromarray(rgb)
 
 
-def _render(width: int, height: int, objects: list[dict]) -> bytes:
+def _render(width: int, height: int, objects: list[dict]) -> Image.Image:
     image = Image.new("RGB", (width, height), BACKGROUND)
     for obj in objects:
         side = SIZES[obj["size"]]
         image.paste(_patch(obj["color"], obj["texture"], side), (obj["x"], obj["y"]), _mask(obj["name"], side))
+    return image
+
+
+def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)  # fast; flat colours compress well anyway
     return buffer.getvalue()
@@ -293,17 +297,17 @@ def _sample(task: str, rng, key: int, first: bool, max_distractors: Optional[int
     boxes = [{"x": float(o["x"]), "y": float(o["y"]), "w": float(o["w"]), "h": float(o["h"]), "label": o["name"]}
              for o in list(objects.values())[: len(required)]]
     scene = {"width": width, "height": height, "background": list(BACKGROUND), "objects": objects}
-    return {"image": {"bytes": _render(width, height, placed), "path": None}, "question": question,
+    return {"image": _render(width, height, placed), "question": question,
             "answer": true, "task": task, "type_detailed": TYPE_DETAILED[task],
             "true_option": true if false is not None else None, "false_option": false,
             "central_object": central, "boxes": boxes, "scene_graph": json.dumps(scene, sort_keys=True),
             "pattern": pattern, "image_w": width, "image_h": height, "source": "synthetic"}
 
 
-def scene_questions(scene: dict, rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
+def scene_questions(scene: dict, rng: np.random.Generator, n: int, tasks=TASKS) -> list[tuple[str, str]]:
     """Up to `n` further (question, answer) pairs about a scene graph, for extra training turns.
 
-    Each picks a random task and random objects of the scene; a task the scene cannot ask (no pair
+    Each picks a random task of `tasks` and random objects of the scene; a task the scene cannot ask (no pair
     of objects sharing exactly one attribute, say) is skipped. Answers follow from the scene graph by
     the same rules as the generated samples (boxes `GAP` apart for relations, `SIDE_MARGIN` from the
     midline for sides), so a question never has two readings. Unlike `generate_split`, answers are not
@@ -314,8 +318,8 @@ def scene_questions(scene: dict, rng: np.random.Generator, n: int) -> list[tuple
         return []
     pairs = []
     for _ in range(n):
-        task = TASKS[int(rng.integers(len(TASKS)))]
-        pair = _scene_question(task, objects, scene, rng)
+        task = tasks[int(rng.integers(len(tasks)))]
+        pair = _scene_question(check_task(task), objects, scene, rng)
         if pair is not None:
             pairs.append(pair)
     return pairs
@@ -424,7 +428,21 @@ def features():
 
 def generate_split(n_per_task: Union[int, Mapping[str, int]], seed: int = 0, split: str = "train", tasks=TASKS,
                    max_distractors: Optional[int] = None, hard: float = 0.0, hard_tasks=HARD_TASKS):
-    """Generate one split: `n_per_task` samples of each task, deterministic in (`seed`, `split`).
+    """Generate one split as a `Dataset`: `generate_rows` (see its options), each image stored as PNG."""
+    from datasets import Dataset
+
+    rows = generate_rows(n_per_task, seed, split, tasks, max_distractors, hard, hard_tasks)
+    columns = {name: [row[name] for row in rows] for name in features()}
+    columns["image"] = [{"bytes": _png(image), "path": None} for image in columns["image"]]
+    return Dataset.from_dict(columns, features=features())
+
+
+def generate_rows(n_per_task: Union[int, Mapping[str, int]], seed: int = 0, split: str = "train", tasks=TASKS,
+                  max_distractors: Optional[int] = None, hard: float = 0.0, hard_tasks=HARD_TASKS) -> list[dict]:
+    """Generate one split's rows: `n_per_task` samples of each task, deterministic in (`seed`, `split`).
+
+    Each row holds `features()`'s fields, its image as the rendered `PIL.Image` (pixel for pixel what
+    `generate_split`'s PNG decodes to): a training stream skips the PNG round trip and `datasets`.
 
     `n_per_task` may instead map tasks to their counts (`{"ChooseCat": 48, "QueryAttr": 16}`), to
     weight a training mix; `tasks` is then its keys. A task's samples depend only on (`seed`,
@@ -441,8 +459,6 @@ def generate_split(n_per_task: Union[int, Mapping[str, int]], seed: int = 0, spl
     Answers cycle through the task's answer keys and option order alternates, then both are
     shuffled, so each is balanced to within one sample per task.
     """
-    from datasets import Dataset
-
     if not 0.0 <= hard <= 1.0:
         raise ValueError(f"hard={hard!r} is a share of samples: give a number from 0 to 1")
     if isinstance(hard_tasks, str) or not set(hard_tasks) <= set(HARD_TASKS):
@@ -458,8 +474,7 @@ def generate_split(n_per_task: Union[int, Mapping[str, int]], seed: int = 0, spl
             is_hard = hard > 0 and task in hard_tasks and bool(rng.random() < hard)  # no draw at 0: same stream
             row = _sample(task, rng, int(keys[i]), bool(firsts[i]), max_distractors, is_hard)
             rows.append({"question_id": f"syn-{split}-{task}-{i:06d}", **row})
-    columns = {name: [row[name] for row in rows] for name in features()}
-    return Dataset.from_dict(columns, features=features())
+    return rows
 
 
 def generate_world(n_per_task: int = 1000, seed: int = 0, splits: dict = SPLITS, tasks=TASKS):
