@@ -278,16 +278,18 @@ def test_the_stream_is_the_same_for_any_number_of_workers():
 
 
 @pytest.mark.parametrize("k, digest", [
-    (0, "a7a680276edf6fc9f19cc2ecb78d2566ce20ab2e1cb6b66d4cf6a70f050c0f49"),  # curriculum: named objects only
-    (200, "389edb8115ffa1171d9d83a528c905f49386c41efb11ec10c95d89e39de7d7d9"),  # full scenes
+    (0, "6c56d0751d153e05f463d8032574c2bf352d332b686ddee24459c8ba8357a1d9"),  # curriculum: named objects only
+    (200, "b69d98e62929d9c0ff7fda3aafbecdb032547ba1e01dbb7b4fd5b859eb2ccdb5"),  # full scenes
 ])
 def test_the_default_training_stream_is_pinned(k, digest):
     # The model card's command reproduces the committed weights only while the default recipe's stream
     # stays the same, token for token and pixel for pixel; a speed-up of the data path must keep it.
     train_config = TrainConfig()
+    assert set(train_config.chunk_options()) == set(train_toy.CHUNK_OPTIONS)  # the whole recipe is pinned
     caps = distractor_caps(train_config.task_counts(), train_config.batch_size, train_config.distractor_curriculum)
     chunk = train_toy.encode_chunk(build_toy_model(ToyConfig(), seed=0).processor, 0, k, train_config.task_counts(),
-                                   max_distractors=caps[k] if k < len(caps) else None)
+                                   max_distractors=caps[k] if k < len(caps) else None,
+                                   **train_config.chunk_options())
     digest_of = hashlib.sha256()
     for key in ("ids", "tasks", "questions", "answers", "queries", "descriptions"):
         digest_of.update(repr(chunk[key]).encode())
@@ -379,12 +381,14 @@ def test_task_weights_from_the_command_line():
 
 def test_the_model_card_names_the_command_that_reproduces_the_run():
     assert train_toy.command_line(TrainConfig().to_dict(), seed=3) == "python -m flowlib.train_toy --seed 3"
-    changed = dataclasses.replace(TrainConfig(), steps=1234, lr=1e-3, vision_pretrain_steps=0, hard_negatives=0.5,
-                                  hard_tasks=("ChooseCat",), verify_queries=1, task_weights=(("ChooseRel", 1), ("LogicalObj", 2)))
+    changed = dataclasses.replace(TrainConfig(), steps=1234, lr=1e-3, vision_pretrain_steps=0, hard_negatives=0.25,
+                                  hard_tasks=("ChooseCat",), verify_queries=1, extra_question_tasks=("ChooseRel", "LogicalObj"),
+                                  task_weights=(("ChooseRel", 1), ("LogicalObj", 2)))
     as_stored = json.loads(json.dumps(changed.to_dict()))  # card.json holds lists where the config has tuples
     command = train_toy.command_line(as_stored, seed=5)
     assert "--task-weights ChooseRel=1,LogicalObj=2" in command and "--steps 1234" in command
-    assert "--hard-negatives 0.5 --hard-tasks ChooseCat" in command
+    assert "--hard-negatives 0.25 --hard-tasks ChooseCat" in command
+    assert "--extra-question-tasks ChooseRel,LogicalObj" in command
     assert "--verify-queries 1" in command
     program, argv = "python -m flowlib.train_toy ", command.split(" ")
     assert command.startswith(program)
