@@ -466,7 +466,8 @@ def encode_chunk(processor, seed: int, k: int, per_task: int | Mapping[str, int]
         ids.append(row)
         questions.append(_find_last(prompt_ids, tokenizer(sample["question"], add_special_tokens=False)["input_ids"]))
         tasks.append(sample["task"])
-    return {"ids": ids, "pixel_values": torch.as_tensor(np.stack(encoded["pixel_values"])), "tasks": tasks, "patch_labels": torch.stack(labels),
+    return {"ids": ids, "pixel_values": torch.as_tensor(np.stack(encoded["pixel_values"])), "tasks": tasks,
+            "patch_labels": torch.stack(labels),
             "questions": questions, "answers": answers, "queries": queries, "descriptions": descriptions}
 
 
@@ -1099,7 +1100,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--extra-questions", type=int, default=TrainConfig.extra_questions,
                         help="further question turns per training image (scene_questions)")
     parser.add_argument("--extra-question-tasks", default=",".join(TrainConfig.extra_question_tasks),
-                        metavar="TASK,...", help="the tasks those turns ask (default: all six)")
+                        metavar="TASK,...", help="the tasks those turns ask (default: "
+                        f"{','.join(TrainConfig.extra_question_tasks)})")
     parser.add_argument("--attribute-queries", type=int, default=TrainConfig.attribute_queries,
                         help="attribute-query turns per training image (attribute_query)")
     parser.add_argument("--verify-queries", type=int, default=TrainConfig.verify_queries,
