@@ -34,10 +34,11 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=6, help="timed chunks of each kind")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    processor, counts = build_toy_model(ToyConfig(), seed=0).processor, TrainConfig().task_counts()
+    processor, train_config = build_toy_model(ToyConfig(), seed=0).processor, TrainConfig()
+    counts, options = train_config.task_counts(), train_config.chunk_options()
     seconds = {"training stream (encode_chunk)": 0.0, "evaluation path (PNG Dataset, per-sample processor)": 0.0}
     for k in range(100, 100 + args.chunks + 1):  # the first of each kind warms up, untimed
-        for name, make in zip(seconds, (lambda: encode_chunk(processor, 0, k, counts, **TrainConfig().chunk_options()),
+        for name, make in zip(seconds, (lambda: encode_chunk(processor, 0, k, counts, **options),
                                         lambda: evaluation_path(processor, 0, k, counts))):
             started = time.perf_counter()
             make()

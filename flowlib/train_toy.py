@@ -61,7 +61,7 @@ class TrainConfig:
     steps: int = 5000  # fixed steps (not a time budget) so that a run is reproducible. Sized for the hour on
     # 2 cores: the previous recipe's 5000 took 52.4 min in all (45.4 on a quieter day; vision pretraining 7.4
     # and 5.0 min, main steps 29.6 and 33.0 samples/s) with the shared-prefix forward; 69.6 min without it on
-    # a slow day; the committed model's recipe, 28 tokens longer a sample, 56.0 (vision pretraining 5.5). bfloat16
+    # a slow day; the committed model's recipe, about 28 tokens longer a sample, 56.0 (vision pretraining 5.5). bfloat16
     # autocast was no help: 0.76 s a step against 0.65 in float32 on these cores.
     batch_size: int = 16  # small batches mean more updates from the few samples a CPU hour affords
     lr: float = 3e-4  # decoder: at 1e-3 or 2e-3 the 12-layer decoder had not learned to copy an option by 2000 steps
@@ -1031,7 +1031,7 @@ def model_card_markdown(card: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_tasks(text: str, flag: str = "--hard-tasks", allowed: tuple = HARD_TASKS) -> tuple:
+def parse_tasks(text: str, flag: str, allowed: tuple) -> tuple:
     """'ChooseCat,LogicalObj' -> ("ChooseCat", "LogicalObj"); ValueError names the flag and the tasks allowed."""
     tasks = tuple(part.strip() for part in text.split(",") if part.strip())
     if not tasks or not set(tasks) <= set(allowed):
@@ -1129,7 +1129,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
                                        attribute_queries=args.attribute_queries,
                                        verify_queries=args.verify_queries,
                                        hard_negatives=args.hard_negatives,
-                                       hard_tasks=parse_tasks(args.hard_tasks),
+                                       hard_tasks=parse_tasks(args.hard_tasks, "--hard-tasks", HARD_TASKS),
                                        vision_pretrain_steps=args.vision_pretrain_steps)
     if args.task_weights is not None:
         train_config = dataclasses.replace(train_config, task_weights=parse_task_weights(args.task_weights))

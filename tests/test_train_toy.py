@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flowlib import train_toy
-from flowlib.data.synthetic import ATTRIBUTES, COLORS, SHAPES, generate_split
+from flowlib.data.synthetic import ATTRIBUTES, COLORS, HARD_TASKS, SHAPES, generate_split
 from flowlib.sample import TASKS
 from flowlib.toy_model import ToyConfig, build_toy_model
 from flowlib.train_toy import (
@@ -360,10 +360,10 @@ def test_stream_follows_the_task_counts_and_their_chunk_size():
 
 
 def test_hard_tasks_from_the_command_line():
-    assert train_toy.parse_tasks("LogicalObj, ChooseCat") == ("LogicalObj", "ChooseCat")
+    assert train_toy.parse_tasks("LogicalObj, ChooseCat", "--hard-tasks", HARD_TASKS) == ("LogicalObj", "ChooseCat")
     for bad in ("QueryAttr", ""):
         with pytest.raises(ValueError, match="--hard-tasks .*ChooseCat,LogicalObj"):
-            train_toy.parse_tasks(bad)
+            train_toy.parse_tasks(bad, "--hard-tasks", HARD_TASKS)
     args = train_toy.build_parser().parse_args(["--extra-questions", "1", "--extra-question-tasks", "LogicalObj"])
     assert train_toy.train_config_from_args(args).extra_question_tasks == ("LogicalObj",)
     with pytest.raises(SystemExit):  # unknown task: the parser's error, before any training starts
