@@ -46,6 +46,12 @@ ATTRIBUTE_QUERY = "which shape is {value} ?"
 #: question with a single shape; answered "Yes" or "No". Its words are in the vocabulary too.
 VERIFY_QUERY = "is there a {shape} that is {value} ?"
 
+#: The user turn of a training-only query naming two shapes (`flowlib.train_toy.named_query`): LogicalObj's
+#: question asked for the shapes, so that its answer is copied (the named shapes that have the value, or
+#: "No", LogicalObj's own answer word) rather than a yes or no to be worked out. Its words are in the
+#: vocabulary too.
+NAMED_QUERY = "which of a {shape} or a {shape2} is {value} ?"
+
 
 @dataclasses.dataclass(frozen=True)
 class ToyConfig:

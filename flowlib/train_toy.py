@@ -9,13 +9,13 @@ timing only. The main loss is on the answer tokens (the capitalised answer word
 and `</s>`); three auxiliary losses help a model trained from scratch in an hour:
 predicting the question's words, a last conversation turn that describes the
 scene (`describe_scene`), and a per-patch word loss on the image tokens
-(`PatchLoss`). Optional turns (off by default, measured no help) add more answer
-signal per image encoded: further questions about the same image
-(`scene_questions`) and questions for the shapes that have an attribute
-(`attribute_query`) or whether one shape has a value (`verify_query`); the
-first turn is exactly the evaluation prompt. The
-system prompt every sample opens with is computed once per batch
-(`forward_shared_prefix`). The first steps see scenes
+(`PatchLoss`). Further turns add answer signal per image encoded: questions
+about the same image (`scene_questions`; one LogicalObj question by default)
+and, off by default, training-only questions for the shapes that have an
+attribute (`attribute_query`), whether one shape has a value (`verify_query`)
+or which of two named shapes has one (`named_query`); the first turn is
+exactly the evaluation prompt. The system prompt every sample opens with is
+computed once per batch (`forward_shared_prefix`). The first steps see scenes
 without distractor objects (`TrainConfig.distractor_curriculum`). Writes into the
 output folder: the weights (safetensors), tokenizer and processor files
 (`flowlib.models.save_checkpoint`), `loss.png`, `log.json`, and the model card
@@ -48,7 +48,8 @@ from .evaluate import chance_accuracy, evaluate, format_scores
 from .geometry import llava15_geometry
 from .models import build_prompt, save_checkpoint
 from .sample import TASKS
-from .toy_model import ATTRIBUTE_QUERY, DESCRIBE_REQUEST, VERIFY_QUERY, ToyConfig, answer_target, build_toy_model, count_parameters
+from .toy_model import (ATTRIBUTE_QUERY, DESCRIBE_REQUEST, NAMED_QUERY, VERIFY_QUERY, ToyConfig, answer_target,
+                        build_toy_model, count_parameters)
 
 #: The fixed small held-out set a CI test re-measures (`ci_samples`): 30 per task, validation split, seed 0.
 CI_PER_TASK, CI_SEED, CI_SPLIT = 30, 0, "validation"
@@ -119,6 +120,13 @@ class TrainConfig:
     # QueryAttr 98.5) but LogicalObj 49.5, chance; blank 42.6, forced choice 49.2; 61.4 min, a few of them
     # lost to other jobs on the cores. Every task but LogicalObj above its target: LogicalObj decides.
     verify_queries: int = 0
+    # Turns asking LogicalObj's question for the shapes (named_query: which of a star or a circle is large ?
+    # -> Star, or No). The committed model's LogicalObj answers lean "yes" (139 of 200) and its "no" is
+    # right only 17-33% even where neither named shape is in the image; verify turns stayed at chance loss
+    # (0.347 = ln 2 / 2 over answer and </s>) for 5000 steps. Every task it learned answers by copying a
+    # word (an option, a shape seen in the image); a yes or no is never in the context. These turns ask the
+    # same conjunction with a copied answer, and their "No" is LogicalObj's answer word.
+    named_queries: int = 0
     query_weight: float = 1.0
     # Share of training ChooseCat and LogicalObj samples drawn hard (generate_split's `hard`): ChooseCat's
     # false shape always in the scene, a LogicalObj "no" scene always holding the asked value on an unnamed
@@ -171,6 +179,7 @@ class TrainConfig:
         return {"describe": self.describe_weight > 0, "extra_questions": self.extra_questions,
                 "extra_question_tasks": tuple(self.extra_question_tasks),
                 "attribute_queries": self.attribute_queries, "verify_queries": self.verify_queries,
+                "named_queries": self.named_queries,
                 "hard": self.hard_negatives, "hard_tasks": tuple(self.hard_tasks)}
 
     def task_counts(self) -> dict:
@@ -373,6 +382,36 @@ def verify_query(scene: dict, rng: np.random.Generator) -> tuple[str, str]:
     return VERIFY_QUERY.format(shape=shape, value=value), answer
 
 
+def named_query(scene: dict, rng: np.random.Generator) -> tuple[str, str]:
+    """A training-only (question, answer) pair: "which of a star or a circle is large ?" -> "Star", or "No".
+
+    LogicalObj's question asked for the shapes: the answer names those of the two that have the value (in
+    `SHAPES` order, the first word capitalised as every answer's) or is "No". Half are drawn with an answer
+    (a shape of the scene, one of its own values, a second shape at random); the rest name two shapes, one
+    of the scene where it has one, and a value neither named shape has, a value some unnamed shape of the
+    scene has where there is one (as LogicalObj's hard samples), so that seeing the value is not enough.
+    """
+    from .data.synthetic import ATTRIBUTES, SHAPES
+
+    pick = lambda items: items[int(rng.integers(len(items)))]  # noqa: E731
+    objects = [scene["objects"][key] for key in sorted(scene["objects"])]
+    kind = pick(tuple(ATTRIBUTES))
+    if objects and rng.random() < 0.5:
+        obj = pick(objects)
+        named, value = [obj["name"], pick([s for s in SHAPES if s != obj["name"]])], obj[kind]
+    else:
+        first = pick([o["name"] for o in objects] or list(SHAPES))
+        named = [first, pick([s for s in SHAPES if s != first])]
+        held = {o[kind] for o in objects if o["name"] in named}
+        elsewhere = sorted({o[kind] for o in objects if o["name"] not in named} - held)
+        value = pick(elsewhere or [v for v in ATTRIBUTES[kind] if v not in held] or list(ATTRIBUTES[kind]))
+    if rng.integers(2):
+        named.reverse()
+    having = {o["name"] for o in objects if o["name"] in named and o[kind] == value}
+    answer = " , ".join(s for s in SHAPES if s in having) or "no"
+    return NAMED_QUERY.format(shape=named[0], shape2=named[1], value=value), answer_target(answer)
+
+
 def chunk_size(per_task: int | Mapping[str, int]) -> int:
     """Samples in a chunk of `per_task` (a count for every task, or a {task: count} mapping)."""
     return sum(per_task.values()) if isinstance(per_task, Mapping) else per_task * len(TASKS)
@@ -393,7 +432,7 @@ def distractor_caps(per_task: int | Mapping[str, int], batch_size: int, curricul
 def encode_chunk(processor, seed: int, k: int, per_task: int | Mapping[str, int], model_config: ToyConfig = ToyConfig(),
                  describe: bool = True, max_distractors: int | None = None, extra_questions: int = 0,
                  extra_question_tasks: tuple = TASKS,
-                 attribute_queries: int = 0, verify_queries: int = 0, hard: float = 0.0,
+                 attribute_queries: int = 0, verify_queries: int = 0, named_queries: int = 0, hard: float = 0.0,
                  hard_tasks: tuple = HARD_TASKS) -> dict:
     """Chunk k of the training stream as token id lists and pixel values.
 
@@ -406,12 +445,13 @@ def encode_chunk(processor, seed: int, k: int, per_task: int | Mapping[str, int]
     `extra_question_tasks` (`scene_questions`),
     then `attribute_queries` turns `USER: which shape is <value> ? ASSISTANT: <shapes or no> </s>`
     (`attribute_query`), then `verify_queries` turns `USER: is there a <shape> that is <value> ? ASSISTANT:
-    <Yes or No> </s>` (`verify_query`), then (`describe`) the turn
+    <Yes or No> </s>` (`verify_query`), then `named_queries` turns `USER: which of a <shape> or a <shape>
+    is <value> ? ASSISTANT: <Shapes or No> </s>` (`named_query`), then (`describe`) the turn
     `USER: what is in the image ? ASSISTANT: <describe_scene> </s>`, as in LLaVA's multi-turn training
     conversations. The first turn is exactly what the model sees at
     evaluation; the description comes last so that no question can read its answer from it.
     `answers` holds each sample's (start, end) spans of the answer tokens, the first turn's first;
-    `queries` the spans of the attribute and verify queries' answers, `descriptions` the description's span.
+    `queries` the spans of the attribute, verify and named queries' answers, `descriptions` the description's span.
     """
     from .data.synthetic import generate_rows, scene_questions
 
@@ -424,6 +464,7 @@ def encode_chunk(processor, seed: int, k: int, per_task: int | Mapping[str, int]
     questions_rng = np.random.default_rng([seed, k, 2])
     queries_rng = np.random.default_rng([seed, k, 3])
     verify_rng = np.random.default_rng([seed, k, 4])
+    named_rng = np.random.default_rng([seed, k, 5])
     tokenizer = processor.tokenizer
     request = tokenizer(f"USER: {DESCRIBE_REQUEST} ASSISTANT:", add_special_tokens=False)["input_ids"]
     # One processor call for the chunk: per-call overhead was a fifth of a chunk's time.
@@ -454,6 +495,12 @@ def encode_chunk(processor, seed: int, k: int, per_task: int | Mapping[str, int]
             row += tokenizer(f"USER: {question} ASSISTANT:", add_special_tokens=False)["input_ids"]
             row += [_answer_id(tokenizer, answer), tokenizer.eos_token_id]
             spans.append((len(row) - 2, len(row)))
+        for _ in range(named_queries):
+            question, answer = named_query(scenes[int(i)], named_rng)
+            row += tokenizer(f"USER: {question} ASSISTANT:", add_special_tokens=False)["input_ids"]
+            start = len(row)
+            row += tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            spans.append((start, len(row)))
         queries.append(tuple(spans))
         if describe:
             description = tokenizer(describe_scene(scenes[int(i)], describe_rng), add_special_tokens=False)
@@ -515,7 +562,7 @@ def _producer(queue, model_config: dict, seed: int, per_task: int | Mapping[str,
 
 #: The keyword options of `encode_chunk` that a `ChunkStream` passes to every chunk.
 CHUNK_OPTIONS = ("describe", "extra_questions", "extra_question_tasks", "attribute_queries", "verify_queries",
-                 "hard", "hard_tasks")
+                 "named_queries", "hard", "hard_tasks")
 
 
 def _cap(caps: tuple, k: int) -> int | None:
@@ -573,8 +620,8 @@ def batches(stream: ChunkStream, batch_size: int, pad_id: int):
 
     `labels` mark the answer words and their `</s>` (of every question turn); `question_labels` the
     first question's words, whose prediction is an auxiliary loss (many of them can only be guessed
-    from the image: which shapes and colours a scene holds); `query_labels` the attribute queries'
-    answers and their `</s>`; `describe_labels` the scene description of the last turn and its `</s>`.
+    from the image: which shapes and colours a scene holds); `query_labels` the attribute, verify and named
+    queries' answers and their `</s>`; `describe_labels` the scene description of the last turn and its `</s>`.
     """
     while True:
         chunk = stream.next()
@@ -777,7 +824,7 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
             loss = torch.nn.functional.cross_entropy(logits, labels.flatten())
             question_loss = torch.nn.functional.cross_entropy(logits, question_labels.flatten())
             total = loss + train_config.question_weight * question_loss
-            if train_config.attribute_queries or train_config.verify_queries:
+            if train_config.attribute_queries or train_config.verify_queries or train_config.named_queries:
                 query_loss = torch.nn.functional.cross_entropy(logits, query_labels.flatten())
                 total = total + train_config.query_weight * query_loss
             else:
@@ -987,6 +1034,9 @@ def model_card_markdown(card: dict) -> str:
         + (f" plus {t['query_weight']} x the loss of {t['verify_queries']} training-only turn(s) checking one "
            "shape (`USER: is there a star that is large ? ASSISTANT: Yes`, or `No`, half each)"
            if t.get("verify_queries") else "")
+        + (f" plus {t['query_weight']} x the loss of {t['named_queries']} training-only turn(s) asking LogicalObj's "
+           "question for the shapes (`USER: which of a star or a circle is large ? ASSISTANT: Star`, or `No`)"
+           if t.get("named_queries") else "")
         + (f" plus {t['describe_weight']} x the loss of a last, training-only turn that describes every object "
            "(`USER: what is in the image ? ASSISTANT: star red large striped left above , ...`)"
            if t.get("describe_weight") else "")
@@ -1054,7 +1104,8 @@ def parse_task_weights(text: str) -> tuple:
 CLI_FIELDS = {"steps": "--steps", "threads": "--threads", "lr": "--lr", "extra_questions": "--extra-questions",
               "extra_question_tasks": "--extra-question-tasks",
               "attribute_queries": "--attribute-queries",
-              "verify_queries": "--verify-queries", "hard_negatives": "--hard-negatives",
+              "verify_queries": "--verify-queries", "named_queries": "--named-queries",
+              "hard_negatives": "--hard-negatives",
               "hard_tasks": "--hard-tasks", "vision_pretrain_steps": "--vision-pretrain-steps",
               "task_weights": "--task-weights"}
 
@@ -1106,6 +1157,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="attribute-query turns per training image (attribute_query)")
     parser.add_argument("--verify-queries", type=int, default=TrainConfig.verify_queries,
                         help="turns per training image checking one shape's value (verify_query)")
+    parser.add_argument("--named-queries", type=int, default=TrainConfig.named_queries,
+                        help="turns per training image asking which of two named shapes has a value (named_query)")
     parser.add_argument("--hard-negatives", type=float, default=TrainConfig.hard_negatives,
                         help="share of training ChooseCat and LogicalObj samples drawn as hard cases (0 to 1)")
     parser.add_argument("--hard-tasks", default=",".join(TrainConfig.hard_tasks), metavar="TASK,...",
@@ -1128,6 +1181,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
                                                                         "--extra-question-tasks", TASKS),
                                        attribute_queries=args.attribute_queries,
                                        verify_queries=args.verify_queries,
+                                       named_queries=args.named_queries,
                                        hard_negatives=args.hard_negatives,
                                        hard_tasks=parse_tasks(args.hard_tasks, "--hard-tasks", HARD_TASKS),
                                        vision_pretrain_steps=args.vision_pretrain_steps)

@@ -20,6 +20,7 @@ from flowlib.train_toy import (
     TrainConfig,
     _patch_centres,
     attribute_query,
+    named_query,
     verify_query,
     batches,
     describe_scene,
@@ -230,6 +231,40 @@ def test_verify_query_turns_are_answered_yes_or_no_after_the_attribute_queries()
         assert tokenizer.decode(query_labels[query_labels != -100]).endswith(" </s> ".join(answers) + " </s>")
 
 
+def test_named_queries_answer_with_the_named_shapes_that_have_the_value(scenes):
+    rng = np.random.default_rng(0)
+    answers, no_but_seen = [], 0
+    for scene in scenes * 30:
+        question, answer = named_query(scene, rng)
+        first, rest = question.removeprefix("which of a ").removesuffix(" ?").split(" or a ")
+        second, value = rest.split(" is ")
+        assert first != second and {first, second} <= set(SHAPES)
+        having = [s for s in SHAPES if any(o["name"] == s and value in o["attributes"]
+                                           for o in scene["objects"].values()) and s in (first, second)]
+        expected = " , ".join(having) or "no"
+        assert answer == expected[:1].upper() + expected[1:]  # capitalised: "No" is LogicalObj's answer word
+        no_but_seen += answer == "No" and any(value in o["attributes"] for o in scene["objects"].values())
+        answers.append(answer)
+    n = len(answers)
+    assert 0.4 < answers.count("No") / n < 0.6
+    assert no_but_seen / answers.count("No") > 0.5  # most "No" scenes hold the value on an unnamed shape
+    question, answer = named_query({"objects": {}}, rng)  # the curriculum's empty LogicalObj "no" scenes
+    assert question.startswith("which of a ") and answer == "No"
+
+
+def test_named_query_turns_come_after_the_verify_queries_and_before_the_description():
+    loaded, batch = first_batch(verify_queries=1, named_queries=2)
+    tokenizer = loaded.tokenizer
+    for row, query_labels in zip(batch["input_ids"], batch["query_labels"]):
+        text = tokenizer.decode(row[row != tokenizer.pad_token_id])
+        assert text.index("USER : is there a ") < text.index("USER : which of a ") < text.index("USER : what is in")
+        turns = text.split("USER : which of a ")[1:]
+        answers = [turn.split("ASSISTANT : ")[1].split(" </s>")[0] for turn in turns]
+        assert len(answers) == 2 and all(a == "No" or a.split(" , ")[0] in {s.capitalize() for s in SHAPES}
+                                         for a in answers)
+        assert tokenizer.decode(query_labels[query_labels != -100]).endswith(" </s> ".join(answers) + " </s>")
+
+
 def test_the_shared_prefix_forward_gives_the_plain_logits():
     loaded, batch = first_batch(attribute_queries=1)
     tokenizer = loaded.tokenizer
@@ -382,14 +417,15 @@ def test_task_weights_from_the_command_line():
 def test_the_model_card_names_the_command_that_reproduces_the_run():
     assert train_toy.command_line(TrainConfig().to_dict(), seed=3) == "python -m flowlib.train_toy --seed 3"
     changed = dataclasses.replace(TrainConfig(), steps=1234, lr=1e-3, vision_pretrain_steps=0, hard_negatives=0.25,
-                                  hard_tasks=("ChooseCat",), verify_queries=1, extra_question_tasks=("ChooseRel", "LogicalObj"),
+                                  hard_tasks=("ChooseCat",), verify_queries=1, named_queries=2,
+                                  extra_question_tasks=("ChooseRel", "LogicalObj"),
                                   task_weights=(("ChooseRel", 1), ("LogicalObj", 2)))
     as_stored = json.loads(json.dumps(changed.to_dict()))  # card.json holds lists where the config has tuples
     command = train_toy.command_line(as_stored, seed=5)
     assert "--task-weights ChooseRel=1,LogicalObj=2" in command and "--steps 1234" in command
     assert "--hard-negatives 0.25 --hard-tasks ChooseCat" in command
     assert "--extra-question-tasks ChooseRel,LogicalObj" in command
-    assert "--verify-queries 1" in command
+    assert "--verify-queries 1 --named-queries 2" in command
     program, argv = "python -m flowlib.train_toy ", command.split(" ")
     assert command.startswith(program)
     args = train_toy.build_parser().parse_args(argv[3:])
