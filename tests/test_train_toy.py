@@ -313,8 +313,8 @@ def test_the_stream_is_the_same_for_any_number_of_workers():
 
 
 @pytest.mark.parametrize("k, digest", [
-    (0, "6c56d0751d153e05f463d8032574c2bf352d332b686ddee24459c8ba8357a1d9"),  # curriculum: named objects only
-    (200, "b69d98e62929d9c0ff7fda3aafbecdb032547ba1e01dbb7b4fd5b859eb2ccdb5"),  # full scenes
+    (0, "42d29a110f9458630b881b2e714d688ad5473b630e7b0e1a639e118640f804b1"),  # curriculum: named objects only
+    (200, "c13102fb2612f0ccbf3dca7d776c448e67c281fb57c292f5e0e729eda643c7a9"),  # full scenes
 ])
 def test_the_default_training_stream_is_pinned(k, digest):
     # The model card's command reproduces the committed weights only while the default recipe's stream
