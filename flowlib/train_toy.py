@@ -370,12 +370,13 @@ def attribute_query(scene: dict, rng: np.random.Generator) -> tuple[str, str]:
 
 
 def verify_query(scene: dict, rng: np.random.Generator) -> tuple[str, str]:
-    """A training-only (question, answer) pair: "is there a star that is large ?" -> "yes" or "no".
+    """A training-only (question, answer) pair: "is there a star that is large ?" -> "Yes" or "No".
 
     Half the answers are "yes" (a shape of the scene and one of its own values, of a kind drawn
     uniformly); the other half ask a shape of the scene with a value of that kind it lacks, or, one time
     in three, a shape the scene does not hold. A scene holds each shape at most once; an empty scene (a
-    LogicalObj "no" sample naming two absent shapes, in the curriculum's first stage) gets a "no".
+    LogicalObj "no" sample naming two absent shapes, in the curriculum's first stage) gets a "no". The
+    answer is capitalised as every first answer word is.
     """
     from .data.synthetic import ATTRIBUTES, SHAPES
 
@@ -383,7 +384,7 @@ def verify_query(scene: dict, rng: np.random.Generator) -> tuple[str, str]:
     kind = tuple(ATTRIBUTES)[int(rng.integers(len(ATTRIBUTES)))]
     if not objects:
         value = ATTRIBUTES[kind][int(rng.integers(len(ATTRIBUTES[kind])))]
-        return VERIFY_QUERY.format(shape=SHAPES[int(rng.integers(len(SHAPES)))], value=value), "no"
+        return VERIFY_QUERY.format(shape=SHAPES[int(rng.integers(len(SHAPES)))], value=value), "No"
     obj = objects[int(rng.integers(len(objects)))]
     shape, value, answer = obj["name"], obj[kind], "yes"
     if rng.random() >= 0.5:
@@ -394,7 +395,7 @@ def verify_query(scene: dict, rng: np.random.Generator) -> tuple[str, str]:
         else:
             others = [v for v in ATTRIBUTES[kind] if v != obj[kind]]
             value = str(others[int(rng.integers(len(others)))])
-    return VERIFY_QUERY.format(shape=shape, value=value), answer
+    return VERIFY_QUERY.format(shape=shape, value=value), answer_target(answer)
 
 
 def named_query(scene: dict, rng: np.random.Generator) -> tuple[str, str]:
@@ -499,23 +500,14 @@ def encode_chunk(processor, seed: int, k: int, per_task: int | Mapping[str, int]
             spans.append((len(row) - 2, len(row)))
         answers.append(tuple(spans))
         spans = []
-        for _ in range(attribute_queries):
-            question, answer = attribute_query(scenes[int(i)], queries_rng)
-            row += tokenizer(f"USER: {question} ASSISTANT:", add_special_tokens=False)["input_ids"]
-            start = len(row)
-            row += tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            spans.append((start, len(row)))
-        for _ in range(verify_queries):
-            question, answer = verify_query(scenes[int(i)], verify_rng)
-            row += tokenizer(f"USER: {question} ASSISTANT:", add_special_tokens=False)["input_ids"]
-            row += [_answer_id(tokenizer, answer), tokenizer.eos_token_id]
-            spans.append((len(row) - 2, len(row)))
-        for _ in range(named_queries):
-            question, answer = named_query(scenes[int(i)], named_rng)
-            row += tokenizer(f"USER: {question} ASSISTANT:", add_special_tokens=False)["input_ids"]
-            start = len(row)
-            row += tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            spans.append((start, len(row)))
+        for count, ask, rng in ((attribute_queries, attribute_query, queries_rng),
+                                (verify_queries, verify_query, verify_rng), (named_queries, named_query, named_rng)):
+            for _ in range(count):
+                question, answer = ask(scenes[int(i)], rng)
+                row += tokenizer(f"USER: {question} ASSISTANT:", add_special_tokens=False)["input_ids"]
+                start = len(row)
+                row += tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                spans.append((start, len(row)))
         queries.append(tuple(spans))
         if describe:
             description = tokenizer(describe_scene(scenes[int(i)], describe_rng), add_special_tokens=False)

@@ -47,6 +47,11 @@ def first_batch(**stream_options):
     return loaded, batch
 
 
+def turn_answers(text: str, opening: str) -> list[str]:
+    """The answers of the turns `USER : <opening>...` in a decoded row."""
+    return [turn.split("ASSISTANT : ")[1].split(" </s>")[0] for turn in text.split(f"USER : {opening}")[1:]]
+
+
 @pytest.fixture(scope="module")
 def scenes():
     return [json.loads(g) for g in generate_split(2, seed=5, split="train")["scene_graph"]]
@@ -193,9 +198,8 @@ def test_attribute_query_turns_come_after_the_answer_and_before_the_description(
     for row, labels, query_labels, describe_labels in zip(
             batch["input_ids"], batch["labels"], batch["query_labels"], batch["describe_labels"]):
         text = tokenizer.decode(row[row != tokenizer.pad_token_id])
-        turns = text.split("USER : which shape is ")[1:]
-        assert len(turns) == 2
-        answers = [turn.split("ASSISTANT : ")[1].split(" </s>")[0] for turn in turns]
+        answers = turn_answers(text, "which shape is ")
+        assert len(answers) == 2
         labelled = tokenizer.decode(query_labels[query_labels != -100])
         assert labelled == " </s> ".join(answers) + " </s>"  # only the answers and their </s> are labelled
         at = (query_labels != -100).nonzero().flatten()
@@ -209,14 +213,14 @@ def test_verify_queries_check_one_shape_and_answer_yes_half_the_time(scenes):
         question, answer = verify_query(scene, rng)
         shape, value = question.removeprefix("is there a ").removesuffix(" ?").split(" that is ")
         holds = [o for o in scene["objects"].values() if o["name"] == shape]
-        assert answer == ("yes" if any(value in o["attributes"] for o in holds) else "no")
+        assert answer == ("Yes" if any(value in o["attributes"] for o in holds) else "No")
         absent += not holds
         kinds.add(next(kind for kind, values in ATTRIBUTES.items() if value in values))
         answers.append(answer)
     n = len(answers)
-    assert 0.4 < answers.count("yes") / n < 0.6 and 0.1 < absent / n < 0.25 and kinds == set(ATTRIBUTES)
+    assert 0.4 < answers.count("Yes") / n < 0.6 and 0.1 < absent / n < 0.25 and kinds == set(ATTRIBUTES)
     question, answer = verify_query({"objects": {}}, rng)  # the curriculum's empty LogicalObj "no" scenes
-    assert question.startswith("is there a ") and answer == "no"
+    assert question.startswith("is there a ") and answer == "No"
 
 
 def test_verify_query_turns_are_answered_yes_or_no_after_the_attribute_queries():
@@ -225,8 +229,7 @@ def test_verify_query_turns_are_answered_yes_or_no_after_the_attribute_queries()
     for row, query_labels in zip(batch["input_ids"], batch["query_labels"]):
         text = tokenizer.decode(row[row != tokenizer.pad_token_id])
         assert text.index("USER : which shape is ") < text.index("USER : is there a ")
-        turns = text.split("USER : is there a ")[1:]
-        answers = [turn.split("ASSISTANT : ")[1].split(" </s>")[0] for turn in turns]
+        answers = turn_answers(text, "is there a ")
         assert len(answers) == 2 and set(answers) <= {"Yes", "No"}  # capitalised, as the first answer word
         assert tokenizer.decode(query_labels[query_labels != -100]).endswith(" </s> ".join(answers) + " </s>")
 
@@ -258,8 +261,7 @@ def test_named_query_turns_come_after_the_verify_queries_and_before_the_descript
     for row, query_labels in zip(batch["input_ids"], batch["query_labels"]):
         text = tokenizer.decode(row[row != tokenizer.pad_token_id])
         assert text.index("USER : is there a ") < text.index("USER : which of a ") < text.index("USER : what is in")
-        turns = text.split("USER : which of a ")[1:]
-        answers = [turn.split("ASSISTANT : ")[1].split(" </s>")[0] for turn in turns]
+        answers = turn_answers(text, "which of a ")
         assert len(answers) == 2 and all(a == "No" or a.split(" , ")[0] in {s.capitalize() for s in SHAPES}
                                          for a in answers)
         assert tokenizer.decode(query_labels[query_labels != -100]).endswith(" </s> ".join(answers) + " </s>")
