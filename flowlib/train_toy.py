@@ -14,8 +14,9 @@ training-only question by default, which of two named shapes has a value
 (`named_query`, LogicalObj's question with a copied answer), and, off by
 default, questions about the same image (`scene_questions`), for the shapes
 that have an attribute (`attribute_query`) or whether one shape has a value
-(`verify_query`); the first turn is exactly the evaluation prompt. The system prompt every sample opens with is
-computed once per batch (`forward_shared_prefix`). The first steps see scenes
+(`verify_query`); the first turn is exactly the evaluation prompt. The system
+prompt every sample opens with is computed once per batch
+(`forward_shared_prefix`). The first steps see scenes
 without distractor objects (`TrainConfig.distractor_curriculum`). Writes into the
 output folder: the weights (safetensors), tokenizer and processor files
 (`flowlib.models.save_checkpoint`), `loss.png`, `log.json`, and the model card
@@ -125,20 +126,21 @@ class TrainConfig:
     # lost to other jobs on the cores. Every task but LogicalObj above its target: LogicalObj decides.
     verify_queries: int = 0
     # Turns asking LogicalObj's question for the shapes (named_query: which of a star or a circle is large ?
-    # -> Star, or No). The committed model's LogicalObj answers lean "yes" (139 of 200) and its "no" is
-    # right only 17-33% even where neither named shape is in the image; verify turns stayed at chance loss
-    # (0.347 = ln 2 / 2 over answer and </s>) for 5000 steps. Every task it learned answers by copying a
-    # word (an option, a shape seen in the image); a yes or no is never in the context. These turns ask the
-    # same conjunction with a copied answer, and their "No" is LogicalObj's answer word. Measured, seed 0,
-    # 5000 steps, the committed recipe plus --named-queries 1: LogicalObj 91.5 held-out (65.5 without),
-    # its monitor accuracy 90-95 from step 3300 on, but ChooseRel 71.5 and ChooseCat 75.5 (96.5 and 99.5
-    # without; both still rising at step 5000), ChooseAttr 96.5, CompareAttr 87.5, QueryAttr 99.5: mean
-    # 87.0; blank 45.8, image edges cut (forced choice) 48.1; 55.1 min. The named-query turn in place of the
-    # LogicalObj turn (--extra-questions 0, shorter samples) and 5500 steps, the committed model: held-out
-    # 93.8% (ChooseAttr 98.5, ChooseCat 100, ChooseRel 96.5, CompareAttr 84, LogicalObj 84.5, QueryAttr
-    # 99.5), every target met; blank 37.7 against chance 47.2 (ChooseCat 4.5: with no image it names no
-    # option), image edges cut (forced choice) 48.5; 49.4 min. LogicalObj's monitor accuracy reached 80-85
-    # only from step 4800, later than with the LogicalObj turn.
+    # -> Star, or No). The previous committed model's LogicalObj answers leaned "yes" (139 of 200) and its
+    # "no" was right only 17-33% even where neither named shape is in the image; verify turns stayed at
+    # chance loss in one run (0.342-0.351 from step 600 to 5000; ln 2 / 2 = 0.347 over answer and </s>). The option tasks answer
+    # with a word of the question and QueryAttr with a side its image tokens spell (patch words); a yes or
+    # no is in neither (CompareAttr's answer is not either, and it was learned). These turns ask the same
+    # conjunction with an answer copied from the question, and their "No" is LogicalObj's answer word.
+    # Measured, seed 0, 5000 steps, the previous committed recipe plus --named-queries 1: LogicalObj 91.5
+    # held-out (65.5 without), its monitor accuracy 90-95 from step 3300 on, but ChooseRel 71.5 and
+    # ChooseCat 75.5 (96.5 and 99.5 without; both still rising at step 5000), ChooseAttr 96.5, CompareAttr
+    # 87.5, QueryAttr 99.5: mean 87.0; blank 45.8, image edges cut (forced choice) 48.1; 55.1 min. The
+    # named-query turn in place of the LogicalObj turn (--extra-questions 0, shorter samples) and 5500
+    # steps, the committed model: held-out 93.8% (ChooseAttr 98.5, ChooseCat 100, ChooseRel 96.5,
+    # CompareAttr 84, LogicalObj 84.5, QueryAttr 99.5), every target met; blank 37.7 against chance 47.2
+    # (ChooseCat 4.5: with no image it names no option), image edges cut (forced choice) 48.5; 49.4 min.
+    # LogicalObj's monitor accuracy reached 80-85 only from step 4800, later than with the LogicalObj turn.
     named_queries: int = 1
     query_weight: float = 1.0
     # Share of training ChooseCat and LogicalObj samples drawn hard (generate_split's `hard`): ChooseCat's
