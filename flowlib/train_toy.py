@@ -883,7 +883,7 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
     if device.type == "cuda":
         where = f"{torch.cuda.get_device_name(device)}, data on {workers} CPU worker process(es)"
     else:
-        where = f"cpu ({platform.processor() or platform.machine()}, {train_config.threads} threads)"
+        where = cpu_description(train_config.threads)
     card = {
         "name": cfg.OFFLINE_MODEL,
         "architecture": "LlavaForConditionalGeneration (CLIP vision tower, 2-layer GELU projector, Llama decoder)",
@@ -910,6 +910,18 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
     if out is not None:
         save_run(loaded, card, log, Path(out))
     return card
+
+
+def cpu_description(threads: int) -> str:
+    """The CPU as a rerun needs it: the same seed gives bit-identical weights only where the processor and the
+    kernels torch picks for it (AVX2, AVX512) are the same; elsewhere float rounding drifts within a few steps."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"cpu ({model}, {torch.backends.cpu.get_cpu_capability()} kernels, {threads} threads)"
 
 
 def final_evaluation(loaded, train_config: TrainConfig) -> dict:
