@@ -19,7 +19,7 @@ PARAMS := $(if $(MODEL),-p MODEL "$(MODEL)") $(if $(DATA),-p DATA "$(DATA)") \
           $(if $(CSV_DIR),-p CSV_DIR "$(CSV_DIR)") $(if $(IMAGE_DIR),-p IMAGE_DIR "$(IMAGE_DIR)") \
           $(if $(TASKS),-p TASKS "$(TASKS)")
 
-.PHONY: help venv test test-fast figures lab lint clean clean-venv
+.PHONY: help venv test test-fast figures figures-check lab lint clean clean-venv
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/:\t/'
@@ -49,6 +49,9 @@ figures: $(STAMP)  ## execute every notebook with papermill; figures land in fig
 	    $$nb $(BUILD)/$$nb $(PARAMS) -p WIDGETS False || exit 1; \
 	done
 	@echo "figures in figures/, executed notebooks in $(BUILD)/notebooks/"
+
+figures-check: figures  ## regenerate the figures, then compare their numbers with the committed ones (1e-6)
+	$(PY) -m flowlib.figure_check
 
 lab: $(STAMP)  ## open JupyterLab with the project's kernel
 	$(VENV)/bin/jupyter lab notebooks/
