@@ -67,7 +67,10 @@ class TrainConfig:
     # pretraining 5.5). The committed model's recipe (a named-query turn in place of the extra LogicalObj
     # turn, 169.4 tokens a sample at chunk 200 against 181.1) runs 33.2 samples/s in its main steps, so
     # 5500 steps took 49.4 min in all (vision pretraining 5.2). bfloat16 autocast was no help: 0.76 s a
-    # step against 0.65 in float32 on these cores.
+    # step against 0.65 in float32 on these cores. The same command on a slower 2-core machine (AMD EPYC,
+    # AVX2 kernels) took 82.0 min (vision pretraining 9.4, 20.2 samples/s) and, its float rounding differing
+    # from the first steps, ended at 80.3% held-out (ChooseRel 71.5, LogicalObj 57.5; monitor 71.7 at step
+    # 4500 against 89.2): 5500 steps sit close to where the hard tasks are learned.
     batch_size: int = 16  # small batches mean more updates from the few samples a CPU hour affords
     lr: float = 3e-4  # decoder: at 1e-3 or 2e-3 the 12-layer decoder had not learned to copy an option by 2000 steps
     vision_lr: float = 1e-3  # vision tower and projector: their patch-word loss learns fast at this rate
