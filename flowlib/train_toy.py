@@ -1070,7 +1070,9 @@ def model_card_markdown(card: dict) -> str:
            "linear heads read its row and column and are dropped after training), standing in for the "
            "pretrained, word-aligned image features real LLaVA starts from." if t.get("aux_weight") else "."),
         f"- {tr['seconds'] / 60:.1f} min on {tr['device']} in all, {tr['samples_per_second']} samples/s in the main "
-        f"steps; torch {tr['torch']}.",
+        f"steps; torch {tr['torch']}. Deterministic from the seed on the same processor and kernels; another "
+        "processor rounds floats differently, the run drifts from the first steps and its accuracies can differ "
+        "by many points (README, retraining).",
         f"- data: {card['data']['train_stream']}"
         + "".join(f"; until step {until}, scenes with at most {cap} distractor object{'s' * (cap != 1)} "
                   "(max_distractors)" for until, cap in t.get("distractor_curriculum", ()))
