@@ -917,7 +917,7 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
 
 def cpu_description(threads: int) -> str:
     """The CPU as a rerun needs it: the same seed gives bit-identical weights only where the processor and the
-    kernels torch picks for it (AVX2, AVX512) are the same; elsewhere float rounding drifts within a few steps."""
+    kernels torch picks for it (AVX2, AVX512) are the same; elsewhere float rounding differs and the run drifts."""
     model = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
