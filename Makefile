@@ -51,7 +51,7 @@ figures: $(STAMP)  ## execute every notebook with papermill; figures land in fig
 	  FLOWLIB_RUNS=$(abspath $(BUILD))/runs $(PY) -m papermill --kernel $(KERNEL) --cwd notebooks \
 	    $$nb $(BUILD)/$$nb $(PARAMS) -p WIDGETS False || exit 1; \
 	done
-	@echo "figures in figures/, executed notebooks in $(BUILD)/notebooks/"
+	@echo "figures in $${FLOWLIB_FIGURES:-figures/}, executed notebooks in $(BUILD)/notebooks/"
 
 figures-check: figures  ## regenerate the figures, compare their numbers with the committed ones (TOLERANCE=1e-6)
 	$(PY) -m flowlib.figure_check --tolerance $(TOLERANCE)
