@@ -131,10 +131,11 @@ class TrainConfig:
     # Turns asking LogicalObj's question for the shapes (named_query: which of a star or a circle is large ?
     # -> Star, or No). The previous committed model's LogicalObj answers leaned "yes" (139 of 200) and its
     # "no" was right only 17-33% even where neither named shape is in the image; verify turns stayed at
-    # chance loss in one run (0.342-0.351 from step 600 to 5000; ln 2 / 2 = 0.347 over answer and </s>). The option tasks answer
-    # with a word of the question and QueryAttr with a side its image tokens spell (patch words); a yes or
-    # no is in neither (CompareAttr's answer is not either, and it was learned). These turns ask the same
-    # conjunction with an answer copied from the question, and their "No" is LogicalObj's answer word.
+    # chance loss in one run (0.342-0.351 from step 600 to 5000; ln 2 / 2 = 0.347 over answer and </s>).
+    # The option tasks answer with a word of the question and QueryAttr with a side its image tokens spell
+    # (patch words); a yes or no is in neither (CompareAttr's answer is not either, and it was learned).
+    # These turns ask the same conjunction with an answer copied from the question, and their "No" is
+    # LogicalObj's answer word.
     # Measured, seed 0, 5000 steps, the previous committed recipe plus --named-queries 1: LogicalObj 91.5
     # held-out (65.5 without), its monitor accuracy 90-95 from step 3300 on, but ChooseRel 71.5 and
     # ChooseCat 75.5 (96.5 and 99.5 without; both still rising at step 5000), ChooseAttr 96.5, CompareAttr
@@ -1070,9 +1071,10 @@ def model_card_markdown(card: dict) -> str:
            "linear heads read its row and column and are dropped after training), standing in for the "
            "pretrained, word-aligned image features real LLaVA starts from." if t.get("aux_weight") else "."),
         f"- {tr['seconds'] / 60:.1f} min on {tr['device']} in all, {tr['samples_per_second']} samples/s in the main "
-        f"steps; torch {tr['torch']}. Deterministic from the seed on the same processor and kernels; another "
-        "processor rounds floats differently, the run drifts from the first steps and its accuracies can differ "
-        "by many points (README, retraining).",
+        f"steps; torch {tr['torch']}."
+        + (" Deterministic from the seed on the same processor and kernels; another processor rounds floats "
+           "differently, the run drifts from the first steps and its accuracies can differ by many points "
+           "(README, retraining)." if tr["device"].startswith("cpu") else ""),
         f"- data: {card['data']['train_stream']}"
         + "".join(f"; until step {until}, scenes with at most {cap} distractor object{'s' * (cap != 1)} "
                   "(max_distractors)" for until, cap in t.get("distractor_curriculum", ()))

@@ -456,3 +456,7 @@ def test_the_model_card_renders_from_its_json_and_names_the_hard_tasks():
     assert "LogicalObj `no` scenes" not in text
     card["train_config"]["hard_tasks"] = ["ChooseCat", "LogicalObj"]
     assert "LogicalObj `no` scenes" in train_toy.model_card_markdown(card)
+    # bit-identity on the same processor was measured on CPUs only, so a GPU run's card does not claim it
+    assert "Deterministic from the seed on the same processor" in train_toy.model_card_markdown(card)
+    card["training"]["device"] = "NVIDIA H200, data on 6 CPU worker process(es)"
+    assert "Deterministic" not in train_toy.model_card_markdown(card)
