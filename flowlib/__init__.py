@@ -1,7 +1,7 @@
 """flowlib: cross-modal information flow in LLaVA-style models (companion to arXiv 2411.18620).
 
 One module per responsibility, dependencies running one way:
-`config` <- `sample` <- `geometry` <- `layout` <- `models` (<- `tiny`) <- `data`,
+`config` <- `sample` <- `geometry` <- `layout` <- `models` (<- `kernels`, <- `tiny`) <- `data`,
 `knockout` / `sweep` / `lens` <- `runner` <- `plots` <- `widgets`.
 """
 

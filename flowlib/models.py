@@ -35,6 +35,7 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 
 from . import config as cfg
 from .geometry import ImageGeometry, llava15_geometry, llava_next_geometry
+from .kernels import use_configured_kernels
 from .layout import TokenLayout, build_layout
 from .sample import Sample
 
@@ -285,6 +286,7 @@ def load_model(
         revision: the hub revision to pin.
         prompt_style: "vicuna" or "llama3"; detected from the tokenizer when omitted.
     """
+    use_configured_kernels()
     path = resolve_checkpoint(name_or_path)
     config = AutoConfig.from_pretrained(path, revision=revision)
     adapter = adapter_for(config)

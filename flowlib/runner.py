@@ -1,9 +1,10 @@
 """The experiment runner: samples -> answer filter -> flows x layer sweeps -> a tidy, resumable table.
 
 A run writes into one folder:
-- ``run.json``: provenance (model, revision, dtype, ...) and the run configuration
-  (flows, window, engine, ...), written first; a later run into the same folder must
-  match it exactly or it is refused before anything is written.
+- ``run.json``: provenance (model, revision, dtype, ...), the run configuration
+  (flows, window, engine, ...) and what wrote it (code version, CPU kernels), written first;
+  a later run into the same folder must match its provenance and configuration exactly
+  or it is refused before anything is written.
 - ``parts/<sample>.parquet``: the rows of one analysed sample, then
   ``samples/<sample>.json``: its status (analysed, wrong answer, zero base, ...),
   each written atomically (temporary file + rename). A sample counts as done once
@@ -36,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import PACKAGE_DIR, default_window
+from .kernels import kernel_description
 from .knockout import PAPER_FLOWS, FlowError, parse_flow
 from .sweep import ZeroBaseProbability, clean_pass, layer_sweep, sweep_windows
 
@@ -88,6 +90,11 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     return version
+
+
+def written_by() -> dict:
+    """What wrote a run, recorded beside its identity: the code and the CPU kernels (they round differently)."""
+    return {"code_version": code_version(), "kernels": kernel_description()}
 
 
 def normalise_answer(text: str) -> str:
@@ -181,7 +188,7 @@ def _open_folder(output: Path, identity: dict, resume: bool) -> None:
         return
     if output.exists() and any(output.iterdir()):
         raise RunMismatchError(f"{output} is not empty and holds no run.json; use an empty or new folder")
-    _write_json(run_file, {**identity, "code_version": code_version()})
+    _write_json(run_file, {**identity, **written_by()})
 
 
 def load_results(output) -> pd.DataFrame:
@@ -194,7 +201,7 @@ def load_results(output) -> pd.DataFrame:
     flow_order = {f: i for i, f in enumerate(run["config"]["flows"])}
     table = table.sort_values(["sample_index", "flow", "layer"], key=lambda c: c.map(flow_order) if c.name == "flow"
                               else c, kind="stable").reset_index(drop=True)
-    table.attrs.update({k: run[k] for k in ("provenance", "config", "code_version")})
+    table.attrs.update({k: run.get(k) for k in ("provenance", "config", "code_version", "kernels")})
     return table[COLUMNS]
 
 
@@ -262,7 +269,7 @@ def run_experiment(loaded, samples: Iterable, output, *, flows: Sequence[str] = 
     output = Path(output)
     identity = _identity(loaded, config)
     _open_folder(output, identity, resume)
-    meta = {**identity, "code_version": code_version()}
+    meta = {**identity, **written_by()}
 
     done = {s["question_id"]: s for s in load_statuses(output)}
     analysed = {}

@@ -6,6 +6,7 @@ import json
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 import flowlib.runner as runner
@@ -61,6 +62,7 @@ def test_run_writes_a_tidy_table_with_provenance(loaded, samples, tmp_path):
     meta = json.loads(pq.read_schema(tmp_path / "run" / "results.parquet").metadata[b"flowlib"])
     assert meta["provenance"]["model"] == loaded.name and meta["provenance"]["dtype"] == "float32"
     assert meta["config"]["window"] == 3 and meta["config"]["flows"] == list(FLOWS) and meta["code_version"]
+    assert meta["kernels"] == f"{torch.backends.cpu.get_cpu_capability()} kernels, {torch.get_num_threads()} threads"
     assert json.loads((tmp_path / "run" / "run.json").read_text())["provenance"] == meta["provenance"]
     assert table.attrs["config"]["window"] == 3
     summary_file = json.loads((tmp_path / "run" / "summary.json").read_text())
