@@ -6,9 +6,13 @@ VENV        ?= .venv
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 BUILD       ?= build
-# figures-check: largest difference allowed between regenerated and committed figure numbers. Another
-# processor rounds floats differently: 2.5e-5 percentage points at most, measured on an AMD EPYC (AVX2).
+# Portable CPU kernels (flowlib/kernels.py), which drew the committed figures: numbers that do not depend
+# on the processor's instruction sets, for about 1.8x the time of `make figures PORTABLE=0` (the processor's
+# own kernels, whose numbers differ from the committed ones by up to 2.5e-5 percentage points).
+PORTABLE    ?= 1
+# figures-check: largest difference allowed between regenerated and committed figure numbers.
 TOLERANCE   ?= 1e-6
+LAUNCH      := $(if $(filter 1,$(PORTABLE)),$(PY) -m flowlib.kernels)
 NOTEBOOKS   := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 KERNEL      := flowlib
 
@@ -48,7 +52,7 @@ figures: $(STAMP)  ## execute every notebook with papermill; figures land in fig
 	@mkdir -p $(BUILD)/notebooks
 	@for nb in $(NOTEBOOKS); do \
 	  echo "papermill $$nb"; \
-	  FLOWLIB_RUNS=$(abspath $(BUILD))/runs $(PY) -m papermill --kernel $(KERNEL) --cwd notebooks \
+	  FLOWLIB_RUNS=$(abspath $(BUILD))/runs $(LAUNCH) $(PY) -m papermill --kernel $(KERNEL) --cwd notebooks \
 	    $$nb $(BUILD)/$$nb $(PARAMS) -p WIDGETS False || exit 1; \
 	done
 	@echo "figures in $${FLOWLIB_FIGURES:-figures/}, executed notebooks in $(BUILD)/notebooks/"
@@ -57,7 +61,7 @@ figures-check: figures  ## regenerate the figures, compare their numbers with th
 	$(PY) -m flowlib.figure_check --tolerance $(TOLERANCE)
 
 lab: $(STAMP)  ## open JupyterLab with the project's kernel
-	$(VENV)/bin/jupyter lab notebooks/
+	$(LAUNCH) $(VENV)/bin/jupyter lab notebooks/
 
 lint: $(STAMP)  ## notebooks must be committed without outputs
 	$(PY) -m flowlib.notebook_check $(NOTEBOOKS)
