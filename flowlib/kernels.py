@@ -78,13 +78,19 @@ def use_configured_kernels(threads: int = PORTABLE_THREADS) -> str:
     return kernel_description()
 
 
+def kernel_kind() -> str:
+    """"portable", or the instruction set of the processor's own kernels ("AVX2", "AVX512", ...)."""
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    return "portable" if portable_requested() and capability == "DEFAULT" else capability
+
+
 def kernel_description() -> str:
     """The CPU kernels in use, e.g. "portable kernels, 2 threads" or "AVX2 kernels, 2 threads"."""
     import torch
 
-    portable = portable_requested() and torch.backends.cpu.get_cpu_capability() == "DEFAULT"
-    kind = "portable" if portable else torch.backends.cpu.get_cpu_capability()
-    return f"{kind} kernels, {torch.get_num_threads()} threads"
+    return f"{kernel_kind()} kernels, {torch.get_num_threads()} threads"
 
 
 def main(argv=None) -> None:

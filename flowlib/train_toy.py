@@ -47,6 +47,7 @@ from . import config as cfg
 from .data.synthetic import HARD_CASES, HARD_TASKS
 from .evaluate import chance_accuracy, evaluate, format_scores
 from .geometry import llava15_geometry
+from .kernels import kernel_kind, use_configured_kernels
 from .models import build_prompt, save_checkpoint
 from .sample import TASKS
 from .toy_model import (ATTRIBUTE_QUERY, DESCRIBE_REQUEST, NAMED_QUERY, VERIFY_QUERY, ToyConfig, answer_target,
@@ -783,6 +784,7 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
     device = torch.device(device)
     if device.type == "cuda":  # cuBLAS is deterministic only with a fixed workspace, set before its first use
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    use_configured_kernels(threads=train_config.threads)  # portable kernels under FLOWLIB_PORTABLE=1
     torch.set_num_threads(train_config.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     loaded = build_toy_model(model_config, seed=seed)
@@ -918,14 +920,15 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
 
 def cpu_description(threads: int) -> str:
     """The CPU as a rerun needs it: the same seed gives bit-identical weights only where the processor and the
-    kernels torch picks for it (AVX2, AVX512) are the same; elsewhere float rounding differs and the run drifts."""
+    kernels torch picks for it (AVX2, AVX512) are the same, or both runs use portable kernels (flowlib.kernels);
+    elsewhere float rounding differs and the run drifts."""
     model = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                  if line.startswith("model name")]
         model = names[0] if names else model
-    return f"cpu ({model}, {torch.backends.cpu.get_cpu_capability()} kernels, {threads} threads)"
+    return f"cpu ({model}, {kernel_kind()} kernels, {threads} threads)"
 
 
 def final_evaluation(loaded, train_config: TrainConfig) -> dict:

@@ -4,6 +4,7 @@ the processor's instruction sets (checked by narrowing oneDNN's and MKL's sets i
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,26 +96,54 @@ print(" ".join(float(p).hex() for p in [result.base_prob, *result.blocked_probs]
 NARROW = {"ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
 
 
-def run_sweep(portable: bool, **extra) -> tuple[str, str]:
+def run_python(code: str, portable: bool, *args: str, **extra: str) -> list[str]:
+    """The last two lines `code` prints, run in a fresh Python (portable or not, `extra` added to its environment)."""
     env = {k: v for k, v in os.environ.items() if k not in (*PORTABLE_ENVIRONMENT, *NARROW, SWITCH)}
     env = {**(portable_environment(env) if portable else env), **extra}
-    done = subprocess.run([sys.executable, "-c", SWEEP], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-3000:]
-    description, numbers = done.stdout.strip().splitlines()[-2:]
-    return description, numbers
+    return done.stdout.strip().splitlines()[-2:]
 
 
 @pytest.mark.slow
 def test_portable_numbers_do_not_depend_on_the_instruction_sets():
-    description, portable = run_sweep(True)
+    description, portable = run_python(SWEEP, True)
     assert description == "portable kernels, 2 threads"
     assert len(portable.split()) == 1 + 12  # base probability and one per layer
-    assert run_sweep(True, **NARROW) == (description, portable)
+    assert run_python(SWEEP, True, **NARROW) == [description, portable]
 
 
 @pytest.mark.slow
 def test_the_processors_own_kernels_do_depend_on_them():
     """The control: the same narrowing changes the numbers without portable mode, so the test above can fail."""
-    _, native = run_sweep(False)
-    _, narrowed = run_sweep(False, ATEN_CPU_CAPABILITY="default", **NARROW)
+    _, native = run_python(SWEEP, False)
+    _, narrowed = run_python(SWEEP, False, ATEN_CPU_CAPABILITY="default", **NARROW)
     assert native != narrowed
+
+
+# Three steps of training a small toy (batches of 16: the size from which the patch convolution can take
+# NNPACK), printed as the card's device and the weights' digest.
+TRAIN = """
+import dataclasses, hashlib, sys
+from pathlib import Path
+from flowlib.train_toy import TrainConfig, train
+from tests.test_train_toy import SMALL
+
+config = dataclasses.replace(TrainConfig(), steps=3, batch_size=16, chunk_per_task=4, warmup_steps=1,
+                             monitor_per_task=1, eval_every=1000, threads=2, vision_pretrain_steps=2,
+                             vision_pretrain_chunks=1, vision_pretrain_batch=16)
+card = train(SMALL, config, seed=7, out=Path(sys.argv[1]), workers=0, final_eval=False)
+print(card["training"]["device"])
+print(hashlib.sha256((Path(sys.argv[1]) / "model.safetensors").read_bytes()).hexdigest())
+"""
+
+
+@pytest.mark.slow
+def test_portable_training_does_not_depend_on_the_instruction_sets(tmp_path):
+    device, portable = run_python(TRAIN, True, str(tmp_path / "a"))
+    assert device.endswith(", portable kernels, 2 threads)")
+    assert run_python(TRAIN, True, str(tmp_path / "b"), **NARROW) == [device, portable]
+    _, native = run_python(TRAIN, False, str(tmp_path / "c"))
+    _, narrowed = run_python(TRAIN, False, str(tmp_path / "d"), ATEN_CPU_CAPABILITY="default", **NARROW)
+    assert native != narrowed  # the control
