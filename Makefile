@@ -7,8 +7,8 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 BUILD       ?= build
 # Portable CPU kernels (flowlib/kernels.py), which drew the committed figures: numbers that do not depend
-# on the processor's instruction sets, for about 1.8x the time of `make figures PORTABLE=0` (the processor's
-# own kernels, whose numbers differ from the committed ones by up to 2.5e-5 percentage points).
+# on the processor's instruction sets, for 1.5x the time of `make figures PORTABLE=0` (the processor's own
+# kernels, whose numbers differed from the committed ones by up to 3.4e-5 percentage points on AVX2).
 PORTABLE    ?= 1
 # figures-check: largest difference allowed between regenerated and committed figure numbers.
 TOLERANCE   ?= 1e-6

@@ -5,6 +5,7 @@ both ways, alternating, in one run, and prints the mean seconds per step, their 
 logit difference between the two forwards.
 
     python benchmarks/bench_train_step.py [--steps 20] [--threads 2]
+    python -m flowlib.kernels python benchmarks/bench_train_step.py   # with portable kernels
 
 This is not a test: timings depend on the machine and its load (run it with nothing else training).
 """
@@ -16,6 +17,7 @@ import time
 
 import torch
 
+from flowlib.kernels import kernel_description, use_configured_kernels
 from flowlib.toy_model import ToyConfig, build_toy_model
 from flowlib.train_toy import ChunkStream, TrainConfig, batches, forward_shared_prefix
 
@@ -25,6 +27,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps of each kind")
     parser.add_argument("--threads", type=int, default=TrainConfig.threads)
     args = parser.parse_args()
+    use_configured_kernels(threads=args.threads)  # as train_toy does
     torch.set_num_threads(args.threads)
     loaded = build_toy_model(ToyConfig(), seed=0)
     model = loaded.model.train()
@@ -51,7 +54,7 @@ def main() -> None:
         full, (cut, prefix) = plain(batch_list[0]), forward_shared_prefix(model, batch_list[0])
     length = batch_list[0]["input_ids"].shape[1]
     print(f"toy-llava (untrained), batch {TrainConfig.batch_size}, {length} tokens ({prefix} shared), "
-          f"{args.threads} threads, {args.steps} steps each")
+          f"{kernel_description()}, {args.steps} steps each")
     for name, values in seconds.items():
         print(f"{name:>14}: {sum(values) / len(values):.3f} s/step")
     ratio = sum(seconds["plain"]) / sum(seconds["shared prefix"])

@@ -1,4 +1,4 @@
-"""Portable CPU kernels: the same floats on any x86-64 processor, for about twice the time.
+"""Portable CPU kernels, meant to give the same floats on any x86-64 processor, for 1.5-2.4x the time.
 
 torch picks kernels for the processor it runs on: ATen's vectorised kernels by instruction set (AVX2,
 AVX-512), MKL's matrix products by processor, oneDNN's and NNPACK's convolutions by instruction set.
@@ -16,8 +16,9 @@ torch and MKL read the two variables once, when they start, so they are set befo
 `make figures` does (`PORTABLE=1`, its default) through `python -m flowlib.kernels COMMAND...`, which runs
 COMMAND with them; `portable_environment()` gives them to a subprocess.
 `FLOWLIB_PORTABLE=1` makes `use_configured_kernels()` (run whenever flowlib loads a model) check them
-and set the rest. Checked on one machine only: with them, switching oneDNN's or MKL's instruction set,
-or glibc's FMA routines, leaves every number unchanged (`tests/test_kernels.py`).
+and set the rest. Checked on one machine only: with them, narrowing oneDNN's and MKL's instruction sets
+leaves every number unchanged (`tests/test_kernels.py`: a sweep and three training steps; every figure
+number, by `make figures-check TOLERANCE=0`).
 
 Example:
     $ env ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE,STRICT FLOWLIB_PORTABLE=1 python script.py
