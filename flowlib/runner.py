@@ -4,7 +4,7 @@ A run writes into one folder:
 - ``run.json``: provenance (model, revision, dtype, ...), the run configuration
   (flows, window, engine, ...) and what wrote it (code version, CPU kernels), written first;
   a later run into the same folder must match its provenance and configuration exactly
-  or it is refused before anything is written.
+  or it is refused before anything is written (other code or kernels: resumed, with a warning).
 - ``parts/<sample>.parquet``: the rows of one analysed sample, then
   ``samples/<sample>.json``: its status (analysed, wrong answer, zero base, ...),
   each written atomically (temporary file + rename). A sample counts as done once
@@ -182,9 +182,10 @@ def _open_folder(output: Path, identity: dict, resume: bool) -> None:
                                    "nothing was written: use another output folder")
         if not resume:
             raise RunMismatchError(f"{output} already holds a run; pass resume=True to continue it")
-        if stored.get("code_version") != code_version():
-            log.warning("resuming %s written by flowlib %s with flowlib %s", output, stored.get("code_version"),
-                        code_version())
+        now = written_by()
+        for key, what in (("code_version", "flowlib"), ("kernels", "CPU kernels")):
+            if stored.get(key) != now[key]:  # allowed, but its rows may round differently from the earlier ones
+                log.warning("resuming %s written with %s %s, now %s", output, what, stored.get(key), now[key])
         return
     if output.exists() and any(output.iterdir()):
         raise RunMismatchError(f"{output} is not empty and holds no run.json; use an empty or new folder")

@@ -84,6 +84,19 @@ def test_resumed_run_equals_uninterrupted_run(loaded, samples, tmp_path):
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "resumed" / "results.parquet"), whole)
 
 
+def test_resuming_with_other_kernels_warns(loaded, samples, tmp_path, caplog):
+    out = tmp_path / "run"
+    run(loaded, samples[:2], out)
+    with caplog.at_level("WARNING", logger=runner.log.name):
+        run(loaded, samples[:2], out)
+    assert "CPU kernels" not in caplog.text
+    stored = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**stored, "kernels": "AVX512 kernels, 8 threads"}))
+    with caplog.at_level("WARNING", logger=runner.log.name):
+        run(loaded, samples[:2], out)
+    assert f"CPU kernels AVX512 kernels, 8 threads, now {runner.kernel_description()}" in caplog.text
+
+
 def test_refuses_to_resume_another_configuration(loaded, samples, tmp_path):
     out = tmp_path / "run"
     run(loaded, samples[:2], out)
