@@ -99,7 +99,11 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):
         raise SystemExit("usage: python -m flowlib.kernels COMMAND [ARGS...] (runs COMMAND with portable CPU kernels)")
-    os.execvpe(argv[0], argv, portable_environment())
+    try:
+        os.execvpe(argv[0], argv, portable_environment())
+    except OSError as error:  # only reached when the command could not start
+        raise SystemExit(f"python -m flowlib.kernels: cannot run {argv[0]!r}: {error.strerror}; "
+                         "give a command on PATH or a path to an executable") from None
 
 
 if __name__ == "__main__":

@@ -74,6 +74,8 @@ def test_variables_set_after_torch_started_are_refused(monkeypatch):
 def test_launcher_needs_a_command():
     with pytest.raises(SystemExit, match="usage: python -m flowlib.kernels COMMAND"):
         kernels.main([])
+    with pytest.raises(SystemExit, match="cannot run 'no-such-command-here': No such file"):
+        kernels.main(["no-such-command-here"])
 
 
 # ----------------------------------------------------------------------------- subprocesses
