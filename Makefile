@@ -47,7 +47,7 @@ test: $(STAMP)  ## run the whole test suite offline (what CI runs)
 test-fast: $(STAMP)  ## the unit tests without the slow tier
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
-figures: $(STAMP)  ## execute every notebook with papermill; figures land in figures/
+figures: $(STAMP)  ## run every notebook with papermill into figures/ (portable CPU kernels; PORTABLE=0: native)
 	rm -rf $(BUILD)/runs
 	@mkdir -p $(BUILD)/notebooks
 	@for nb in $(NOTEBOOKS); do \
