@@ -135,7 +135,7 @@ def correct_samples(loaded, samples: Iterable, per_task: Optional[int] = None, m
              seen - sum(kept.values()))
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through `write(tmp_path)` then rename, so a killed run never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -147,13 +147,13 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True)))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True)))
 
 
 def _write_parquet(path: Path, frame: pd.DataFrame, meta: dict) -> None:
     table = pa.Table.from_pandas(frame, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"flowlib": json.dumps(meta).encode()})
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def _file_key(question_id: str) -> str:

@@ -2,6 +2,9 @@
 
     python -m flowlib.train_toy [--seed 0] [--out DIR] [--steps N] [--minutes M] [--device cuda --workers 6]
 
+An interrupted run continues where it stopped when the same command is run again: it saves its state
+in the output folder every 250 steps (`--save-every`, `STATE_FILE`), and removes it when done.
+
 Deterministic from the seed and the configs: chunk k of the training stream is
 `generate_split(TrainConfig.task_counts(), seed=seed * 1_000_003 + k, split="train")`,
 shuffled by (seed, k); a worker process may generate chunks ahead, which changes
@@ -49,6 +52,7 @@ from .evaluate import chance_accuracy, evaluate, format_scores
 from .geometry import llava15_geometry
 from .kernels import kernel_kind, use_configured_kernels
 from .models import build_prompt, save_checkpoint
+from .runner import atomic_write, written_by
 from .sample import TASKS
 from .toy_model import (ATTRIBUTE_QUERY, DESCRIBE_REQUEST, NAMED_QUERY, VERIFY_QUERY, ToyConfig, answer_target,
                         build_toy_model, count_parameters)
@@ -587,7 +591,8 @@ class ChunkStream:
     """Chunks 0, 1, 2, ... in order, generated inline (workers=0) or ahead by worker processes.
 
     Worker w of n makes chunks w, w + n, ... and they are read back in turn, so the stream is the
-    same for any number of workers (one keeps up with 2 CPU cores; a GPU needs several).
+    same for any number of workers (one keeps up with 2 CPU cores; a GPU needs several). A resumed run
+    starts the stream at `first_chunk` instead of 0.
 
     `curriculum` and `batch_size` set each chunk's distractor cap (`distractor_caps`); `chunk_options`
     are `encode_chunk`'s (`CHUNK_OPTIONS`: the description turn, further question turns, attribute-query
@@ -596,11 +601,12 @@ class ChunkStream:
 
     def __init__(self, processor, model_config: ToyConfig, seed: int, per_task: int | Mapping[str, int],
                  workers: int = 1, curriculum: tuple = (), batch_size: int = TrainConfig.batch_size,
-                 **chunk_options):
+                 first_chunk: int = 0, **chunk_options):
         unknown = sorted(set(chunk_options) - set(CHUNK_OPTIONS))
         if unknown:  # checked here: in a worker process the error would only show as a stalled stream
             raise TypeError(f"ChunkStream got unknown chunk options {unknown}; they are {list(CHUNK_OPTIONS)}")
-        self.processor, self.seed, self.per_task, self.k = processor, seed, per_task, 0
+        self.processor, self.seed, self.per_task = processor, seed, per_task
+        self.first_chunk = self.k = first_chunk
         self.model_config, self.chunk_options = model_config, chunk_options
         self.caps = distractor_caps(per_task, batch_size, curriculum)
         self.queues, self.processes = [], []
@@ -608,7 +614,8 @@ class ChunkStream:
         for w in range(workers):
             self.queues.append(ctx.Queue(maxsize=3))
             self.processes.append(ctx.Process(target=_producer, daemon=True, args=(
-                self.queues[-1], model_config.to_dict(), seed, per_task, w, workers, self.caps, chunk_options)))
+                self.queues[-1], model_config.to_dict(), seed, per_task, first_chunk + w, workers, self.caps,
+                chunk_options)))
             self.processes[-1].start()
 
     def next(self) -> dict:
@@ -616,7 +623,7 @@ class ChunkStream:
             chunk = encode_chunk(self.processor, self.seed, self.k, self.per_task, self.model_config,
                                  max_distractors=_cap(self.caps, self.k), **self.chunk_options)
         else:
-            k, chunk = self.queues[self.k % len(self.queues)].get(timeout=600)
+            k, chunk = self.queues[(self.k - self.first_chunk) % len(self.queues)].get(timeout=600)
             if isinstance(chunk, Exception):
                 raise chunk
             assert k == self.k, (k, self.k)
@@ -629,8 +636,8 @@ class ChunkStream:
             process.join(5)
 
 
-def batches(stream: ChunkStream, batch_size: int, pad_id: int):
-    """Yield right-padded training batches.
+def batches(stream: ChunkStream, batch_size: int, pad_id: int, skip: int = 0):
+    """Yield right-padded training batches, leaving out the first chunk's first `skip` (a resumed run).
 
     `labels` mark the answer words and their `</s>` (of every question turn); `question_labels` the
     first question's words, whose prediction is an auxiliary loss (many of them can only be guessed
@@ -639,7 +646,7 @@ def batches(stream: ChunkStream, batch_size: int, pad_id: int):
     """
     while True:
         chunk = stream.next()
-        for start in range(0, len(chunk["ids"]) - batch_size + 1, batch_size):
+        for start in range(skip * batch_size, len(chunk["ids"]) - batch_size + 1, batch_size):
             rows = chunk["ids"][start:start + batch_size]
             length = max(len(r) for r in rows)
             input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
@@ -662,6 +669,7 @@ def batches(stream: ChunkStream, batch_size: int, pad_id: int):
                    "describe_labels": describe_labels,
                    "pixel_values": chunk["pixel_values"][start:start + batch_size],
                    "patch_labels": chunk["patch_labels"][start:start + batch_size]}
+        skip = 0
 
 
 def shared_prefix_length(input_ids: torch.Tensor, image_token_id: int) -> int:
@@ -771,11 +779,16 @@ def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out: Path | None = None,
-          minutes: float | None = None, workers: int = 1, final_eval: bool = True, device: str = "cpu") -> dict:
+          minutes: float | None = None, workers: int = 1, final_eval: bool = True, device: str = "cpu",
+          save_every: int = 250, fresh: bool = False) -> dict:
     """Train a toy LLaVA from `seed`; save it with its card into `out` (if given); return the card.
 
     `device` ("cpu", "cuda", "cuda:1", ...) runs the model there; the data stream stays on the CPU
     (`workers` processes). The weights are saved from the CPU either way.
+
+    With `out`, the run saves its state there every `save_every` steps (0: never) and when `minutes` run
+    out (`STATE_FILE`); called again with the same settings it resumes from that state, to the same weights
+    as a run never stopped, and removes it once all its steps are done. `fresh` deletes a saved state first.
     """
     from tqdm import tqdm
 
@@ -787,15 +800,30 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
     use_configured_kernels(threads=train_config.threads)  # portable kernels under FLOWLIB_PORTABLE=1
     torch.set_num_threads(train_config.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    if save_every < 0:
+        raise ValueError(f"save_every={save_every}: give a number of steps, or 0 to save only when `minutes` run out")
+    identity = run_identity(model_config, train_config, seed)
+    state_path = Path(out) / STATE_FILE if out is not None else None
+    if state_path is not None and fresh:
+        state_path.unlink(missing_ok=True)
+    state = load_training_state(state_path, identity, device) if state_path is not None else None
     loaded = build_toy_model(model_config, seed=seed)
     model = loaded.model.to(device).train()
     tokenizer = loaded.tokenizer
     patch_loss = PatchLoss(model, tokenizer, model_config).to(device)
-    started = time.time()
-    pretrained = pretrain_vision(loaded, model_config, train_config, seed, device) \
-        if train_config.vision_pretrain_steps else None
-    if pretrained:
-        print(f"vision pretraining: {pretrained}", flush=True)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        patch_loss.position_heads.load_state_dict(state["position_heads"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        pretrained = state["pretrained"]
+        print(f"resuming from {state_path} at step {state['steps_done']} of {train_config.steps} "
+              f"({state['seconds'] / 60:.1f} min trained so far)", flush=True)
+    started = time.time() - (state["seconds"] if state is not None else 0.0)
+    if state is None:
+        pretrained = pretrain_vision(loaded, model_config, train_config, seed, device) \
+            if train_config.vision_pretrain_steps else None
+        if pretrained:
+            print(f"vision pretraining: {pretrained}", flush=True)
     projected = {}
     hook = model.model.multi_modal_projector.register_forward_hook(
         lambda module, args, output: projected.__setitem__("features", output))
@@ -811,19 +839,34 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
             groups.append({"params": chosen, "weight_decay": train_config.weight_decay if decays else 0.0,
                            "base_lr": base_lr})
     optimizer = torch.optim.AdamW(groups, lr=train_config.lr, betas=(0.9, 0.98), eps=1e-8)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
     monitor = to_samples(generate_split(train_config.monitor_per_task, seed=seed + 1, split="validation"))
+    steps_done = state["steps_done"] if state is not None else 0
+    per_chunk = chunk_size(train_config.task_counts()) // train_config.batch_size
     stream = ChunkStream(loaded.processor, model_config, seed, train_config.task_counts(), workers,
                          curriculum=train_config.distractor_curriculum, batch_size=train_config.batch_size,
-                         **train_config.chunk_options())
-    log = {"step": [], "loss": [], "aux_loss": [], "question_loss": [], "query_loss": [], "describe_loss": [],
-           "lr": [], "eval": []}
-    steps_done = 0
+                         first_chunk=steps_done // per_chunk, **train_config.chunk_options())
+    log = state["log"] if state is not None else {
+        "step": [], "loss": [], "aux_loss": [], "question_loss": [], "query_loss": [], "describe_loss": [],
+        "lr": [], "eval": []}
+    stopped_early = False
+
+    def save_state():
+        save_training_state(state_path, identity, steps_done, time.time() - started, pretrained, log, model,
+                            patch_loss, optimizer)
+
     try:
-        data = batches(stream, train_config.batch_size, tokenizer.pad_token_id)
-        bar = tqdm(range(train_config.steps), desc="train", mininterval=10)
+        data = batches(stream, train_config.batch_size, tokenizer.pad_token_id, skip=steps_done % per_chunk)
+        bar = tqdm(range(steps_done, train_config.steps), desc="train", mininterval=10, initial=steps_done,
+                   total=train_config.steps)
         for step in bar:
             if minutes is not None and time.time() - started > 60 * minutes:
+                stopped_early = True
                 print(f"time budget of {minutes} min reached at step {step}", flush=True)
+                if state_path is not None:
+                    save_state()
+                    print(f"its state is saved in {state_path}: the same command continues it", flush=True)
                 break
             batch = {key: value.to(device) for key, value in next(data).items()}
             for group in optimizer.param_groups:
@@ -879,6 +922,9 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
                       f"{recent['question_loss']:.3f} query {recent['query_loss']:.3f} "
                       f"describe {recent['describe_loss']:.3f} "
                       + format_scores(scores, "monitor"), flush=True)
+            if state_path is not None and save_every and steps_done % save_every == 0 \
+                    and steps_done < train_config.steps:
+                save_state()
     finally:
         hook.remove()
         if "data" in locals():
@@ -907,7 +953,8 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
                      "samples_per_second": round(steps_done * train_config.batch_size
                                                  / (train_seconds - (pretrained or {}).get("seconds", 0)), 2),
                      "device": where,
-                     "torch": torch.__version__, "final_loss_mean_last_50": float(np.mean(log["loss"][-50:])),
+                     "torch": torch.__version__,
+                     "final_loss_mean_last_50": float(np.mean(log["loss"][-50:])) if log["loss"] else None,
                      **({"vision_pretraining": pretrained} if pretrained else {})},
     }
     if final_eval:
@@ -915,7 +962,56 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
     model.to("cpu")
     if out is not None:
         save_run(loaded, card, log, Path(out))
+        if state_path is not None and not stopped_early:
+            state_path.unlink(missing_ok=True)
     return card
+
+
+#: The state a run saves in its output folder as it goes (`train(save_every=...)`), removed when it is done.
+STATE_FILE = "training_state.pt"
+
+
+class TrainingStateMismatch(ValueError):
+    """An output folder holds the saved state of a run with other settings."""
+
+
+def run_identity(model_config: ToyConfig, train_config: TrainConfig, seed: int) -> dict:
+    """What a saved state must match to be resumed: the seed and both configs, as JSON stores them."""
+    return json.loads(json.dumps({"seed": seed, "model_config": model_config.to_dict(),
+                                  "train_config": train_config.to_dict()}))
+
+
+def save_training_state(path: Path, identity: dict, steps_done: int, seconds: float, pretrained: dict | None,
+                        log: dict, model, patch_loss: PatchLoss, optimizer) -> None:
+    """Everything a resumed run needs to continue bit for bit; written whole or not at all."""
+    state = {"identity": identity, "written_by": written_by(), "steps_done": steps_done, "seconds": seconds,
+             "pretrained": pretrained, "log": log, "model": model.state_dict(),
+             "position_heads": patch_loss.position_heads.state_dict(), "optimizer": optimizer.state_dict(),
+             "torch_rng": torch.get_rng_state()}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_training_state(path: Path, identity: dict, device: torch.device) -> dict | None:
+    """The state saved at `path`, if any; TrainingStateMismatch if it belongs to a run with other settings."""
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location=device, weights_only=True)
+    if state["identity"] != identity:
+        stored = state["identity"]
+        diffs = [f"seed {stored['seed']} (now {identity['seed']})"] if stored["seed"] != identity["seed"] else []
+        diffs += [f"{section}.{key} {stored[section].get(key)!r} (now {value!r})"
+                  for section in ("model_config", "train_config") for key, value in identity[section].items()
+                  if stored[section].get(key) != value]
+        raise TrainingStateMismatch(
+            f"{path} holds the saved state of a run with other settings: {'; '.join(diffs) or 'other fields'}. "
+            "Run the same command to continue that run, pass --fresh (train(fresh=True)) to delete it and "
+            "start over, or choose another --out folder")
+    now = written_by()
+    for key, what in (("code_version", "flowlib"), ("kernels", "CPU kernels")):
+        if state["written_by"].get(key) != now[key]:  # allowed, but the continued run may round differently
+            print(f"warning: resuming a run saved with {what} {state['written_by'].get(key)}, now {now[key]}",
+                  flush=True)
+    return state
 
 
 def cpu_description(threads: int) -> str:
@@ -983,7 +1079,8 @@ def plot_loss(log: dict, path: Path) -> None:
     for task in (log["eval"][0]["per_task"] if log["eval"] else []):
         ax2.plot([e["step"] for e in log["eval"]], [e["per_task"][task] for e in log["eval"]], label=task)
     ax2.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02), title="monitor accuracy per task")
-    ax2.legend(fontsize=7)
+    if log["eval"]:
+        ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120, metadata={"Software": None})
     plt.close(fig)
@@ -1173,7 +1270,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=cfg.SHORT_NAMES[cfg.OFFLINE_MODEL])
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
-    parser.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="stop after this many minutes of training in all, saving the state so that the same "
+                             "command continues the run")
+    parser.add_argument("--save-every", type=int, default=250, metavar="STEPS",
+                        help=f"save the training state ({STATE_FILE} in --out) every STEPS steps, so that an "
+                             "interrupted run continues where it stopped when the same command is run again "
+                             "(0: only when --minutes run out; default: 250)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete a saved training state in --out and start over")
     parser.add_argument("--threads", type=int, default=TrainConfig.threads)
     parser.add_argument("--workers", type=int, default=1,
                         help="data worker processes (0: inline; one keeps up with 2 CPU cores, a GPU needs more)")
@@ -1229,8 +1334,14 @@ def main(argv=None) -> None:
         train_config = train_config_from_args(args)
     except ValueError as err:
         parser.error(str(err))
-    card = train(ToyConfig(), train_config, seed=args.seed, out=args.out, minutes=args.minutes,
-                 workers=args.workers, final_eval=not args.no_eval, device=args.device)
+    if args.save_every < 0:
+        parser.error(f"--save-every {args.save_every}: give a number of steps, or 0")
+    try:
+        card = train(ToyConfig(), train_config, seed=args.seed, out=args.out, minutes=args.minutes,
+                     workers=args.workers, final_eval=not args.no_eval, device=args.device,
+                     save_every=args.save_every, fresh=args.fresh)
+    except TrainingStateMismatch as err:
+        parser.exit(2, f"error: {err}\n")
     print(json.dumps(card.get("evaluation", {}).get("heldout", {}).get("image", {}), indent=1))
     print(f"saved to {args.out}")
 

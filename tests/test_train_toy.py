@@ -375,6 +375,76 @@ def test_same_seed_gives_bit_identical_weights(tmp_path, one_thread):
     assert training["device"].endswith(f", {torch.backends.cpu.get_cpu_capability()} kernels, 1 threads)")
 
 
+#: Three batches of 4 a chunk (chunk_per_task=2: 12 samples), so a resumed run may start mid-chunk.
+RESUMABLE = dataclasses.replace(TrainConfig(), steps=5, batch_size=4, chunk_per_task=2, warmup_steps=1,
+                                monitor_per_task=1, eval_every=2, threads=1, vision_pretrain_steps=2,
+                                vision_pretrain_chunks=1, vision_pretrain_batch=4)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train(SMALL, RESUMABLE, seed=7, out=out, workers=0, final_eval=False)
+    return out
+
+
+@pytest.mark.parametrize("save_every, fails_at, workers", [(2, 3, 0), (3, 4, 1)])  # mid-chunk; a chunk's start
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, one_thread, uninterrupted,
+                                                        save_every, fails_at, workers):
+    schedule = train_toy.lr_at
+
+    def failing(step, config):
+        if step == fails_at:
+            raise KeyboardInterrupt
+        return schedule(step, config)
+
+    monkeypatch.setattr(train_toy, "lr_at", failing)
+    with pytest.raises(KeyboardInterrupt):
+        train(SMALL, RESUMABLE, seed=7, out=tmp_path, workers=workers, final_eval=False, save_every=save_every)
+    state = torch.load(tmp_path / train_toy.STATE_FILE, weights_only=True)
+    assert state["steps_done"] == save_every and len(state["log"]["loss"]) == save_every
+    monkeypatch.setattr(train_toy, "lr_at", schedule)
+    with pytest.raises(train_toy.TrainingStateMismatch, match=r"seed 7 \(now 8\).*--fresh"):
+        train(SMALL, RESUMABLE, seed=8, out=tmp_path, workers=0, final_eval=False)
+    train(SMALL, RESUMABLE, seed=7, out=tmp_path, workers=workers, final_eval=False, save_every=save_every)
+    assert (tmp_path / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
+    resumed, whole = (json.loads((folder / "log.json").read_text()) for folder in (tmp_path, uninterrupted))
+    assert resumed == whole  # the losses and monitor scores of every step, the saved ones included
+    assert not (tmp_path / train_toy.STATE_FILE).exists()  # a finished run leaves no state behind
+
+
+def test_a_run_out_of_minutes_keeps_its_state_and_the_same_command_finishes_it(tmp_path, one_thread,
+                                                                               uninterrupted):
+    card = train(SMALL, RESUMABLE, seed=7, out=tmp_path, workers=0, final_eval=False, minutes=0)
+    assert card["training"]["steps"] == 0 and (tmp_path / train_toy.STATE_FILE).exists()
+    card = train(SMALL, RESUMABLE, seed=7, out=tmp_path, workers=0, final_eval=False)
+    assert card["training"]["steps"] == 5
+    assert (tmp_path / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
+    assert not (tmp_path / train_toy.STATE_FILE).exists()
+
+
+def test_fresh_deletes_a_saved_state_and_starts_over(tmp_path, one_thread, uninterrupted):
+    train(SMALL, dataclasses.replace(RESUMABLE, lr=1e-2), seed=7, out=tmp_path, workers=0, final_eval=False,
+          minutes=0)
+    train(SMALL, RESUMABLE, seed=7, out=tmp_path, workers=0, final_eval=False, fresh=True)
+    assert (tmp_path / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
+
+
+def test_the_command_line_refuses_another_runs_state_in_one_line(monkeypatch, capsys):
+    def mismatch(*args, **kwargs):
+        raise train_toy.TrainingStateMismatch("out/training_state.pt holds the saved state of a run with other settings")
+
+    monkeypatch.setattr(train_toy, "train", mismatch)
+    with pytest.raises(SystemExit) as exit_info:
+        train_toy.main(["--out", "out"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: out/training_state.pt holds the saved state of a run with other settings\n"
+    with pytest.raises(SystemExit):
+        train_toy.main(["--save-every", "-1"])
+    assert "--save-every -1: give a number of steps, or 0" in capsys.readouterr().err
+
+
 def test_task_weights_share_a_chunk_in_whole_counts():
     assert TrainConfig(task_weights=()).task_counts() == {task: 32 for task in TASKS}  # empty: equal shares
     assert chunk_size(TrainConfig().task_counts()) == 192  # the default's weights split its chunk exactly
