@@ -83,7 +83,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.05  # cosine decay to 5% of the peak: the late steps polish the hard tasks
     weight_decay: float = 0.01  # light: the stream of fresh scenes already prevents overfitting
     grad_clip: float = 1.0  # guards against the occasional spike with a high learning rate
-    chunk_per_task: int = 32  # 192 fresh samples per generated chunk (6 batches)
+    chunk_per_task: int = 32  # 192 fresh samples per generated chunk (12 batches of 16)
     # Share of each task in a chunk (task_counts), relative; empty: equal shares. With equal shares ChooseAttr
     # and QueryAttr reached 98-99% held-out while ChooseCat, CompareAttr, ChooseRel and LogicalObj stayed at
     # 47-72%, so the samples go where the errors were (a chunk of 192: 16, 16, 32, 32, 48, 48). Measured: the
@@ -786,10 +786,13 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
     `device` ("cpu", "cuda", "cuda:1", ...) runs the model there; the data stream stays on the CPU
     (`workers` processes). The weights are saved from the CPU either way.
 
-    With `out`, the run saves its state there every `save_every` steps (0: never) and when `minutes` run
-    out (`STATE_FILE`); called again with the same settings it resumes from that state, to the same weights
-    as a run never stopped, and removes it once all its steps are done. `fresh` deletes a saved state first.
+    With `out`, the run saves its state there every `save_every` steps (0: only when `minutes` run out),
+    `STATE_FILE`; called again with the same settings it resumes from that state, to the same weights as a
+    run never stopped, and removes it once all its steps are done. `fresh` deletes a saved state first. The
+    card's training time counts the steps once: a resumed run's clock starts from the saved one.
     """
+    if save_every < 0:
+        raise ValueError(f"save_every={save_every}: give a number of steps, or 0 to save only when `minutes` run out")
     from tqdm import tqdm
 
     from .data.synthetic import generate_split, to_samples
@@ -800,8 +803,6 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
     use_configured_kernels(threads=train_config.threads)  # portable kernels under FLOWLIB_PORTABLE=1
     torch.set_num_threads(train_config.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    if save_every < 0:
-        raise ValueError(f"save_every={save_every}: give a number of steps, or 0 to save only when `minutes` run out")
     identity = run_identity(model_config, train_config, seed)
     state_path = Path(out) / STATE_FILE if out is not None else None
     if state_path is not None and fresh:
