@@ -445,6 +445,21 @@ def test_the_command_line_refuses_another_runs_state_in_one_line(monkeypatch, ca
     assert "--save-every -1: give a number of steps, or 0" in capsys.readouterr().err
 
 
+def test_the_learning_rate_holds_its_peak_until_the_decay_starts():
+    cosine = TrainConfig(steps=1100, warmup_steps=100)
+    held = dataclasses.replace(cosine, decay_start=0.6)
+    assert train_toy.lr_at(0, held) == train_toy.lr_at(0, cosine) == cosine.lr / 100  # the same warmup
+    assert train_toy.lr_at(100, cosine) == cosine.lr
+    assert train_toy.lr_at(600, cosine) == pytest.approx(cosine.lr * (0.05 + 0.95 * 0.5))  # half-way down
+    assert train_toy.lr_at(700, held) == cosine.lr  # still the peak after 60% of the 1000 steps
+    assert train_toy.lr_at(900, held) == pytest.approx(cosine.lr * (0.05 + 0.95 * 0.5))  # half-way down
+    assert train_toy.lr_at(1100, held) == train_toy.lr_at(1100, cosine) == pytest.approx(cosine.lr * 0.05)
+    parse = train_toy.build_parser().parse_args
+    assert train_toy.train_config_from_args(parse(["--decay-start", "0.6"])).decay_start == 0.6
+    with pytest.raises(ValueError, match="--decay-start 1.0: give a share of the steps from 0 to below 1"):
+        train_toy.train_config_from_args(parse(["--decay-start", "1"]))
+
+
 def test_task_weights_share_a_chunk_in_whole_counts():
     assert TrainConfig(task_weights=()).task_counts() == {task: 32 for task in TASKS}  # empty: equal shares
     assert chunk_size(TrainConfig().task_counts()) == 192  # the default's weights split its chunk exactly
