@@ -97,6 +97,13 @@ def written_by() -> dict:
     return {"code_version": code_version(), "kernels": kernel_description()}
 
 
+def provenance_changes(stored: dict) -> list[str]:
+    """How the code and CPU kernels that wrote `stored` (a `written_by()` record) differ from now's."""
+    now = written_by()
+    return [f"{what} {stored.get(key)}, now {now[key]}"
+            for key, what in (("code_version", "flowlib"), ("kernels", "CPU kernels")) if stored.get(key) != now[key]]
+
+
 def normalise_answer(text: str) -> str:
     """The comparison form of an answer: lowercased and stripped (PAPER.md)."""
     return text.strip().lower()
@@ -182,10 +189,8 @@ def _open_folder(output: Path, identity: dict, resume: bool) -> None:
                                    "nothing was written: use another output folder")
         if not resume:
             raise RunMismatchError(f"{output} already holds a run; pass resume=True to continue it")
-        now = written_by()
-        for key, what in (("code_version", "flowlib"), ("kernels", "CPU kernels")):
-            if stored.get(key) != now[key]:  # allowed, but its rows may round differently from the earlier ones
-                log.warning("resuming %s written with %s %s, now %s", output, what, stored.get(key), now[key])
+        for change in provenance_changes(stored):  # allowed, but its rows may round differently from the earlier ones
+            log.warning("resuming %s written with %s", output, change)
         return
     if output.exists() and any(output.iterdir()):
         raise RunMismatchError(f"{output} is not empty and holds no run.json; use an empty or new folder")

@@ -52,7 +52,7 @@ from .evaluate import chance_accuracy, evaluate, format_scores
 from .geometry import llava15_geometry
 from .kernels import kernel_kind, use_configured_kernels
 from .models import build_prompt, save_checkpoint
-from .runner import atomic_write, written_by
+from .runner import atomic_write, provenance_changes, written_by
 from .sample import TASKS
 from .toy_model import (ATTRIBUTE_QUERY, DESCRIBE_REQUEST, NAMED_QUERY, VERIFY_QUERY, ToyConfig, answer_target,
                         build_toy_model, count_parameters)
@@ -200,6 +200,10 @@ class TrainConfig:
     vision_pretrain_steps: int = 2400
     vision_pretrain_chunks: int = 40  # pool of 40 x 192 = 7,680 scenes, generated once (about 45 s)
     vision_pretrain_batch: int = 64
+
+    def __post_init__(self):
+        if not 0 <= self.decay_start < 1:
+            raise ValueError(f"decay_start {self.decay_start}: give a share of the steps from 0 to below 1, e.g. 0.6")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -799,8 +803,6 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
     """
     if save_every < 0:
         raise ValueError(f"save_every={save_every}: give a number of steps, or 0 to save only when `minutes` run out")
-    if not 0 <= train_config.decay_start < 1:
-        raise ValueError(f"decay_start={train_config.decay_start}: give a share of the steps from 0 to below 1")
     from tqdm import tqdm
 
     from .data.synthetic import generate_split, to_samples
@@ -823,7 +825,6 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
     if state is not None:
         model.load_state_dict(state["model"])
         patch_loss.position_heads.load_state_dict(state["position_heads"])
-        torch.set_rng_state(state["torch_rng"].cpu())
         pretrained = state["pretrained"]
         print(f"resuming from {state_path} at step {state['steps_done']} of {train_config.steps} "
               f"({state['seconds'] / 60:.1f} min trained so far)", flush=True)
@@ -860,10 +861,11 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
         "step": [], "loss": [], "aux_loss": [], "question_loss": [], "query_loss": [], "describe_loss": [],
         "lr": [], "eval": []}
     stopped_early = False
+    writer = written_by()  # the code and kernels, recorded in every saved state
 
     def save_state():
-        save_training_state(state_path, identity, steps_done, time.time() - started, pretrained, log, model,
-                            patch_loss, optimizer)
+        save_training_state(state_path, identity, writer, steps_done, time.time() - started, pretrained, log,
+                            model, patch_loss, optimizer)
 
     try:
         data = batches(stream, train_config.batch_size, tokenizer.pad_token_id, skip=steps_done % per_chunk)
@@ -971,7 +973,7 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
     model.to("cpu")
     if out is not None:
         save_run(loaded, card, log, Path(out))
-        if state_path is not None and not stopped_early:
+        if not stopped_early:
             state_path.unlink(missing_ok=True)
     return card
 
@@ -990,13 +992,13 @@ def run_identity(model_config: ToyConfig, train_config: TrainConfig, seed: int) 
                                   "train_config": train_config.to_dict()}))
 
 
-def save_training_state(path: Path, identity: dict, steps_done: int, seconds: float, pretrained: dict | None,
-                        log: dict, model, patch_loss: PatchLoss, optimizer) -> None:
-    """Everything a resumed run needs to continue bit for bit; written whole or not at all."""
-    state = {"identity": identity, "written_by": written_by(), "steps_done": steps_done, "seconds": seconds,
+def save_training_state(path: Path, identity: dict, writer: dict, steps_done: int, seconds: float,
+                        pretrained: dict | None, log: dict, model, patch_loss: PatchLoss, optimizer) -> None:
+    """Everything a resumed run needs to continue bit for bit (training draws nothing from torch's global
+    generator, tested); written whole or not at all. `writer` is `written_by()`."""
+    state = {"identity": identity, "written_by": writer, "steps_done": steps_done, "seconds": seconds,
              "pretrained": pretrained, "log": log, "model": model.state_dict(),
-             "position_heads": patch_loss.position_heads.state_dict(), "optimizer": optimizer.state_dict(),
-             "torch_rng": torch.get_rng_state()}
+             "position_heads": patch_loss.position_heads.state_dict(), "optimizer": optimizer.state_dict()}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -1015,11 +1017,8 @@ def load_training_state(path: Path, identity: dict, device: torch.device) -> dic
             f"{path} holds the saved state of a run with other settings: {'; '.join(diffs) or 'other fields'}. "
             "Run the same command to continue that run, pass --fresh (train(fresh=True)) to delete it and "
             "start over, or choose another --out folder")
-    now = written_by()
-    for key, what in (("code_version", "flowlib"), ("kernels", "CPU kernels")):
-        if state["written_by"].get(key) != now[key]:  # allowed, but the continued run may round differently
-            print(f"warning: resuming a run saved with {what} {state['written_by'].get(key)}, now {now[key]}",
-                  flush=True)
+    for change in provenance_changes(state["written_by"]):  # allowed, but the continued run may round differently
+        print(f"warning: resuming a run saved with {change}", flush=True)
     return state
 
 
@@ -1240,7 +1239,8 @@ def parse_task_weights(text: str) -> tuple:
 
 
 #: TrainConfig fields the command line sets, with their flags (`build_parser`, `command_line`).
-CLI_FIELDS = {"steps": "--steps", "threads": "--threads", "lr": "--lr", "decay_start": "--decay-start", "extra_questions": "--extra-questions",
+CLI_FIELDS = {"steps": "--steps", "threads": "--threads", "lr": "--lr", "decay_start": "--decay-start",
+              "extra_questions": "--extra-questions",
               "extra_question_tasks": "--extra-question-tasks",
               "attribute_queries": "--attribute-queries",
               "verify_queries": "--verify-queries", "named_queries": "--named-queries",
@@ -1325,8 +1325,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig a parsed command line asks for; ValueError for task weights that cannot be used."""
-    if not 0 <= args.decay_start < 1:
-        raise ValueError(f"--decay-start {args.decay_start}: give a share of the steps from 0 to below 1, e.g. 0.6")
     train_config = dataclasses.replace(TrainConfig(), steps=args.steps, threads=args.threads, lr=args.lr,
                                        decay_start=args.decay_start,
                                        extra_questions=args.extra_questions,

@@ -456,7 +456,7 @@ def test_the_learning_rate_holds_its_peak_until_the_decay_starts():
     assert train_toy.lr_at(1100, held) == train_toy.lr_at(1100, cosine) == pytest.approx(cosine.lr * 0.05)
     parse = train_toy.build_parser().parse_args
     assert train_toy.train_config_from_args(parse(["--decay-start", "0.6"])).decay_start == 0.6
-    with pytest.raises(ValueError, match="--decay-start 1.0: give a share of the steps from 0 to below 1"):
+    with pytest.raises(ValueError, match="decay_start 1.0: give a share of the steps from 0 to below 1"):
         train_toy.train_config_from_args(parse(["--decay-start", "1"]))
 
 
