@@ -71,7 +71,8 @@ class TrainConfig:
     # a slow day; the previous committed model's recipe, about 28 tokens longer a sample, 56.0 (vision
     # pretraining 5.5). The committed model's recipe (a named-query turn in place of the extra LogicalObj
     # turn, 169.4 tokens a sample at chunk 200 against 181.1) runs 33.2 samples/s in its main steps, so
-    # 5500 steps took 49.4 min in all (vision pretraining 5.2). bfloat16 autocast was no help: 0.76 s a
+    # 5500 steps took 49.4 min in all (vision pretraining 5.2; rerun bit for bit on a 2-core AMD EPYC with
+    # AVX-512 kernels in 54.1). bfloat16 autocast was no help: 0.76 s a
     # step against 0.65 in float32 on these cores. The same command on a slower 2-core machine (AMD EPYC,
     # AVX2 kernels) took 82.0 min (vision pretraining 9.4, 20.2 samples/s) and, its float rounding differing
     # from the first steps, ended at 80.3% held-out (ChooseRel 71.5, LogicalObj 57.5; monitor 71.7 at step
