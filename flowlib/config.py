@@ -53,6 +53,13 @@ VICUNA_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 INSTRUCTION = "Answer the question using a single word or phrase."
+#: The system message of the official code's `llava_llama_3` conversation (Llama3-LLaVA-NeXT-8b).
+LLAMA3_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that the "
+    "user provides, and assist the user with a variety of tasks using natural language."
+)
+#: Llama-3 ends an assistant turn with this token; generation must stop there as well as at end-of-text.
+LLAMA3_END_OF_TURN = "<|eot_id|>"
 IMAGE_PLACEHOLDER = "<image>"
 
 #: Window sizes of the paper's released plots, by number of decoder layers.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
+from typing import Optional
 
 import numpy as np
 
@@ -59,12 +60,19 @@ class TokenLayout:
     image_newlines: np.ndarray
     unmapped_boxes: tuple[Box, ...] = ()
     coverage_rule: str = COVERAGE_RULE
+    #: Why a group is empty, by group name (e.g. an option the question does not contain, boxes that
+    #: cover no patch): the sample is left out of the flows that need that group, with this reason.
+    empty_reasons: dict = dataclasses.field(default_factory=dict)
 
     def group(self, name: str) -> np.ndarray:
         """Positions of the group called `name` (the paper's names, see `GROUPS`)."""
         if name not in GROUPS:
             raise KeyError(f"unknown token group {name!r}; valid groups: {', '.join(GROUPS)}")
         return getattr(self, GROUPS[name])
+
+    def why_empty(self, name: str) -> str:
+        """The recorded reason why group `name` is empty ("" when it is not, or none was recorded)."""
+        return self.empty_reasons.get(name, "") if len(self.group(name)) == 0 else ""
 
     def sizes(self) -> dict[str, int]:
         return {name: len(self.group(name)) for name in GROUPS}
@@ -75,15 +83,62 @@ def _positions_overlapping(offsets: np.ndarray, start: int, end: int) -> np.ndar
     return np.nonzero((offsets[:, 0] < end) & (offsets[:, 1] > start) & (offsets[:, 1] > offsets[:, 0]))[0]
 
 
-def _find_word(text: str, word: str, last: bool, sample_id: str, what: str) -> tuple[int, int]:
-    matches = list(re.finditer(rf"(?<![\w]){re.escape(word)}(?![\w])", text, flags=re.IGNORECASE))
-    if not matches:
-        raise SampleError(
-            f"sample {sample_id}: {what} {word!r} not found in the question {text!r}; "
-            f"fix the sample's {what} or its question"
-        )
-    match = matches[-1] if last else matches[0]
-    return match.start(), match.end()
+#: Irregular forms the released questions use where the CSV names the object otherwise: plurals
+#: ("men" for "man") and pronouns in the object case ("him" for ChooseRel's "he").
+IRREGULAR_FORMS = {"he": "him", "she": "her", "they": "them", "man": "men", "woman": "women", "person": "people", "child": "children", "foot": "feet",
+                     "tooth": "teeth", "mouse": "mice", "goose": "geese", "knife": "knives", "leaf": "leaves",
+                     "shelf": "shelves", "skis": "skis", "sheep": "sheep", "fish": "fish"}
+#: A word shorter than this is never matched inside a longer word ("he" must not match "the").
+MIN_INFIX = 3
+
+
+def _inflections(word: str) -> list[str]:
+    """Other forms of `word` (its last word, for a phrase): plural, singular, object case; likeliest first."""
+    head, _, last = word.rpartition(" ")
+    forms = [IRREGULAR_FORMS.get(last.lower(), ""), last + "s", last + "es"]
+    if last.endswith("y"):
+        forms.append(last[:-1] + "ies")
+    if last.endswith(("f", "fe")):
+        forms.append(last.rstrip("e")[:-1] + "ves")
+    if last.endswith("s"):  # the CSV may hold the plural where the question has the singular
+        forms += [last[:-1], last[:-2] if last.endswith("es") else "", last[:-3] + "y" if last.endswith("ies") else ""]
+    prefix = f"{head} " if head else ""
+    return [prefix + form for form in dict.fromkeys(forms) if form and form.lower() != last.lower()]
+
+
+def locate_word(text: str, word: str, last: bool = False) -> tuple[Optional[tuple[int, int]], str]:
+    """Where `word` (an option or object name) occurs in `text`, and how it was found.
+
+    The official code searches substrings and never fails; the released questions name many
+    objects in another form than their CSV cell ("refrigerators" for "refrigerator", "necktie"
+    for "tie"). So, case-insensitively and in this order: the whole word; a plural (or singular)
+    form of it as a whole word; the word at the start or end of a longer word (at least
+    `MIN_INFIX` characters, so that "he" never matches "the"). `last` picks the last match
+    (options come at the end of a Choose question), else the first.
+
+    Returns:
+        ((start, end), how) with how one of "word", "inflection", "part of word"; or
+        (None, reason) when it is nowhere in the text.
+    """
+    def search(pattern):
+        found = list(re.finditer(pattern, text, flags=re.IGNORECASE))
+        return None if not found else (found[-1] if last else found[0]).span()
+
+    word = word.strip()
+    if not word:
+        return None, "is empty"
+    span = search(rf"(?<!\w){re.escape(word)}(?!\w)")
+    if span:
+        return span, "word"
+    for form in _inflections(word):
+        span = search(rf"(?<!\w){re.escape(form)}(?!\w)")
+        if span:
+            return span, "inflection"
+    if len(word) >= MIN_INFIX:
+        span = search(rf"(?<!\w)\w*{re.escape(word)}(?!\w)|(?<!\w){re.escape(word)}\w*(?!\w)")
+        if span:
+            return span, "part of word"
+    return None, f"{word!r} is not in the question, in any form"
 
 
 def build_layout(
@@ -125,21 +180,35 @@ def build_layout(
     assert expanded[q_start:q_end] == sample.question
     question = _positions_overlapping(offsets, q_start, q_end)
 
-    def text_group(word, last, what):
+    reasons: dict[str, str] = {}
+
+    def text_group(word, last, group):
         if word is None:
             return np.zeros(0, dtype=np.int64)
-        start, end = _find_word(sample.question, word, last, sid, what)
-        return _positions_overlapping(offsets, q_start + start, q_start + end)
+        span, how = locate_word(sample.question, word, last)
+        if span is None:
+            reasons[group] = f"{group.lower()} {how}"
+            return np.zeros(0, dtype=np.int64)
+        return _positions_overlapping(offsets, q_start + span[0], q_start + span[1])
 
-    true_option = text_group(sample.true_option, True, "true option")
-    false_option = text_group(sample.false_option, True, "false option")
-    central = text_group(sample.central_object, False, "central object name")
+    true_option = text_group(sample.true_option, True, "True Option")
+    false_option = text_group(sample.false_option, True, "False Option")
+    central = text_group(sample.central_object, False, "Central Object")
     without_options = np.setdiff1d(question, np.union1d(true_option, false_option))
 
     width, height = image_size
     related_offsets, unmapped = [], []
-    for box in sample.validated_boxes(width, height):
-        hit = geometry.box_offsets(box)
+    for box in sample.boxes:
+        clipped = box.clip(width, height)
+        if clipped is None:  # as painting it would: nothing of it lies on the image
+            unmapped.append(box)
+            warnings.warn(f"sample {sid}: box {box} lies outside the {width}x{height} image or has no area; "
+                          "it adds no related patch", stacklevel=3)
+            continue
+        if clipped != box:
+            warnings.warn(f"sample {sid}: box {box} extends beyond the {width}x{height} image; clipped",
+                          stacklevel=3)
+        hit = geometry.box_offsets(clipped)
         if len(hit) == 0:
             unmapped.append(box)
             warnings.warn(
@@ -151,6 +220,15 @@ def build_layout(
     related = np.unique(np.concatenate(related_offsets)) if related_offsets else np.zeros(0, dtype=np.int64)
     patches = geometry.patch_offsets()
     other = np.setdiff1d(patches, related)
+    if len(related) == 0:
+        if not sample.boxes:
+            reasons["Related Image Patches"] = "the sample has no box (its objects are absent from the scene)"
+        elif all(box.clip(width, height) is None for box in sample.boxes):
+            reasons["Related Image Patches"] = f"its boxes lie outside the {width}x{height} image"
+        else:
+            reasons["Related Image Patches"] = "no box of the question's objects covers an image patch"
+    if len(other) == 0:
+        reasons["Other Image Patches"] = "the related patches cover the whole image"
     grid_positions = {g.name: first + np.sort(g.token_offsets()) for g in geometry.grids}
     empty = np.zeros(0, dtype=np.int64)
     return TokenLayout(
@@ -169,4 +247,5 @@ def build_layout(
         high_resolution=grid_positions.get("high_resolution", empty),
         image_newlines=first + geometry.newline_offsets,
         unmapped_boxes=tuple(unmapped),
+        empty_reasons=reasons,
     )

@@ -150,9 +150,9 @@ def build_prompt(question: str, style: PromptStyle = PromptStyle.VICUNA) -> tupl
     """The paper's prompt for `question` and the character offset where the question starts.
 
     Vicuna (LLaVA-1.5, LLaVA-1.6-Vicuna): system prompt, `USER: <image>\\n{question} \\n{instruction} ASSISTANT:`
-    (with the space before the newline). Llama-3: the Llama-3 user/assistant headers
-    around the same user text, then `" \\n"` appended (PAPER.md); the tokenizer adds
-    `<|begin_of_text|>` itself.
+    (with the space before the newline). Llama-3 (the official `llava_llama_3` conversation): the
+    Llama-3 chat template with its system message, the same user text, the assistant header, then
+    `" \\n"` appended (PAPER.md); the tokenizer adds `<|begin_of_text|>` itself.
     """
     user_prefix = f"{cfg.IMAGE_PLACEHOLDER}\n"
     user_text = f"{user_prefix}{question} \n{cfg.INSTRUCTION}"
@@ -160,9 +160,27 @@ def build_prompt(question: str, style: PromptStyle = PromptStyle.VICUNA) -> tupl
         head = f"{cfg.VICUNA_SYSTEM} USER: "
         prompt = f"{head}{user_text} ASSISTANT:"
     else:
-        head = "<|start_header_id|>user<|end_header_id|>\n\n"
-        prompt = f"{head}{user_text}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n \n"
+        eot = cfg.LLAMA3_END_OF_TURN
+        head = (f"<|start_header_id|>system<|end_header_id|>\n\n{cfg.LLAMA3_SYSTEM}{eot}"
+                "<|start_header_id|>user<|end_header_id|>\n\n")
+        prompt = f"{head}{user_text}{eot}<|start_header_id|>assistant<|end_header_id|>\n\n \n"
     return prompt, len(head) + len(user_prefix)
+
+
+def stop_token_ids(tokenizer, style: PromptStyle) -> list[int]:
+    """The tokens that end an answer: end-of-text, and for Llama-3 also `<|eot_id|>` (end of turn).
+
+    A Llama-3 checkpoint whose generation config stops only at end-of-text would otherwise run on past
+    the answer ("Yes<|eot_id|>assistant...") and fail every correctness check.
+    """
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if PromptStyle(style) is PromptStyle.LLAMA3:
+        eot = tokenizer.convert_tokens_to_ids(cfg.LLAMA3_END_OF_TURN)
+        if eot is None or eot == tokenizer.unk_token_id:
+            raise UnsupportedModelError(f"a Llama-3 prompt needs the {cfg.LLAMA3_END_OF_TURN} token; "
+                                        "this tokenizer lacks it")
+        ids.append(int(eot))
+    return list(dict.fromkeys(int(i) for i in ids))
 
 
 @dataclasses.dataclass
@@ -198,6 +216,11 @@ class LoadedModel:
     @property
     def num_layers(self) -> int:
         return self.model.config.text_config.num_hidden_layers
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Token ids that end a generated answer (`stop_token_ids`)."""
+        return stop_token_ids(self.tokenizer, self.prompt_style)
 
     @property
     def device(self) -> torch.device:

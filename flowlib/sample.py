@@ -49,6 +49,16 @@ class Box:
     def y1(self) -> float:
         return self.y + self.h
 
+    def clip(self, width: int, height: int) -> Optional["Box"]:
+        """The part of this box on a `width` x `height` image (as painting it would cover), None if nothing."""
+        x0, y0 = max(self.x, 0.0), max(self.y, 0.0)
+        x1, y1 = min(self.x1, float(width)), min(self.y1, float(height))
+        if not (self.w > 0 and self.h > 0) or x1 <= x0 or y1 <= y0:
+            return None
+        if (x0, y0, x1, y1) == (self.x, self.y, self.x1, self.y1):
+            return self
+        return Box(x0, y0, x1 - x0, y1 - y0, self.label)
+
     def validated(self, width: int, height: int, sample_id: str = "?") -> "Box":
         """Check this box against an image of `width` x `height` pixels.
 
@@ -77,6 +87,21 @@ class Box:
         return self
 
 
+def clip_box(box: Box, width: int, height: int, sample_id: str, notes: list[str]) -> Box:
+    """`box` clipped to a `width` x `height` image, noting each change in `notes` (for one summary warning).
+
+    A box with nothing on the image is kept as it is, noted: it covers no patch, and the token
+    layout then records why the sample's related patches are empty (as painting it would paint nothing).
+    """
+    clipped = box.clip(width, height)
+    if clipped is None:
+        notes.append(f"sample {sample_id}: box {box} has no area on the {width}x{height} image; it covers no patch")
+        return box
+    if clipped != box:
+        notes.append(f"sample {sample_id}: box {box} extends beyond the {width}x{height} image; clipped")
+    return clipped
+
+
 @dataclasses.dataclass
 class Sample:
     """One visual question with the ground truth the analyses need.
@@ -96,10 +121,14 @@ class Sample:
     central_object: Optional[str] = None
     boxes: tuple[Box, ...] = ()
     source: str = ""
+    #: (width, height) the dataset states for the image, which its boxes are measured in; checked on load.
+    image_size: Optional[tuple[int, int]] = None
 
     def __post_init__(self) -> None:
         self.question_id = str(self.question_id)
         self.boxes = tuple(self.boxes)
+        if self.image_size is not None:
+            self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
 
     @property
     def has_options(self) -> bool:
@@ -123,13 +152,19 @@ class Sample:
             try:
                 with Image.open(image) as opened:
                     loaded = opened.convert("RGB")
-            except (UnidentifiedImageError, OSError) as err:
+            except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
                 raise SampleError(
                     f"sample {self.question_id}: image file {os.fspath(image)!r} cannot be read ({err}); "
                     "replace the file or drop the sample"
                 ) from err
         else:
             raise SampleError(f"sample {self.question_id}: unsupported image value of type {type(image).__name__}")
+        if self.image_size is not None and loaded.size != self.image_size:
+            where = f"image file {os.fspath(image)!r}" if isinstance(image, (str, os.PathLike)) else "its image"
+            raise SampleError(
+                f"sample {self.question_id}: {where} is {loaded.width}x{loaded.height} but the data gives "
+                f"{self.image_size[0]}x{self.image_size[1]}, the size its boxes are measured in; "
+                "use the dataset's original images")
         self.image = loaded.convert("RGB")
         return self.image
 

@@ -34,8 +34,8 @@ def test_real_files_counts_and_boxes(paper_samples):
     boxes = Counter((s.task, len(s.boxes)) for s in paper_samples)
     assert boxes[("LogicalObj", 1)] == 910 and boxes[("LogicalObj", 2)] == 81  # object2 "-" -> no box
     assert boxes[("ChooseRel", 2)] == 964 and boxes[("CompareAttr", 2)] == 570
-    # The one box wholly outside its image (x=503 in a 500-px image) is dropped, its sample kept.
-    assert [s.question_id for s in paper_samples if not s.boxes] == ["1594913"]
+    # The one box wholly outside its image (x=503 in a 500-px image) is kept: it covers no patch.
+    assert [s.question_id for s in paper_samples if any(b.clip(*s.image_size) is None for b in s.boxes)] == ["1594913"]
     by_id = {s.question_id: s for s in paper_samples}
     first = by_id["171031170"]
     assert (first.question, first.answer, first.true_option, first.false_option) == (

@@ -33,9 +33,12 @@ def test_vicuna_prompt_is_the_papers():
     assert prompt[start : start + len("Is the jar full or empty?")] == "Is the jar full or empty?"
 
 
-def test_llama3_prompt_is_the_template_plus_space_newline():
+def test_llama3_prompt_is_the_template_with_its_system_message_plus_space_newline():
     prompt, start = build_prompt("Is the jar full or empty?", PromptStyle.LLAMA3)
     assert prompt == (
+        "<|start_header_id|>system<|end_header_id|>\n\nYou are a helpful language and vision assistant. You are "
+        "able to understand the visual content that the user provides, and assist the user with a variety of tasks "
+        "using natural language.<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\n<image>\nIs the jar full or empty? \n"
         "Answer the question using a single word or phrase.<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n \n"
@@ -129,13 +132,48 @@ def test_missing_short_name_checkpoint_says_how_to_get_it(monkeypatch, tmp_path)
         load_model("nowhere")
 
 
+def test_groups_that_cannot_be_located_are_empty_with_their_reason(tiny15):
+    layout = tiny15.prepare(make_sample(true_option="green")).layout
+    assert len(layout.true_option) == 0 and len(layout.false_option) == 1
+    assert layout.why_empty("True Option") == "true option 'green' is not in the question, in any form"
+    assert layout.why_empty("False Option") == ""
+    for box in [(10, 10, 0, 5), (400, 10, 20, 20)]:  # no area; wholly outside the 320x240 image
+        with pytest.warns(UserWarning, match="no area"):
+            layout = tiny15.prepare(make_sample(boxes=[box])).layout
+        assert len(layout.related_image_patches) == 0 and len(layout.other_image_patches) == 64  # 8 x 8 patches
+        assert layout.why_empty("Related Image Patches") == "its boxes lie outside the 320x240 image"
+    with pytest.warns(UserWarning, match="covers no image patch"):  # no pixel centre inside it
+        layout = tiny15.prepare(make_sample(boxes=[(1.1, 1.1, 0.2, 0.2)])).layout
+    assert layout.why_empty("Related Image Patches") == "no box of the question's objects covers an image patch"
+    layout = tiny15.prepare(make_sample(240, 240, boxes=[(0, 0, 240, 240)])).layout
+    assert layout.why_empty("Other Image Patches") == "the related patches cover the whole image"
+    assert tiny15.prepare(make_sample(boxes=[])).layout.why_empty("Related Image Patches").startswith("the sample has no box")
+
+
+@pytest.mark.parametrize("question, word, last, found, how", [
+    ("Is the jar full or empty?", "empty", True, "empty", "word"),
+    ("Are there refrigerators or ovens?", "refrigerator", False, "refrigerators", "inflection"),
+    ("Do you see men or women?", "woman", False, "women", "inflection"),
+    ("Is there a bus?", "buses", False, "bus", "inflection"),
+    ("Is the racket to the left or to the right of him?", "he", False, "him", "inflection"),
+    ("Is the man wearing a necktie?", "tie", False, "necktie", "part of word"),
+    ("Is the red car left or right of the car?", "car", True, "car", "word"),
+])
+def test_words_are_located_as_the_official_substring_search_would_with_inflections(question, word, last, found, how):
+    from flowlib.layout import locate_word
+
+    (start, end), got = locate_word(question, word, last)
+    assert (question[start:end], got) == (found, how)
+    assert start == (question.rindex(found) if last else question.index(found))
+
+
+def test_short_words_never_match_inside_other_words():
+    from flowlib.layout import locate_word
+
+    assert locate_word("Who holds the umbrella?", "he") == (None, "'he' is not in the question, in any form")
+
+
 def test_bad_inputs_get_clear_errors(tiny15, tmp_path):
-    with pytest.raises(SampleError, match="q1: true option 'green' not found in the question"):
-        tiny15.prepare(make_sample(true_option="green"))
-    with pytest.raises(SampleError, match="non-positive size"):
-        tiny15.prepare(make_sample(boxes=[(10, 10, 0, 5)]))
-    with pytest.raises(SampleError, match="outside the 320x240 image"):
-        tiny15.prepare(make_sample(boxes=[(400, 10, 20, 20)]))
     with pytest.warns(UserWarning, match="clipped"):
         layout = tiny15.prepare(make_sample(boxes=[(300, 200, 100, 100)])).layout
     assert len(layout.related_image_patches) > 0

@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from flowlib.sample import TASKS, Box, Sample, SampleError, check_task
+from flowlib.sample import TASKS, Box, Sample, SampleError, check_task, clip_box
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def build_tasks(questions: dict, scene_graphs: dict, image_dir=None, tasks=TASKS
     if on_missing_image not in ("error", "skip"):
         raise ValueError(f"on_missing_image must be 'error' or 'skip', not {on_missing_image!r}")
     wanted = {check_task(t) for t in tasks}
-    samples, skipped = [], []
+    samples, skipped, notes = [], [], []
     for qid, q in questions.items():
         task = TASK_OF_TYPE.get(q["types"]["detailed"])
         if task not in wanted:
@@ -159,13 +159,18 @@ def build_tasks(questions: dict, scene_graphs: dict, image_dir=None, tasks=TASKS
             if obj is None:
                 raise SampleError(f"question {qid!r}: object {obj_id!r} ({name}) is not in scene graph {image_id!r}")
             box = Box(float(obj["x"]), float(obj["y"]), float(obj["w"]), float(obj["h"]), obj["name"])
-            boxes.append(box.validated(graph["width"], graph["height"], qid))  # clips with a warning
+            boxes.append(clip_box(box, graph["width"], graph["height"], qid, notes))
         true, false = choose_options(q["semantic"], q["answer"]) if task.startswith("Choose") else (None, None)
         central = (refs[-1] if task in _SINGLE_OBJECT else refs[0])[0] if refs else None
         samples.append(Sample(
             question_id=qid, question=q["question"], answer=q["answer"], task=task, image=image,
             type_detailed=q["types"]["detailed"], true_option=true, false_option=false,
-            central_object=central, boxes=tuple(boxes), source="gqa-raw"))
+            central_object=central, boxes=tuple(boxes), source="gqa-raw",
+            image_size=(int(graph["width"]), int(graph["height"]))))
+    if notes:
+        message = f"{len(notes)} box(es) beyond their image, clipped or left out (first: {notes[0]})"
+        warnings.warn(message, stacklevel=2)
+        log.info(message + "; all: " + " | ".join(notes))
     if skipped:
         message = f"skipped {len(skipped)} question(s) whose image is missing (first: {skipped[0]})"
         warnings.warn(message, stacklevel=2)

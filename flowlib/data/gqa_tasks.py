@@ -25,7 +25,7 @@ from typing import Optional
 
 import pandas as pd
 
-from flowlib.sample import TASKS, Box, Sample, SampleError, check_task
+from flowlib.sample import TASKS, Box, Sample, SampleError, check_task, clip_box
 
 log = logging.getLogger(__name__)
 
@@ -76,23 +76,6 @@ def _box(row: dict, prefix: str, label: str, sample_id: str) -> Optional[Box]:
     return Box(x, y, w, h, label)
 
 
-def _validated(box: Box, width: int, height: int, qid: str, notes: list[str]) -> Optional[Box]:
-    """The box clipped to the image, noting each clip or drop in `notes` for one summary warning.
-
-    A box wholly outside is dropped rather than raised: the released files hold one
-    (QueryAttr 1594913, x=503 in a 500-px-wide image), and its sample is still useful.
-    """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            checked = box.validated(width, height, qid)
-        except SampleError as err:
-            notes.append(f"{err}; box dropped")
-            return None
-    notes.extend(str(w.message) for w in caught)
-    return checked
-
-
 def load_task_csv(path, image_dir=None, on_missing_image: str = "error", image_ext: str = ".jpg") -> list[Sample]:
     """Read one released task CSV into `Sample`s.
 
@@ -104,8 +87,9 @@ def load_task_csv(path, image_dir=None, on_missing_image: str = "error", image_e
             sample and warns with the count.
         image_ext: the image files' extension.
 
-    Boxes partly outside the image are clipped with a warning; boxes wholly outside it are
-    dropped with a warning (the sample is kept).
+    Boxes partly outside the image are clipped with a warning; a box wholly outside it is kept
+    as it is, with a warning: it covers no patch, so its sample is left out of the flows that need
+    related patches, with that reason (the released QueryAttr row 1594913 has x=503 in a 500-px image).
 
     Raises:
         SampleError: unknown task in the name, missing columns (all listed), bad box values.
@@ -137,15 +121,15 @@ def load_task_csv(path, image_dir=None, on_missing_image: str = "error", image_e
             raise SampleError(f"sample {qid} in {path}: image_w/image_h are not numbers") from err
         names = ["central object name"] if BOX_PREFIXES[task] == ("central object",) else ["object1 name", "object2 name"]
         boxes = [_box(row, prefix, row[label].strip(), qid) for prefix, label in zip(BOX_PREFIXES[task], names)]
-        boxes = [_validated(b, width, height, qid, notes) for b in boxes if b is not None]
-        boxes = [b for b in boxes if b is not None]
+        boxes = [clip_box(b, width, height, qid, notes) for b in boxes if b is not None]
         samples.append(Sample(
             question_id=qid, question=row["question"], answer=row["answer"], task=task, image=image,
             type_detailed=row["type_detailed"], true_option=row.get("true option") if task in _CHOOSE else None,
             false_option=row.get("false option") if task in _CHOOSE else None,
-            central_object=row[names[0]].strip(), boxes=tuple(boxes), source=f"paper-csv:{path.name}"))
+            central_object=row[names[0]].strip(), boxes=tuple(boxes), source=f"paper-csv:{path.name}",
+            image_size=(width, height)))
     if notes:
-        message = f"{path.name}: {len(notes)} box(es) outside their image, clipped or dropped (first: {notes[0]})"
+        message = f"{path.name}: {len(notes)} box(es) beyond their image, clipped or left out (first: {notes[0]})"
         warnings.warn(message, stacklevel=2)
         log.info(message + "; all: " + " | ".join(notes))
     if skipped:
