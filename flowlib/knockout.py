@@ -82,9 +82,10 @@ def flow_groups(layout: TokenLayout, flow: str) -> tuple[np.ndarray, np.ndarray]
     groups = {name: np.arange(layout.seq_len) if name == ALL else layout.group(name) for name in (source, target)}
     for name, positions in groups.items():
         if len(positions) == 0:
+            why = layout.why_empty(name) if name != ALL else ""
             raise FlowError(
-                f"sample {layout.sample_id}: group {name!r} of flow {flow!r} is empty, so the flow would "
-                "block nothing; drop the sample or fix its boxes / options"
+                f"sample {layout.sample_id}: group {name!r} of flow {flow!r} is empty"
+                f"{f' ({why})' if why else ''}, so the flow would block nothing; the sample is left out of it"
             )
     return groups[source], groups[target]
 
@@ -93,32 +94,34 @@ def cut_matrix(layout: TokenLayout, flows: Sequence[str], device=None) -> torch.
     """Boolean ``(seq_len, seq_len)`` matrix, True where query q may no longer attend to key k.
 
     Only causal edges (k <= q) are listed. The diagonal is kept unless a flow has the
-    same group as source and target.
+    same group as source and target. Built directly on `device` (a LLaVA-NeXT input has
+    ~2,400 positions: building the matrix on the host and copying it costs more than the sweep's
+    suffix on a GPU); the checks below cost one host sync per flow, not one per layer.
     """
     n = layout.seq_len
-    causal = torch.ones(n, n, dtype=torch.bool).tril()
-    cut = torch.zeros(n, n, dtype=torch.bool)
+    cut = torch.zeros(n, n, dtype=torch.bool, device=device)
     for flow in flows:
         sources, targets = flow_groups(layout, flow)
-        one = torch.zeros(n, n, dtype=torch.bool)
-        one[torch.as_tensor(targets)[:, None], torch.as_tensor(sources)[None, :]] = True
         source, target = parse_flow(flow)
-        if source != target:
-            one.fill_diagonal_(False)
-        one &= causal
-        if not one.any():
+        # An edge k -> q is causal when k <= q; k == q is cut only when a group blocks itself.
+        if not (source == target or sources.min() < targets.max()):
             raise FlowError(
                 f"sample {layout.sample_id}: flow {flow!r} removes no edge, since every {source!r} position "
                 f"comes after every {target!r} position and causal attention already forbids it"
             )
-        cut |= one
-    empty_rows = ((causal & ~cut).sum(-1) == 0).nonzero().flatten().tolist()
+        rows, cols = torch.as_tensor(targets, device=device), torch.as_tensor(sources, device=device)
+        block = cols[None, :] <= rows[:, None] if source == target else cols[None, :] < rows[:, None]
+        cut[rows[:, None].expand_as(block)[block], cols[None, :].expand_as(block)[block]] = True
+    # Only target rows lose edges; a row is left empty when every key up to its own position is cut.
+    rows = cut.any(-1).nonzero().flatten()
+    kept = (~cut[rows]).cumsum(-1).gather(-1, rows[:, None]).flatten()
+    empty_rows = rows[kept == 0].tolist()
     if empty_rows:
         raise FlowError(
             f"sample {layout.sample_id}: flows {list(flows)} leave position(s) {empty_rows} nothing to attend to; "
             "sdpa and eager disagree on such rows, so flowlib refuses them"
         )
-    return cut.to(device) if device is not None else cut
+    return cut
 
 
 def language_model(model) -> torch.nn.Module:
@@ -142,7 +145,10 @@ class KnockoutAttention:
         if backend not in SUPPORTED_BACKENDS:
             raise UnsupportedAttentionError(f"backend {backend!r}; flowlib supports {SUPPORTED_BACKENDS}")
         self.name = f"flowlib_knockout_{next(_counter)}"
-        self.cut, self.schedule, self.backend, self.prefix = cut, schedule.bool(), backend, prefix
+        # The schedule decides control flow on the host (which layers to cut), so it lives on the CPU:
+        # reading a device tensor in an `if` would stall the GPU in every layer. A device copy masks rows.
+        self.cut, self.schedule, self.backend, self.prefix = cut, schedule.bool().cpu(), backend, prefix
+        self._device_schedule = schedule.bool().to(cut.device) if cut is not None else None
         self.num_layers = schedule.shape[0]
         self.reset()
 
@@ -160,8 +166,9 @@ class KnockoutAttention:
             key = torch.cat([k0.expand(batch, -1, -1, -1), key], dim=2)
             value = torch.cat([v0.expand(batch, -1, -1, -1), value], dim=2)
         q_len, kv_len = query.shape[2], key.shape[2]
-        rows = self.schedule[layer] if self.schedule.shape[1] == 1 else self.schedule[layer, : query.shape[0]]
-        if self.cut is not None and rows.any():
+        wide = self.schedule.shape[1] > 1
+        if self.cut is not None and bool(self.schedule[layer, : query.shape[0] if wide else 1].any()):
+            rows = self._device_schedule[layer, : query.shape[0]] if wide else self._device_schedule[layer]
             if kv_len != self.cut.shape[0]:
                 raise KnockoutNotApplied(
                     f"layer {layer}: attention over {kv_len} keys, but the knockout was built for an input of "

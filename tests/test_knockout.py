@@ -163,3 +163,31 @@ def test_self_edge_cut_only_when_asked(tiny):
     cut = cut_matrix(prepared.layout, ["Image->Related Image Patches"])
     related = prepared.layout.group("Related Image Patches")
     assert not cut[related, related].any() and cut.sum() > 0
+
+
+def test_cut_matrix_equals_its_definition_on_random_groups():
+    """True exactly where a target query may no longer see a causal source key (the diagonal only for A->A)."""
+    from flowlib.layout import TokenLayout
+
+    rng = np.random.default_rng(0)
+    empty = np.zeros(0, dtype=np.int64)
+    for trial in range(20):
+        n = int(rng.integers(8, 60))
+        image, question = (np.sort(rng.choice(n - 1, size=int(rng.integers(1, n // 2)), replace=False))
+                           for _ in range(2))
+        layout = TokenLayout(f"r{trial}", n, image, question, np.array([n - 1]), *[empty] * 11)
+        for flow in ("Image->Question", "Question->Last", "Image->Last", "Last->Last", "Question->Question"):
+            source, target = (layout.group(g) for g in flow.split("->"))
+            want = torch.zeros(n, n, dtype=torch.bool)
+            for q in target:
+                for k in source:
+                    want[q, k] = bool(k < q or (k == q and flow.split("->")[0] == flow.split("->")[1]))
+            if not want.any():
+                with pytest.raises(FlowError, match="removes no edge"):
+                    cut_matrix(layout, [flow])
+                continue
+            if (want.sum(-1) == torch.arange(n) + 1).any():
+                with pytest.raises(FlowError, match="nothing to attend to"):
+                    cut_matrix(layout, [flow])
+                continue
+            assert torch.equal(cut_matrix(layout, [flow]), want), (trial, flow)
