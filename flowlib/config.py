@@ -60,6 +60,7 @@ LLAMA3_SYSTEM = (
 )
 #: Llama-3 ends an assistant turn with this token; generation must stop there as well as at end-of-text.
 LLAMA3_END_OF_TURN = "<|eot_id|>"
+LLAMA3_END_OF_TEXT = "<|end_of_text|>"
 IMAGE_PLACEHOLDER = "<image>"
 
 #: Window sizes of the paper's released plots, by number of decoder layers.

@@ -168,18 +168,19 @@ def build_prompt(question: str, style: PromptStyle = PromptStyle.VICUNA) -> tupl
 
 
 def stop_token_ids(tokenizer, style: PromptStyle) -> list[int]:
-    """The tokens that end an answer: end-of-text, and for Llama-3 also `<|eot_id|>` (end of turn).
+    """The tokens that end an answer: the tokenizer's eos, and for Llama-3 both `<|eot_id|>` and `<|end_of_text|>`.
 
     A Llama-3 checkpoint whose generation config stops only at end-of-text would otherwise run on past
     the answer ("Yes<|eot_id|>assistant...") and fail every correctness check.
     """
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if PromptStyle(style) is PromptStyle.LLAMA3:
-        eot = tokenizer.convert_tokens_to_ids(cfg.LLAMA3_END_OF_TURN)
+        eot, end = (tokenizer.convert_tokens_to_ids(t) for t in (cfg.LLAMA3_END_OF_TURN, cfg.LLAMA3_END_OF_TEXT))
         if eot is None or eot == tokenizer.unk_token_id:
             raise UnsupportedModelError(f"a Llama-3 prompt needs the {cfg.LLAMA3_END_OF_TURN} token; "
                                         "this tokenizer lacks it")
-        ids.append(int(eot))
+        # Whichever of the two the checkpoint names as eos, both end an answer (PAPER.md).
+        ids += [eot] + ([end] if end is not None and end != tokenizer.unk_token_id else [])
     return list(dict.fromkeys(int(i) for i in ids))
 
 
