@@ -90,16 +90,16 @@ def flow_groups(layout: TokenLayout, flow: str) -> tuple[np.ndarray, np.ndarray]
     return groups[source], groups[target]
 
 
-def cut_matrix(layout: TokenLayout, flows: Sequence[str], device=None) -> torch.Tensor:
-    """Boolean ``(seq_len, seq_len)`` matrix, True where query q may no longer attend to key k.
+def check_flows(layout: TokenLayout, flows: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+    """Check that `flows` can be cut in `layout`; their (sources, targets, blocks-itself) position arrays.
 
-    Only causal edges (k <= q) are listed. The diagonal is kept unless a flow has the
-    same group as source and target. Built directly on `device` (a LLaVA-NeXT input has
-    ~2,400 positions: building the matrix on the host and copying it costs more than the sweep's
-    suffix on a GPU); the checks below cost one host sync per flow, not one per layer.
+    Works on the groups' positions alone (no n x n matrix), so checking thousands of samples is cheap.
+
+    Raises:
+        FlowError: unknown flow or group; an empty group (with the layout's reason); a flow that
+            removes no edge; flows that would leave a position nothing to attend to.
     """
-    n = layout.seq_len
-    cut = torch.zeros(n, n, dtype=torch.bool, device=device)
+    checked = []
     for flow in flows:
         sources, targets = flow_groups(layout, flow)
         source, target = parse_flow(flow)
@@ -109,18 +109,37 @@ def cut_matrix(layout: TokenLayout, flows: Sequence[str], device=None) -> torch.
                 f"sample {layout.sample_id}: flow {flow!r} removes no edge, since every {source!r} position "
                 f"comes after every {target!r} position and causal attention already forbids it"
             )
-        rows, cols = torch.as_tensor(targets, device=device), torch.as_tensor(sources, device=device)
-        block = cols[None, :] <= rows[:, None] if source == target else cols[None, :] < rows[:, None]
-        cut[rows[:, None].expand_as(block)[block], cols[None, :].expand_as(block)[block]] = True
-    # Only target rows lose edges; a row is left empty when every key up to its own position is cut.
-    rows = cut.any(-1).nonzero().flatten()
-    kept = (~cut[rows]).cumsum(-1).gather(-1, rows[:, None]).flatten()
-    empty_rows = rows[kept == 0].tolist()
+        checked.append((np.asarray(sources), np.asarray(targets), source == target))
+    # Only target rows lose edges; row q is left empty when every key 0..q is cut.
+    empty_rows = []
+    for q in np.unique(np.concatenate([targets for _, targets, _ in checked])):
+        keys = [sources[sources <= q] if itself else sources[sources < q]
+                for sources, targets, itself in checked if q in targets]
+        cut_keys = len(keys[0]) if len(keys) == 1 else len(np.unique(np.concatenate(keys)))  # groups hold no repeats
+        if cut_keys == q + 1:
+            empty_rows.append(int(q))
     if empty_rows:
         raise FlowError(
             f"sample {layout.sample_id}: flows {list(flows)} leave position(s) {empty_rows} nothing to attend to; "
             "sdpa and eager disagree on such rows, so flowlib refuses them"
         )
+    return checked
+
+
+def cut_matrix(layout: TokenLayout, flows: Sequence[str], device=None) -> torch.Tensor:
+    """Boolean ``(seq_len, seq_len)`` matrix, True where query q may no longer attend to key k.
+
+    Only causal edges (k <= q) are listed. The diagonal is kept unless a flow has the
+    same group as source and target. Built directly on `device` from the groups' positions (a
+    LLaVA-NeXT input has ~2,400 positions: a matrix built on the host and copied would cost more
+    than the sweep's suffix on a GPU). Raises what `check_flows` raises.
+    """
+    n = layout.seq_len
+    cut = torch.zeros(n, n, dtype=torch.bool, device=device)
+    for sources, targets, itself in check_flows(layout, flows):
+        rows, cols = torch.as_tensor(targets, device=device), torch.as_tensor(sources, device=device)
+        block = cols[None, :] <= rows[:, None] if itself else cols[None, :] < rows[:, None]
+        cut[rows[:, None].expand_as(block)[block], cols[None, :].expand_as(block)[block]] = True
     return cut
 
 
