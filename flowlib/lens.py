@@ -57,7 +57,7 @@ def layer_distributions(loaded, prepared, lens: str = "normed") -> torch.Tensor:
     if lens not in LENSES:
         raise ValueError(f"unknown lens {lens!r}; use one of {LENSES}")
     model = loaded.model
-    states = model(**prepared.inputs, output_hidden_states=True).hidden_states
+    states = model(**prepared.inputs, output_hidden_states=True, logits_to_keep=1).hidden_states
     # L+1 states: the embeddings, the raw outputs of layers 0..L-2, then the last layer's output already normed.
     last = torch.stack([s[0, -1] for s in states[1:]])
     if lens == "normed":  # norm every layer but the last, which is normed already

@@ -87,7 +87,9 @@ class CleanPass:
 def clean_pass(loaded, prepared) -> CleanPass:
     """Run the unblocked model once; the greedy first answer token is the argmax at the last position."""
     current_backend(loaded.model)
-    out = loaded.model(**prepared.inputs, use_cache=True, output_hidden_states=True)
+    # logits_to_keep=1: only the last position is read; full logits of a NeXT input at Llama-3's
+    # 128k vocabulary would take ~1.5 GB (float32) per forward.
+    out = loaded.model(**prepared.inputs, use_cache=True, output_hidden_states=True, logits_to_keep=1)
     logits = out.logits[0, -1].float()
     token = int(logits.argmax())  # the greedy token, in the model's own precision
     prob = float(answer_probs(loaded.model, out.hidden_states[-1][0, -1], token))
@@ -162,7 +164,8 @@ def sweep_reference(loaded, prepared, flow: Flows, window: Optional[int] = None,
     probs = []
     for layers in windows:
         with knockout(loaded, prepared.layout, flows, layers):
-            normed = loaded.model(**prepared.inputs, output_hidden_states=True).hidden_states[-1][0, -1]
+            normed = loaded.model(**prepared.inputs, output_hidden_states=True,
+                                  logits_to_keep=1).hidden_states[-1][0, -1]
         probs.append(float(answer_probs(loaded.model, normed, clean.answer_token)))
     return _result(prepared, flows, window, windows, clean, probs, "reference")
 
