@@ -1,0 +1,27 @@
+"""The prepared GPU check runs end to end on the CPU (`--dry-run`), so it is ready whenever a GPU is lent."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_measures_both_model_shapes(capsys):
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    results_before = gpu_check.RESULTS.read_text()
+    assert gpu_check.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| llava-hf/")]
+    assert [row.split(" | ")[0] for row in rows] == ["| llava-hf/llava-1.5-7b-hf", "| llava-hf/llama3-llava-next-8b-hf"]
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[1] == "2" and cells[2] == "float32"
+        assert float(cells[6]) < 1e-6  # fast equals reference in float32
+        assert float(cells[4]) > 0 and float(cells[7]) > 0
+    assert rows[1].split(" | ")[3] == "2340"  # 640x480 under anyres: 576 + 36 x (48 + 1)
+    assert gpu_check.RESULTS.read_text() == results_before  # a dry run records nothing
