@@ -189,3 +189,45 @@ def llava_next_geometry(width: int, height: int, image_size: int, patch_size: in
     high = PatchGrid("high_resolution", rows, cols, patch_size, offset=base_tokens, row_stride=stride)
     newlines = base_tokens + np.arange(high.rows) * stride + high.cols
     return ImageGeometry((base, high), newlines, base_tokens + high.rows * stride)
+
+
+#: The colour the official code paints the question's boxes with on its mask image.
+PAINT = (255, 0, 0)
+
+
+def painted_patch_offsets(image_processor, geometry: ImageGeometry, width: int, height: int, boxes) -> np.ndarray:
+    """The official code's related patches: image-block offsets of the patches holding a pure red pixel.
+
+    The boxes are painted pure red (PIL `rectangle` over [x, y, x + w, y + h], ends included) on a black
+    `width` x `height` image, which runs through the very same image processor as the image, with
+    rescaling and normalisation off; a patch is related when one of its processed pixels is exactly
+    (255, 0, 0). Bicubic resampling blurs the edges, so a box under about two processed pixels wide may
+    leave no pure red pixel at all (`geometry`'s coverage rule still maps it).
+    """
+    from PIL import Image, ImageDraw
+
+    mask = Image.new("RGB", (width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(mask)
+    for box in boxes:
+        draw.rectangle([box.x, box.y, box.x1, box.y1], fill=PAINT)
+    pixels = image_processor(mask, do_normalize=False, do_rescale=False, return_tensors="np")["pixel_values"]
+    pixels = np.asarray(pixels)[0]  # (3, S, S), or (tiles, 3, S, S) for LLaVA-NeXT: base view first
+    red = np.all(np.moveaxis(pixels, -3, -1) == np.array(PAINT, dtype=pixels.dtype), axis=-1)
+    offsets = []
+    for index, grid in enumerate(geometry.grids):
+        if red.ndim == 2:  # one view
+            canvas = red
+        elif index == 0:  # the base view
+            canvas = red[0]
+        else:  # the high-resolution tiles, row-major over the canvas, then trimmed in token units as the model does
+            side = red.shape[-1]
+            canvas_h, canvas_w = select_best_resolution(height, width, image_processor.image_grid_pinpoints)
+            tiles = red[1:].reshape(canvas_h // side, canvas_w // side, side, side)
+            canvas = tiles.transpose(0, 2, 1, 3).reshape(canvas_h, canvas_w)
+        size = grid.patch_size
+        patches = canvas.reshape(canvas.shape[0] // size, size, canvas.shape[1] // size, size).any(axis=(1, 3))
+        top, left = (patches.shape[0] - grid.rows) // 2, (patches.shape[1] - grid.cols) // 2
+        rows, cols = np.nonzero(patches[top:top + grid.rows, left:left + grid.cols])
+        offsets.append(grid.offset + rows * grid.row_stride + cols)
+    return np.unique(np.concatenate(offsets)) if offsets else np.zeros(0, dtype=np.int64)
+

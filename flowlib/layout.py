@@ -34,6 +34,10 @@ GROUPS = {
     "Image Newlines": "image_newlines",
 }
 
+OFFICIAL_RULE = (
+    "the official code's rule: a patch is related when it holds a pure red pixel after the boxes, painted red "
+    "on a black image, went through the image processor (normalisation off); see flowlib.geometry"
+)
 COVERAGE_RULE = (
     "a patch is related when one of its processed pixels reads (nearest-neighbour) an original pixel "
     "whose centre lies inside a box of the question's objects; see flowlib.geometry"
@@ -150,8 +154,13 @@ def build_layout(
     question_start: int,
     geometry: ImageGeometry,
     image_size: tuple[int, int],
+    painted: Optional[np.ndarray] = None,
 ) -> TokenLayout:
-    """Compute the token layout of one prepared input (see `LoadedModel.prepare`)."""
+    """Compute the token layout of one prepared input (see `LoadedModel.prepare`).
+
+    `painted`: image-block offsets of the related patches under the official code's rule
+    (`geometry.painted_patch_offsets`), used instead of the geometric coverage rule when given.
+    """
     sid = sample.question_id
     ids = np.asarray(input_ids)
     image_id = tokenizer.convert_tokens_to_ids(cfg.IMAGE_PLACEHOLDER)
@@ -209,7 +218,7 @@ def build_layout(
             warnings.warn(f"sample {sid}: box {box} extends beyond the {width}x{height} image; clipped",
                           stacklevel=3)
         hit = geometry.box_offsets(clipped)
-        if len(hit) == 0:
+        if len(hit) == 0 and painted is None:
             unmapped.append(box)
             warnings.warn(
                 f"sample {sid}: box {box} covers no image patch (too small, or cut away by the "
@@ -218,6 +227,8 @@ def build_layout(
             )
         related_offsets.append(hit)
     related = np.unique(np.concatenate(related_offsets)) if related_offsets else np.zeros(0, dtype=np.int64)
+    if painted is not None:
+        related = np.asarray(painted, dtype=np.int64)
     patches = geometry.patch_offsets()
     other = np.setdiff1d(patches, related)
     if len(related) == 0:
@@ -247,5 +258,6 @@ def build_layout(
         high_resolution=grid_positions.get("high_resolution", empty),
         image_newlines=first + geometry.newline_offsets,
         unmapped_boxes=tuple(unmapped),
+        coverage_rule=COVERAGE_RULE if painted is None else OFFICIAL_RULE,
         empty_reasons=reasons,
     )

@@ -34,7 +34,7 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 from . import config as cfg
-from .geometry import ImageGeometry, llava15_geometry, llava_next_geometry
+from .geometry import ImageGeometry, llava15_geometry, llava_next_geometry, painted_patch_offsets
 from .kernels import use_configured_kernels
 from .layout import TokenLayout, build_layout
 from .sample import Sample
@@ -209,6 +209,9 @@ class LoadedModel:
     name: str
     image_mode: str
     revision: Optional[str] = None
+    #: Which patches are "related": "geometric" (flowlib's coverage rule, exact under nearest resampling)
+    #: or "official" (the official code's red-painted mask through the processor).
+    related_rule: str = "geometric"
 
     @property
     def tokenizer(self):
@@ -241,6 +244,7 @@ class LoadedModel:
             "image_mode": self.image_mode,
             "prompt_style": self.prompt_style.value,
             "num_layers": self.num_layers,
+            "related_rule": self.related_rule,
         }
 
     def prepare(self, sample: Sample, image=None) -> PreparedInput:
@@ -252,6 +256,8 @@ class LoadedModel:
         prompt, question_start = build_prompt(sample.question, self.prompt_style)
         inputs = self.processor(images=image, text=prompt, return_tensors="pt")
         geometry = self.adapter.geometry(self.processor, image.width, image.height)
+        painted = (painted_patch_offsets(self.processor.image_processor, geometry, image.width, image.height,
+                                         sample.boxes) if self.related_rule == "official" else None)
         layout = build_layout(
             sample=sample,
             input_ids=inputs["input_ids"][0],
@@ -260,6 +266,7 @@ class LoadedModel:
             question_start=question_start,
             geometry=geometry,
             image_size=(image.width, image.height),
+            painted=painted,
         )
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         if "pixel_values" in inputs:
@@ -267,13 +274,19 @@ class LoadedModel:
         return PreparedInput(sample=sample, prompt=prompt, inputs=inputs, layout=layout)
 
 
-def wrap_model(model, processor, *, name: str, image_mode: Optional[str] = None, revision=None, prompt_style=None):
+RELATED_RULES = ("geometric", "official")
+
+
+def wrap_model(model, processor, *, name: str, image_mode: Optional[str] = None, revision=None, prompt_style=None,
+               related_rule: str = "geometric"):
     """Wrap an in-memory model and processor (e.g. a tiny test model) as a `LoadedModel`."""
+    if related_rule not in RELATED_RULES:
+        raise ValueError(f"related_rule must be one of {RELATED_RULES}, not {related_rule!r}")
     adapter = adapter_for(model.config)
     image_mode = adapter.check_image_mode(image_mode)
     processor = adapter.configure_processor(processor, image_mode)
     style = PromptStyle(prompt_style) if prompt_style else detect_prompt_style(processor.tokenizer)
-    return LoadedModel(model, processor, adapter, style, name, image_mode, revision)
+    return LoadedModel(model, processor, adapter, style, name, image_mode, revision, related_rule)
 
 
 def resolve_checkpoint(name_or_path: str) -> str:
@@ -297,6 +310,7 @@ def load_model(
     image_mode: Optional[str] = None,
     revision: Optional[str] = None,
     prompt_style: Optional[str] = None,
+    related_rule: str = "geometric",
 ) -> LoadedModel:
     """Load a LLaVA-family checkpoint by hub id, local path or short name.
 
@@ -309,6 +323,8 @@ def load_model(
             LLaVA-NeXT: "anyres".
         revision: the hub revision to pin.
         prompt_style: "vicuna" or "llama3"; detected from the tokenizer when omitted.
+        related_rule: "geometric" (default: flowlib's coverage rule, see `flowlib.geometry`) or
+            "official" (the official code's boxes painted red through the image processor).
     """
     use_configured_kernels()
     path = resolve_checkpoint(name_or_path)
@@ -326,7 +342,8 @@ def load_model(
         # Older llava-hf processor configs omit it and then emit one placeholder too few (575).
         processor.num_additional_image_tokens = 1
     name = name_or_path if name_or_path in cfg.SHORT_NAMES else str(name_or_path)
-    return wrap_model(model, processor, name=name, image_mode=image_mode, revision=revision, prompt_style=prompt_style)
+    return wrap_model(model, processor, name=name, image_mode=image_mode, revision=revision, prompt_style=prompt_style,
+                      related_rule=related_rule)
 
 
 def save_checkpoint(loaded: LoadedModel, path: str | Path) -> Path:

@@ -114,3 +114,25 @@ def test_pad_mode_keeps_what_crop_loses():
     with pytest.warns(UserWarning, match="covers no image patch"):
         cropped = crop.prepare(sample).layout
     assert len(cropped.related_image_patches) == 0 and len(cropped.unmapped_boxes) == 1
+
+
+@pytest.mark.parametrize("family", ["llava-1.5", "llava-next"])
+def test_official_painted_rule_agrees_with_the_geometric_rule_up_to_the_border(family):
+    """The official rule (boxes painted red through the processor) against flowlib's coverage rule."""
+    from flowlib.layout import OFFICIAL_RULE
+    from flowlib.models import wrap_model
+    from tests.conftest import make_sample
+
+    geometric_model = tiny_llava(family)
+    official_model = wrap_model(geometric_model.model, geometric_model.processor, name="tiny", related_rule="official")
+    for width, height, box in [(320, 240, (40, 30, 120, 90)), (200, 400, (10, 150, 60, 200)), (500, 375, (0, 0, 500, 60))]:
+        sample = make_sample(width, height, boxes=[box])
+        geometric, official = (m.prepare(sample).layout for m in (geometric_model, official_model))
+        assert official.coverage_rule == OFFICIAL_RULE and geometric.coverage_rule != OFFICIAL_RULE
+        g, o = set(geometric.related_image_patches.tolist()), set(official.related_image_patches.tolist())
+        assert o and o <= set(official.image.tolist()) - set(official.image_newlines.tolist())
+        # Bicubic resampling blurs the painted edges: the rules differ at most by a ring of border patches.
+        assert len(g ^ o) <= 0.5 * len(g) and len(g & o) >= 0.5 * len(g)
+        assert set(official.other_image_patches.tolist()).isdisjoint(o)
+    with pytest.raises(ValueError, match="related_rule"):
+        wrap_model(geometric_model.model, geometric_model.processor, name="tiny", related_rule="red")
