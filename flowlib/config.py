@@ -47,7 +47,7 @@ SHORT_NAMES = {OFFLINE_MODEL: CHECKPOINTS_DIR / OFFLINE_MODEL}
 TOY_IMAGE_SIZE = 128  # processed square side in pixels (LLaVA-1.5 uses 336)
 TOY_PATCH_SIZE = 16  # pixels per patch side: an 8 x 8 grid, 64 image tokens (LLaVA-1.5: 24 x 24)
 
-# The paper's prompt pieces (PAPER.md).
+# The paper's prompt pieces (docs/protocol.md).
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."

@@ -3,7 +3,7 @@
 For every decoder layer l, the hidden state at the last input position is mapped
 to vocabulary probabilities (softmax of hidden . W_unembed^T) and we read the
 first token of the answer in lowercase and capitalised form and, for the Choose
-tasks, of the false option in both forms (PAPER.md, finding 4).
+tasks, of the false option in both forms (the paper's finding 4, docs/protocol.md).
 
 Two lenses, always labelled in the output:
 - "normed" (default): the model's final norm is applied to every layer's state,

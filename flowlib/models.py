@@ -152,7 +152,7 @@ def build_prompt(question: str, style: PromptStyle = PromptStyle.VICUNA) -> tupl
     Vicuna (LLaVA-1.5, LLaVA-1.6-Vicuna): system prompt, `USER: <image>\\n{question} \\n{instruction} ASSISTANT:`
     (with the space before the newline). Llama-3 (the official `llava_llama_3` conversation): the
     Llama-3 chat template with its system message, the same user text, the assistant header, then
-    `" \\n"` appended (PAPER.md); the tokenizer adds `<|begin_of_text|>` itself.
+    `" \\n"` appended (docs/protocol.md); the tokenizer adds `<|begin_of_text|>` itself.
     """
     user_prefix = f"{cfg.IMAGE_PLACEHOLDER}\n"
     user_text = f"{user_prefix}{question} \n{cfg.INSTRUCTION}"
@@ -179,7 +179,7 @@ def stop_token_ids(tokenizer, style: PromptStyle) -> list[int]:
         if eot is None or eot == tokenizer.unk_token_id:
             raise UnsupportedModelError(f"a Llama-3 prompt needs the {cfg.LLAMA3_END_OF_TURN} token; "
                                         "this tokenizer lacks it")
-        # Whichever of the two the checkpoint names as eos, both end an answer (PAPER.md).
+        # Whichever of the two the checkpoint names as eos, both end an answer (docs/protocol.md).
         ids += [eot] + ([end] if end is not None and end != tokenizer.unk_token_id else [])
     return list(dict.fromkeys(int(i) for i in ids))
 

@@ -3,7 +3,7 @@
 GQA's question file maps a question id to `{imageId, question, answer, types: {detailed,
 ...}, semantic: [{operation, argument, dependencies}], ...}`; its scene-graph file maps an
 image id to `{width, height, objects: {objId: {name, x, y, w, h, attributes, relations}}}`.
-A question belongs to a task when its detailed type is one of the task's in PAPER.md's
+A question belongs to a task when its detailed type is one of the task's in docs/protocol.md's
 table. Its boxes are those of the objects its program names (`select` arguments read
 `name (objId)`, `choose rel` ones `subject,rel1|rel2,s (objId)`; `(-)` is an absent
 object), in program order, taken from the scene graph; the options of Choose questions
@@ -26,7 +26,7 @@ from flowlib.sample import TASKS, Box, Sample, SampleError, check_task, clip_box
 
 log = logging.getLogger(__name__)
 
-#: GQA detailed question types of each task (PAPER.md, "Data: six GQA tasks").
+#: GQA detailed question types of each task (docs/protocol.md, "Data").
 DETAILED_TYPES = {
     "ChooseAttr": ("chooseAttr", "materialChoose", "typeChoose", "activityChoose"),
     "ChooseCat": ("objThisChoose", "categoryThatChoose", "categoryThisChoose"),
