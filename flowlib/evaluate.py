@@ -1,21 +1,33 @@
 """Greedy answers and accuracy per task, with the image shown, withheld (blank) or cut off by attention.
 
-The model's answer is its first generated word, lowercased and stripped (LLaVA
-answers "Red" to a lowercase question; the dataset's answer is "red"). With a
-word-level tokenizer the first word is the first token, so one forward pass and
-an argmax at the last prompt position is exactly greedy decoding's first step.
+An answer is correct when it equals the dataset's answer, both normalised (`runner.normalise_answer`:
+lowercased and stripped; LLaVA answers "Red" where the dataset says "red"). `mode` says how the
+model's answer is read:
+- ``"generate"`` (default): the greedy answer generated to its end (`runner.greedy_answer`, which stops
+  at `loaded.stop_token_ids` and decodes without special tokens), the very rule of the knockout
+  runner's correct-answer filter, so the counts are those of the samples the analyses keep. Real
+  tokenizers split many answers into several tokens, so any shortcut miscounts there.
+- ``"first_token"``: one batched forward and an argmax at the last prompt position, decoded. Exact only
+  where every answer is one token and the model stops after it (the toy model's word-level vocabulary),
+  and faster: the rule the toy model's card was measured with, and the one to monitor training with.
 
-`block_image=True` cuts, in every decoder layer, every attention edge from an
-image token to every position after the image block (a 4-D additive mask: the
-causal and padding mask plus `-inf` on those edges). The image then reaches the
-answer through no path at all, which is what the paper's attention-knockout
-method assumes.
+`block_image=True` cuts, in every decoder layer, every attention edge from an image token to every
+position after the image block (LLaVA-NeXT's base view, tiles and newline tokens form one contiguous
+block too). The image then reaches the answer through no path at all, which is what the paper's
+attention-knockout method assumes. Forwards do it with a 4-D additive mask (`image_blocked_mask`);
+generation only takes a 2-D mask, so it hides the image keys from every query instead (`hide_image`),
+with explicit position ids. The positions after the image see the same either way: what the image
+positions compute reaches them through no other edge.
 
-`forced_choice=True` scores instead the candidate answer (the two options, or the
-task's answer set) with the highest logit at that position, in either case: with
-the image cut off a model may answer no candidate at all (the toy model says
-"circle" to most questions), which free answers count as wrong, below chance;
-forced choice measures what the model still knows about the answer.
+`forced_choice=True` scores instead the candidate answers (the two options, or the task's answer set):
+each candidate, in lowercase and in capitalised form (the model may emit either), gets the total
+log-probability of all its tokens after the prompt (teacher-forced), and the best one is the answer.
+With the image cut off a model may answer no candidate at all (the toy model says "circle" to most
+questions), which free answers count as wrong, below chance; forced choice measures what the model
+still knows about the answer.
+
+Batches are right-padded; LLaVA-NeXT's pixel values are padded along the tile dimension and carry
+`image_sizes`, so each row of a batch gets the logits it gets alone.
 
 Example:
     >>> scores = evaluate(loaded, samples)                 # {"per_task": {...}, "mean": 0.93, ...}
@@ -24,20 +36,25 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable, Optional, Sequence
 
 import torch
 from PIL import Image
 
-from .lens import first_token
+from .runner import greedy_answer, normalise_answer
 from .sample import TASKS, Sample
 
+#: How `evaluate` reads the model's answer (see the module docstring).
+MODES = ("generate", "first_token")
 #: The answers a synthetic question can have where it offers no options of its own; the others offer two.
 ANSWER_SETS = {"CompareAttr": ("color", "size", "texture"), "LogicalObj": ("yes", "no"), "QueryAttr": ("left", "right")}
 #: Chance accuracy of each task of the synthetic world: one over its number of candidate answers.
 CHANCE = {task: 1 / len(ANSWER_SETS.get(task, ("true option", "false option"))) for task in TASKS}
 #: The synthetic world's background: a "blank" image is an empty scene of the same size.
 BLANK_COLOR = (232, 232, 226)
+#: Processor outputs that carry the image (LLaVA-NeXT adds `image_sizes`, which says how many tiles are real).
+IMAGE_INPUTS = ("pixel_values", "image_sizes")
 
 
 def blank_image(image: Image.Image, color=BLANK_COLOR) -> Image.Image:
@@ -84,81 +101,170 @@ def image_blocked_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, im
     return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
 
-def collate(prepared: Sequence, pad_token_id: int) -> dict:
-    """Right-pad the inputs of several prepared samples into one batch (pixel values stacked)."""
-    lengths = [p.input_ids.shape[1] for p in prepared]
-    length = max(lengths)
+def hide_image(inputs: dict, image_token_id: int) -> dict:
+    """`inputs` (batch 1, unpadded) with the image keys masked from every query, for generation under `block_image`.
+
+    `generate` takes only a 2-D mask, so this masks the image positions as keys for all queries (the
+    image positions then attend to the text before the image only) and gives the position ids
+    explicitly (generate would otherwise derive them from the mask and shift the text after the image).
+    """
+    input_ids = inputs["input_ids"]
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    return {**inputs, "attention_mask": (input_ids != image_token_id).long() * inputs["attention_mask"],
+            "position_ids": positions}
+
+
+def collate(prepared: Sequence, pad_token_id: int, continuations: Optional[Sequence[Sequence[int]]] = None) -> dict:
+    """Right-pad prepared inputs into one batch; each row optionally followed by its `continuations` token ids.
+
+    Image inputs are stacked, LLaVA-NeXT's pixel values (1, tiles, C, H, W) zero-padded to the batch's
+    largest tile count: the model reads each row's real tile count from its `image_sizes` and drops the rest.
+
+    Returns:
+        input_ids and attention_mask (B, T), the image inputs, `prompt_lengths` (B,) and `last` (B,), each
+        row's last real position.
+    """
     device = prepared[0].input_ids.device
-    input_ids = torch.full((len(prepared), length), pad_token_id, dtype=torch.long, device=device)
-    attention_mask = torch.zeros((len(prepared), length), dtype=torch.long, device=device)
-    for row, (p, n) in enumerate(zip(prepared, lengths)):
-        input_ids[row, :n] = p.input_ids[0]
-        attention_mask[row, :n] = 1
-    pixel_values = torch.cat([p.inputs["pixel_values"] for p in prepared])
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
-            "last": torch.tensor(lengths, device=device) - 1}
+    continuations = continuations or [()] * len(prepared)
+    rows = [torch.cat([p.input_ids[0], torch.as_tensor(list(c), dtype=torch.long, device=device)])
+            for p, c in zip(prepared, continuations, strict=True)]
+    lengths = [len(r) for r in rows]
+    input_ids = torch.full((len(rows), max(lengths)), pad_token_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, (row, n) in enumerate(zip(rows, lengths)):
+        input_ids[i, :n] = row
+        attention_mask[i, :n] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+             "prompt_lengths": torch.tensor([p.input_ids.shape[1] for p in prepared], device=device),
+             "last": torch.tensor(lengths, device=device) - 1}
+    for key in IMAGE_INPUTS:
+        values = [p.inputs[key] for p in prepared if key in p.inputs]
+        if not values:
+            continue
+        if values[0].dim() == 5:  # (1, tiles, C, H, W): pad the tiles
+            tiles = max(v.shape[1] for v in values)
+            values = [torch.nn.functional.pad(v, (0, 0, 0, 0, 0, 0, 0, tiles - v.shape[1])) for v in values]
+        batch[key] = torch.cat(values)
+    return batch
 
 
 @torch.no_grad()
-def next_token_logits(loaded, batch: dict, block_image: bool = False) -> torch.Tensor:
-    """Logits (B, vocab) at each row's last real position."""
+def logits_at(loaded, batch: dict, positions: Sequence[Sequence[int]], block_image: bool = False) -> list:
+    """Logits (len(positions[r]), vocab), float32, at the given positions of each row r of `batch`.
+
+    Only those positions go through the unembedding (`logits_to_keep`), which matters for real vocabularies.
+    """
     attention_mask = batch["attention_mask"]
     if block_image:
         attention_mask = image_blocked_mask(batch["input_ids"], attention_mask,
                                             loaded.model.config.image_token_id, loaded.dtype)
-    out = loaded.model(input_ids=batch["input_ids"], attention_mask=attention_mask,
-                       pixel_values=batch["pixel_values"], use_cache=False)
-    rows = torch.arange(len(batch["last"]), device=out.logits.device)
-    return out.logits[rows, batch["last"]].float()
+    keep = sorted({int(p) for row in positions for p in row})
+    column = {p: i for i, p in enumerate(keep)}
+    out = loaded.model(input_ids=batch["input_ids"], attention_mask=attention_mask, use_cache=False,
+                       logits_to_keep=torch.tensor(keep, device=batch["input_ids"].device),
+                       **{k: batch[k] for k in IMAGE_INPUTS if k in batch})
+    return [out.logits[r, [column[int(p)] for p in row]].float() for r, row in enumerate(positions)]
+
+
+def next_token_logits(loaded, batch: dict, block_image: bool = False) -> torch.Tensor:
+    """Logits (B, vocab) at each row's last real position."""
+    return torch.cat(logits_at(loaded, batch, [[int(i)] for i in batch["last"]], block_image))
 
 
 def decode_answer(tokenizer, token_id: int) -> str:
-    """The first generated word as an answer: decoded, stripped and lowercased."""
-    return tokenizer.decode([int(token_id)]).strip().lower()
+    """A first generated token as an answer: decoded without special tokens, normalised."""
+    return normalise_answer(tokenizer.decode([int(token_id)], skip_special_tokens=True))
+
+
+def answer_token_ids(tokenizer, word: str) -> list[int]:
+    """The tokens of `word` as an answer: encoded alone, without special tokens (as `lens.first_token`)."""
+    ids = tokenizer.encode(word, add_special_tokens=False)
+    if not ids:
+        raise ValueError(f"the tokenizer encodes {word!r} as no token at all")
+    return [int(i) for i in ids]
+
+
+def candidate_scores(loaded, prepared: Sequence, candidates: Sequence[Sequence[str]], batch_size: int = 32,
+                     block_image: bool = False) -> list[dict[str, float]]:
+    """Per input, each candidate word's total log-probability after the prompt, teacher-forced (the likelier form).
+
+    A form of m tokens needs the logits after the prompt and after each of its first m - 1 tokens: one
+    row of prompt + those tokens. Forms of one input with the same leading tokens share a row, so all
+    one-token forms of an input cost one forward of the prompt.
+    """
+    forms = [(i, word, answer_token_ids(loaded.tokenizer, form)) for i, words in enumerate(candidates)
+             for word in words for form in dict.fromkeys((word, word.capitalize()))]
+    rows = list(dict.fromkeys((i, tuple(ids[:-1])) for i, _, ids in forms))
+    row_logp = {}
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        batch = collate([prepared[i] for i, _ in chunk], loaded.tokenizer.pad_token_id, [lead for _, lead in chunk])
+        positions = [range(int(n) - 1, int(n) + len(lead)) for n, (_, lead) in zip(batch["prompt_lengths"], chunk)]
+        for row, logits in zip(chunk, logits_at(loaded, batch, positions, block_image)):
+            row_logp[row] = logits.log_softmax(-1)
+    scores: list[dict[str, float]] = [{} for _ in prepared]
+    for i, word, ids in forms:
+        logp = row_logp[(i, tuple(ids[:-1]))]
+        total = float(logp[torch.arange(len(ids)), torch.tensor(ids)].sum())
+        scores[i][word] = max(total, scores[i].get(word, -float("inf")))
+    return scores
 
 
 def first_words(loaded, prepared: Sequence, batch_size: int = 32, block_image: bool = False,
                 candidates: Optional[Sequence[Sequence[str]]] = None) -> list[str]:
-    """Greedy first words (lowercased) for prepared inputs, batched with right padding.
+    """Greedy first tokens (decoded, normalised) for prepared inputs: one batched forward, no generation.
 
-    One forward pass and an argmax, no generation loop: exact for the toy model's one-token answers.
-    The knockout runner's correct-answer filter generates the whole answer (`runner.greedy_answer`).
     With `candidates` (one list of lowercase words per input), each answer is instead the candidate
-    whose first token, lowercase or capitalised, has the highest logit.
+    with the highest `candidate_scores` (ties: the first).
     """
+    if candidates is not None:
+        scores = candidate_scores(loaded, prepared, candidates, batch_size, block_image)
+        return [max(words, key=s.__getitem__) for s, words in zip(scores, candidates)]
     answers = []
-    pad = loaded.tokenizer.pad_token_id
     for start in range(0, len(prepared), batch_size):
-        batch = collate(prepared[start:start + batch_size], pad)
-        logits = next_token_logits(loaded, batch, block_image)
-        if candidates is None:
-            answers += [decode_answer(loaded.tokenizer, i) for i in logits.argmax(-1)]
-            continue
-        for row, words in zip(logits, candidates[start:start + batch_size]):
-            scores = [max(row[first_token(loaded.tokenizer, form)] for form in (word, word.capitalize()))
-                      for word in words]
-            answers.append(words[int(torch.stack(scores).argmax())])
+        batch = collate(prepared[start:start + batch_size], loaded.tokenizer.pad_token_id)
+        tokens = next_token_logits(loaded, batch, block_image).argmax(-1)
+        answers += [decode_answer(loaded.tokenizer, i) for i in tokens]
     return answers
 
 
 def first_word(loaded, prepared, block_image: bool = False) -> str:
-    """The greedy first word (lowercased, stripped) of one prepared input."""
+    """The greedy first token (decoded, normalised) of one prepared input."""
     return first_words(loaded, [prepared], 1, block_image)[0]
 
 
+def generated_answer(loaded, prepared, block_image: bool = False) -> str:
+    """The normalised greedy answer (`runner.greedy_answer`), with the image's edges cut if `block_image`."""
+    if block_image:
+        prepared = dataclasses.replace(prepared, inputs=hide_image(prepared.inputs, loaded.model.config.image_token_id))
+    return normalise_answer(greedy_answer(loaded, prepared))
+
+
 def evaluate(loaded, samples: Sequence[Sample], *, blank: bool = False, block_image: bool = False,
-             forced_choice: bool = False, batch_size: int = 32, return_answers: bool = False) -> dict:
-    """Accuracy per task (and the mean over tasks) of greedy first words against the samples' answers.
+             forced_choice: bool = False, batch_size: int = 32, return_answers: bool = False,
+             mode: str = "generate") -> dict:
+    """Accuracy per task (and the mean over tasks) of the model's answers against the samples' answers.
+
+    Generation is the default because it is what "correct" means everywhere else (the knockout filter);
+    `mode="first_token"` is the fast path for one-token answers (see the module docstring).
 
     Args:
         loaded: a `flowlib.models.LoadedModel`.
         samples: the samples to answer.
         blank: replace each image by a blank one of the same size (`blank_image`).
-        block_image: cut every edge image -> later positions in all layers (`image_blocked_mask`).
-        forced_choice: score the likeliest of the sample's candidate answers (`answer_candidates`).
-        batch_size: samples per forward pass.
-        return_answers: also return the list of answers given.
+        block_image: cut every edge image -> later positions in all layers (`image_blocked_mask`; generating,
+            `hide_image`).
+        forced_choice: answer the likeliest of the sample's candidate answers (`answer_candidates`,
+            `candidate_scores`); `mode` does not apply.
+        batch_size: rows per forward pass (first-token and forced-choice; generation runs one sample at a time).
+        return_answers: also return the normalised answers given, under "answers".
+        mode: "generate" or "first_token".
+
+    Returns:
+        `score`'s dict: per_task, mean, n and correct.
     """
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}; use one of {MODES}")
     was_training = loaded.model.training
     loaded.model.eval()
     try:
@@ -166,42 +272,54 @@ def evaluate(loaded, samples: Sequence[Sample], *, blank: bool = False, block_im
         for start in range(0, len(samples), batch_size):
             chunk = samples[start:start + batch_size]
             prepared = [loaded.prepare(s, image=blank_image(s.load_image()) if blank else None) for s in chunk]
-            candidates = [answer_candidates(s) for s in chunk] if forced_choice else None
-            answers += first_words(loaded, prepared, batch_size, block_image, candidates)
+            if forced_choice:
+                answers += first_words(loaded, prepared, batch_size, block_image, [answer_candidates(s) for s in chunk])
+            elif mode == "first_token":
+                answers += first_words(loaded, prepared, batch_size, block_image)
+            else:
+                answers += [generated_answer(loaded, p, block_image) for p in prepared]
     finally:
         loaded.model.train(was_training)
-    result = score(samples, answers)
+    result = score(samples, answer_verdicts(samples, answers))
     if return_answers:
         result["answers"] = answers
     return result
 
 
-def correct_answer(sample: Sample) -> str:
-    """The sample's answer as `score` compares it with a first word: stripped and lowercased."""
-    return sample.answer.strip().lower()
+def answer_verdicts(samples: Sequence[Sample], answers: Sequence[str]) -> list[bool]:
+    """Whether each answer equals its sample's answer, both normalised (as the knockout filter decides)."""
+    return [normalise_answer(a) == normalise_answer(s.answer) for s, a in zip(samples, answers, strict=True)]
 
 
-def score(samples: Sequence[Sample], answers: Sequence[str]) -> dict:
-    """Accuracy per task, the mean over tasks, and counts, for answers given to samples."""
+def _check_verdicts(verdicts: Sequence) -> None:
+    if any(isinstance(v, str) for v in verdicts):
+        raise TypeError("pass verdicts (answered correctly: bools), not answers; `answer_verdicts` turns answers "
+                        "into verdicts")
+
+
+def score(samples: Sequence[Sample], verdicts: Sequence[bool]) -> dict:
+    """Accuracy per task, the mean over tasks, and counts `n` and `correct` per task, from per-sample verdicts."""
+    _check_verdicts(verdicts)
     hits: dict[str, list[bool]] = {}
-    for sample, answer in zip(samples, answers):
-        hits.setdefault(sample.task, []).append(answer == correct_answer(sample))
-    per_task = {t: sum(h) / len(h) for t, h in sorted(hits.items(), key=lambda kv: TASKS.index(kv[0]))}
+    for sample, verdict in zip(samples, verdicts, strict=True):
+        hits.setdefault(sample.task, []).append(bool(verdict))
+    ordered = sorted(hits.items(), key=lambda kv: TASKS.index(kv[0]))
+    per_task = {t: sum(h) / len(h) for t, h in ordered}
     return {"per_task": per_task, "mean": sum(per_task.values()) / max(1, len(per_task)),
-            "n": {t: len(h) for t, h in hits.items()}}
+            "n": {t: len(h) for t, h in ordered}, "correct": {t: sum(h) for t, h in ordered}}
 
 
-def score_by_answer(samples: Sequence[Sample], answers: Sequence[str]) -> list[dict]:
-    """Accuracy per task and correct answer: rows of task, answer, n, accuracy, in task then answer order.
+def score_by_answer(samples: Sequence[Sample], verdicts: Sequence[bool]) -> list[dict]:
+    """Accuracy per task and correct answer: rows of task, answer, n, correct, accuracy, in task then answer order.
 
     Where a model leans to one answer (a "yes" bias on LogicalObj, say), the correct-answer filter of
     the knockout analyses keeps mostly samples of that answer; this shows it.
     """
+    _check_verdicts(verdicts)
     hits: dict[tuple[str, str], list[bool]] = {}
-    for sample, answer in zip(samples, answers, strict=True):
-        truth = correct_answer(sample)
-        hits.setdefault((sample.task, truth), []).append(answer == truth)
-    return [{"task": task, "answer": truth, "n": len(h), "accuracy": sum(h) / len(h)}
+    for sample, verdict in zip(samples, verdicts, strict=True):
+        hits.setdefault((sample.task, normalise_answer(sample.answer)), []).append(bool(verdict))
+    return [{"task": task, "answer": truth, "n": len(h), "correct": sum(h), "accuracy": sum(h) / len(h)}
             for (task, truth), h in sorted(hits.items(), key=lambda kv: (TASKS.index(kv[0][0]), kv[0][1]))]
 
 

@@ -44,6 +44,27 @@ class UnsupportedModelError(ValueError):
     """The checkpoint's config is not one of the supported LLaVA families."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint's weight files do not match its config (missing, unexpected or misshapen weights)."""
+
+
+def check_loading_info(name_or_path: str, info: dict) -> None:
+    """Refuse a checkpoint whose weights do not fill its config exactly (transformers' loading info).
+
+    transformers initialises missing weights at random and only warns: a config of 14 layers over the
+    weights of 12 would run with two random layers.
+    """
+    problems = []
+    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
+                      ("mismatched_keys", "of another shape")):
+        names = sorted(str(k) for k in info.get(key) or ())
+        if names:
+            problems.append(f"{len(names)} weights {what} (e.g. {', '.join(names[:2])})")
+    if problems:
+        raise CheckpointError(f"{name_or_path}: the weight files do not match config.json: {'; '.join(problems)}; "
+                              "the config and the weights come from different checkpoints")
+
+
 class FamilyAdapter:
     """What differs between LLaVA families. Subclasses set the class attributes."""
 
@@ -331,7 +352,9 @@ def load_model(
     config = AutoConfig.from_pretrained(path, revision=revision)
     adapter = adapter_for(config)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = adapter.model_class.from_pretrained(path, revision=revision, dtype=torch_dtype, attn_implementation="sdpa")
+    model, info = adapter.model_class.from_pretrained(path, revision=revision, dtype=torch_dtype,
+                                                      attn_implementation="sdpa", output_loading_info=True)
+    check_loading_info(name_or_path, info)
     model = model.to(device).eval()
     processor = AutoProcessor.from_pretrained(path, revision=revision)
     if not isinstance(processor, adapter.processor_class):

@@ -1,16 +1,14 @@
 """The experiment runner: samples -> answer filter -> flows x layer sweeps -> a tidy, resumable table.
 
-A run writes into one folder:
-- ``run.json``: provenance (model, revision, dtype, ...), the run configuration
-  (flows, window, engine, ...) and what wrote it (code version, CPU kernels), written first;
-  a later run into the same folder must match its provenance and configuration exactly
-  or it is refused before anything is written (other code or kernels: resumed, with a warning).
-- ``parts/<sample>.parquet``: the rows of one analysed sample, then
-  ``samples/<sample>.json``: its status (analysed, wrong answer, zero base, ...),
-  each written atomically (temporary file + rename). A sample counts as done once
-  its status exists, so a killed run resumes where it stopped and gives the same table.
-- ``results.parquet``: all parts in sample order, with the provenance in its
-  metadata, rewritten at the end of every run.
+A run is planned first (`plan_run`): its settings are checked (a bad one raises `RunSettingsError`
+naming it) and everything that decides its numbers is fingerprinted (`flowlib.fingerprint`: model
+files, samples and images, settings, code). Its rows then go into a run folder (`flowlib.run_folder`)
+that records that identity: a later run into the same folder resumes only if its identity is the same,
+and is otherwise refused before anything is written, naming what changed (a weight file, a sample's
+answer, an image, the window ...). One process at a time works in a folder (a file lock).
+
+Every sample is recorded with its fate (analysed, wrong answer, zero base, excluded with its reason),
+so a killed run resumes where it stopped and gives the same table.
 
 Example:
     >>> summary = run_experiment(loaded, samples, "runs/llava15-gqa", flows=PAPER_FLOWS, window=7)
@@ -20,48 +18,73 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
+import numbers
 import os
 import re
-import subprocess
-from importlib import metadata
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from .config import PACKAGE_DIR, default_window
-from .kernels import kernel_description
+from . import fingerprint
+from .config import default_window
 from .knockout import PAPER_FLOWS, FlowError, parse_flow
-from .sweep import ZeroBaseProbability, clean_pass, layer_sweep, sweep_windows
+from .run_folder import (  # noqa: F401  (re-exported: the runner is where callers look for them)
+    COLUMNS,
+    FORMAT,
+    RunMismatchError,
+    atomic_write,
+    claim,
+    code_version,
+    file_key,
+    load_results,
+    load_statuses,
+    provenance_changes,
+    write_json,
+    write_parquet,
+    written_by,
+)
+from .sample import TASKS, SampleError, check_task
+from .sweep import ENGINES, ZeroBaseProbability, clean_pass, layer_sweep
 
 log = logging.getLogger(__name__)
-FORMAT = 1
-COLUMNS = ["sample_index", "question_id", "task", "flow", "layer", "window", "window_layers", "window_first",
-           "window_last", "base_prob", "blocked_prob", "relative_change", "answer_token", "answer_token_text", "model"]
+#: `sample_index` = the task's place in TASKS x TASK_STRIDE + the sample's place among its task's samples:
+#: unique across tasks, and the same for a question whichever other tasks a run selects.
+TASK_STRIDE = 10**8
 
 
-class RunMismatchError(RuntimeError):
-    """The results folder holds a run with another model or configuration."""
+class RunSettingsError(ValueError):
+    """A run setting is out of range (window, counts, engine, flows): the message names it and its range."""
+
+
+class NoSamplesError(ValueError):
+    """There is nothing to run on: no samples were given (e.g. every data file was empty)."""
+
+
+class NothingAnalysedError(ValueError):
+    """The run finished but analysed no sample (all answered wrongly or excluded); `.summary` says why."""
+
+    def __init__(self, message: str, summary: "RunSummary"):
+        super().__init__(message)
+        self.summary = summary
+
+
+class SampleExcluded(ValueError):
+    """A sample cannot be analysed at all (unreadable image, no flow applies ...): skip it, record why."""
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Everything besides the model that decides a run's numbers (all of it is checked on resume)."""
+    """The analysis settings that decide a run's numbers (besides model, data and code; all checked on resume)."""
 
     flows: tuple[str, ...] = PAPER_FLOWS  # the paper's six flows
     window: Optional[int] = None  # k; None: config.default_window(num_layers), e.g. 7 for 32 layers
     engine: str = "fast"  # "fast" or "reference": same numbers, the fast one an order of magnitude sooner
     max_new_tokens: int = 10  # greedy answer length for the correctness filter (answers are a word or phrase)
     per_task: Optional[int] = None  # stop after this many analysed samples per task; None: all
-    skip_empty_groups: bool = False  # record and skip samples with an empty flow group instead of raising
-    data: str = ""  # free-text name of the dataset, so a folder is not resumed on other data
 
 
 @dataclasses.dataclass
@@ -76,36 +99,85 @@ class RunSummary:
         return sum(1 for s in self.statuses if s["status"] == status)
 
 
-def code_version() -> str:
-    """The installed flowlib version, plus `git describe` of the checkout when there is one."""
-    try:
-        version = metadata.version("flowlib")
-    except metadata.PackageNotFoundError:  # pragma: no cover - flowlib is always installed here
-        version = "unknown"
-    try:
-        described = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=PACKAGE_DIR,
-                                   capture_output=True, text=True, timeout=5)
-        if described.returncode == 0 and described.stdout.strip():
-            version += f"+git.{described.stdout.strip()}"
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return version
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """A checked run before it starts: its settings, its indexed samples and its identity."""
+
+    config: RunConfig
+    samples: list  # (sample_index, Sample) pairs, in the given order
+    fingerprint: dict  # the four parts (fingerprint.PARTS)
+    records: list  # one per sample (fingerprint.data_fingerprint), stored as data.json
+    identity: str
 
 
-def written_by() -> dict:
-    """What wrote a run, recorded beside its identity: the code and the CPU kernels (they round differently)."""
-    return {"code_version": code_version(), "kernels": kernel_description()}
+def count_setting(name: str, value, allow_none: bool = True) -> Optional[int]:
+    """`value` as a count >= 1 (None passes when `allow_none`), else `RunSettingsError` naming `name`."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise RunSettingsError(f"{name} must be a whole number >= 1{' (or None for no limit)' if allow_none else ''}, "
+                               f"not {value!r}")
+    return int(value)
 
 
-def provenance_changes(stored: dict) -> list[str]:
-    """How the code and CPU kernels that wrote `stored` (a `written_by()` record) differ from now's."""
-    now = written_by()
-    return [f"{what} {stored.get(key)}, now {now[key]}"
-            for key, what in (("code_version", "flowlib"), ("kernels", "CPU kernels")) if stored.get(key) != now[key]]
+def resolve_window(window, num_layers: int) -> int:
+    """The window k: None gives the paper's default for this depth (`config.default_window`); else 1..num_layers.
+
+    The one place a window is resolved and checked: the command line, the notebooks' `Study` and the
+    runner all call it, so `0` is refused everywhere rather than read as "default".
+    """
+    default = default_window(num_layers)
+    if window is None:
+        return default
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or not 1 <= window <= num_layers:
+        raise RunSettingsError(f"window {window!r} does not fit a model of {num_layers} layers; use 1..{num_layers} "
+                               f"(the default, when unset, is k={default})")
+    return int(window)
+
+
+def index_samples(samples: Iterable) -> list:
+    """(sample_index, sample) pairs (see `TASK_STRIDE`); a repeated question id or an unknown task raises."""
+    out, seen, positions = [], set(), {}
+    for sample in samples:
+        if sample.question_id in seen:
+            raise ValueError(f"sample id {sample.question_id!r} occurs twice; question ids must be unique")
+        seen.add(sample.question_id)
+        position = positions.get(check_task(sample.task), 0)
+        positions[sample.task] = position + 1
+        out.append((TASKS.index(sample.task) * TASK_STRIDE + position, sample))
+    return out
+
+
+def plan_run(loaded, samples: Iterable, *, flows: Sequence[str] = PAPER_FLOWS, window: Optional[int] = None,
+             engine: str = "fast", max_new_tokens: int = 10, per_task: Optional[int] = None) -> RunPlan:
+    """Check a run's settings and samples, and fingerprint it (see `run_experiment` for the arguments).
+
+    Raises:
+        RunSettingsError: a window outside 1..depth, a count below 1, an unknown engine, no or repeated flows.
+        FlowError: an unknown flow. NoSamplesError: no samples.
+    """
+    flows = tuple(flows)
+    if not flows or len(set(flows)) != len(flows):
+        raise RunSettingsError(f"flows must be one or more distinct flows, not {list(flows)}")
+    for flow in flows:
+        parse_flow(flow)
+    if engine not in ENGINES:
+        raise RunSettingsError(f"unknown engine {engine!r}; use one of: {', '.join(ENGINES)}")
+    config = RunConfig(flows, resolve_window(window, loaded.num_layers), engine,
+                       count_setting("max_new_tokens", max_new_tokens, allow_none=False),
+                       count_setting("per_task", per_task))
+    indexed = index_samples(samples)
+    if not indexed:
+        raise NoSamplesError("no samples to run on: the data selected holds none")
+    data, records = fingerprint.data_fingerprint(indexed)
+    settings = dataclasses.asdict(config) | {"flows": list(flows)}
+    parts = {"model": fingerprint.model_fingerprint(loaded), "data": data, "settings": settings,
+             "code": fingerprint.code_fingerprint()}
+    return RunPlan(config, indexed, parts, records, fingerprint.identity(parts))
 
 
 def normalise_answer(text: str) -> str:
-    """The comparison form of an answer: lowercased and stripped (PAPER.md)."""
+    """The comparison form of an answer: lowercased and stripped (docs/protocol.md)."""
     return text.strip().lower()
 
 
@@ -114,7 +186,7 @@ def greedy_answer(loaded, prepared, max_new_tokens: int = 10) -> str:
     """The model's greedy answer to a prepared input, decoded without special tokens."""
     inputs = prepared.inputs
     out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=loaded.tokenizer.pad_token_id)
+                                pad_token_id=loaded.tokenizer.pad_token_id, eos_token_id=loaded.stop_token_ids)
     return loaded.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
@@ -142,105 +214,55 @@ def correct_samples(loaded, samples: Iterable, per_task: Optional[int] = None, m
              seen - sum(kept.values()))
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write through `write(tmp_path)` then rename, so a killed run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _load_image(sample):
+    """The sample's image; any decoding failure becomes a `SampleError` naming the file."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        return sample.load_image()
+    except SampleError:
+        raise
+    except Exception as err:  # PIL raises SyntaxError, ValueError, struct.error ... on some broken files
+        path = isinstance(sample.image, (str, os.PathLike))
+        where = f"image file {os.fspath(sample.image)!r}" if path else "its image"
+        raise SampleError(f"sample {sample.question_id}: {where} cannot be decoded ({type(err).__name__}: {err}); "
+                          "replace the file or drop the sample") from err
 
 
-def _write_json(path: Path, data: dict) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True)))
+def _analyse(loaded, sample, index: int, config: RunConfig, max_batch) -> tuple[dict, Optional[pd.DataFrame]]:
+    """One sample: filter on its greedy answer, then sweep every flow. Returns (status, rows).
 
-
-def _write_parquet(path: Path, frame: pd.DataFrame, meta: dict) -> None:
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"flowlib": json.dumps(meta).encode()})
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
-
-
-def _file_key(question_id: str) -> str:
-    # Readable, filesystem-safe, and unique even when two ids differ only in unsafe characters.
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", question_id)[:80]
-    return f"{safe}-{hashlib.sha1(question_id.encode()).hexdigest()[:8]}"
-
-
-def _identity(loaded, config: RunConfig) -> dict:
-    config_dict = dataclasses.asdict(config)
-    config_dict["flows"] = list(config.flows)
-    return {"format": FORMAT, "provenance": loaded.provenance(), "config": config_dict}
-
-
-def _open_folder(output: Path, identity: dict, resume: bool) -> None:
-    """Create the run folder, or check that an existing one holds this very run."""
-    run_file = output / "run.json"
-    if run_file.exists():
-        stored = json.loads(run_file.read_text())
-        stored_identity = {k: stored.get(k) for k in identity}
-        if stored_identity != identity:
-            diffs = [f"{section}.{key}: folder has {stored_identity.get(section, {}).get(key)!r}, run asks "
-                     f"{value!r}" for section in ("provenance", "config") for key, value in identity[section].items()
-                     if (stored_identity.get(section) or {}).get(key) != value]
-            raise RunMismatchError(f"{output} holds a run with another model or configuration ({'; '.join(diffs)}); "
-                                   "nothing was written: use another output folder")
-        if not resume:
-            raise RunMismatchError(f"{output} already holds a run; pass resume=True to continue it")
-        for change in provenance_changes(stored):  # allowed, but its rows may round differently from the earlier ones
-            log.warning("resuming %s written with %s", output, change)
-        return
-    if output.exists() and any(output.iterdir()):
-        raise RunMismatchError(f"{output} is not empty and holds no run.json; use an empty or new folder")
-    _write_json(run_file, {**identity, **written_by()})
-
-
-def load_results(output) -> pd.DataFrame:
-    """The run's rows (from its parts, so also mid-run), in sample order; provenance in `.attrs`."""
-    output = Path(output)
-    run = json.loads((output / "run.json").read_text())
-    parts = sorted((output / "parts").glob("*.parquet"))
-    frames = [pq.read_table(p).to_pandas() for p in parts]
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
-    flow_order = {f: i for i, f in enumerate(run["config"]["flows"])}
-    table = table.sort_values(["sample_index", "flow", "layer"], key=lambda c: c.map(flow_order) if c.name == "flow"
-                              else c, kind="stable").reset_index(drop=True)
-    table.attrs.update({k: run.get(k) for k in ("provenance", "config", "code_version", "kernels")})
-    return table[COLUMNS]
-
-
-def load_statuses(output) -> list[dict]:
-    """The status record of every sample seen so far, in sample order."""
-    records = [json.loads(p.read_text()) for p in (Path(output) / "samples").glob("*.json")]
-    return sorted(records, key=lambda r: r["sample_index"])
-
-
-def _analyse(loaded, sample, index: int, config: RunConfig, window: int, max_batch) -> tuple[dict, pd.DataFrame]:
-    """One sample: filter on its greedy answer, then sweep every flow. Returns (status, rows)."""
+    A flow whose groups are empty for this sample (an option the question does not contain, boxes
+    that cover no patch) leaves the sample out of that flow only, with the reason in
+    `status["excluded_flows"]`; the other flows go on.
+    """
     status = {"question_id": sample.question_id, "task": sample.task, "sample_index": index,
               "answer": sample.answer}
-    prepared = loaded.prepare(sample)
+    sample = dataclasses.replace(sample)  # a copy caches the decoded image, not the caller's sample
+    try:
+        _load_image(sample)
+        prepared = loaded.prepare(sample)
+    except SampleError as err:
+        return {**status, "status": "excluded", "reason": str(err)}, None
     answer = greedy_answer(loaded, prepared, config.max_new_tokens)
     status["greedy_answer"] = answer
     if normalise_answer(answer) != normalise_answer(sample.answer):
         return {**status, "status": "wrong_answer"}, None
     clean = clean_pass(loaded, prepared)
-    frames = []
-    try:
-        for flow in config.flows:
-            result = layer_sweep(loaded, prepared, flow, window, engine=config.engine, clean=clean,
+    frames, excluded_flows = [], {}
+    for flow in config.flows:
+        try:
+            result = layer_sweep(loaded, prepared, flow, config.window, engine=config.engine, clean=clean,
                                  **({"max_batch": max_batch} if config.engine == "fast" else {}))
-            frames.append(result.to_frame())
-    except ZeroBaseProbability as err:
-        log.warning("sample %s excluded: %s", sample.question_id, err)
-        return {**status, "status": "zero_base", "reason": str(err)}, None
-    except FlowError as err:
-        if not config.skip_empty_groups:
-            raise
-        log.warning("sample %s skipped: %s", sample.question_id, err)
-        return {**status, "status": "empty_group", "reason": str(err)}, None
+        except ZeroBaseProbability as err:
+            log.warning("sample %s excluded: %s", sample.question_id, err)
+            return {**status, "status": "zero_base", "reason": str(err)}, None
+        except FlowError as err:
+            excluded_flows[flow] = str(err)
+            continue
+        frames.append(result.to_frame())
+    status["excluded_flows"] = excluded_flows
+    if not frames:
+        reasons = "; ".join(dict.fromkeys(excluded_flows.values()))
+        return {**status, "status": "excluded", "reason": f"no flow applies: {reasons}"}, None
     rows = pd.concat(frames, ignore_index=True)
     rows.insert(0, "sample_index", index)
     rows.insert(2, "task", sample.task)
@@ -249,65 +271,111 @@ def _analyse(loaded, sample, index: int, config: RunConfig, window: int, max_bat
     return {**status, "status": "analysed"}, rows[COLUMNS]
 
 
+#: The fates of a sample: analysed (in at least one flow), answered wrongly, or excluded for a reason.
+STATUSES = ("analysed", "wrong_answer", "zero_base", "excluded")
+
+
+def exclusion_reasons(statuses: Iterable[dict]) -> dict[str, int]:
+    """How many samples (or sample x flow pairs) were left out, by reason with the sample's id removed."""
+    counts: dict[str, int] = {}
+
+    def add(reason: str, flow: str = "") -> None:
+        reason = re.sub(r"^sample \S+: ", "", reason)
+        key = f"{flow}: {reason}" if flow else reason
+        counts[key] = counts.get(key, 0) + 1
+
+    for status in statuses:
+        if status["status"] in ("excluded", "zero_base"):
+            add(status["reason"])
+        for flow, reason in (status.get("excluded_flows") or {}).items():
+            if status["status"] == "analysed":
+                add(reason, flow)
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _nothing_analysed(summary: RunSummary) -> NothingAnalysedError:
+    seen, wrong = len(summary.statuses), summary.count("wrong_answer")
+    reasons = exclusion_reasons(summary.statuses)
+    if wrong == seen:
+        why = (f"the model answered none of the {seen} samples it saw correctly; check the model, its prompt style "
+               "and the data's answers")
+    else:
+        why = (f"of {seen} samples seen, {wrong} were answered wrongly and {seen - wrong} left out"
+               + (f" (most often: {next(iter(reasons))})" if reasons else ""))
+    return NothingAnalysedError(f"no sample was analysed: {why}; the fate of each is in {summary.output}/samples",
+                                summary)
+
+
 def run_experiment(loaded, samples: Iterable, output, *, flows: Sequence[str] = PAPER_FLOWS,
                    window: Optional[int] = None, engine: str = "fast", max_new_tokens: int = 10,
-                   per_task: Optional[int] = None, skip_empty_groups: bool = False, data: str = "",
-                   resume: bool = True, max_batch: Optional[int] = None, progress: bool = True) -> RunSummary:
+                   per_task: Optional[int] = None, data: str = "", resume: bool = True,
+                   max_batch: Optional[int] = None, strict: bool = False, progress: bool = True) -> RunSummary:
     """Run the knockout experiment over `samples`, saving as it goes; resume a stopped run in `output`.
 
     Args:
         loaded: a `LoadedModel`. samples: any iterable of `Sample`s (unique question ids), in a
-            stable order. output: the results folder (see the module docstring).
-        flows, window, engine, max_new_tokens, per_task, skip_empty_groups, data: see `RunConfig`.
-        resume: continue a compatible run found in `output` (else an existing run is an error).
+            stable order. output: the results folder (see `flowlib.run_folder`).
+        flows, window, engine, max_new_tokens, per_task: see `RunConfig`.
+        data: a free-text name of the data, recorded in run.json (the data's content is fingerprinted).
+        resume: continue this run if `output` holds it (else that is an error).
         max_batch: the fast engine's batch bound (memory only; numbers are unchanged).
+        strict: stop at the first sample that cannot be analysed (unreadable image, a flow's group
+            empty, ...) instead of recording it as excluded and going on.
         progress: show a progress bar.
 
+    A sample that cannot be analysed never stops the run: it is recorded with its reason
+    (`samples/<sample>.json`, and counted by reason in `summary.json`), and resuming does not retry it.
+    Another process running the same run into `output` is waited for (see `run_folder.claim`).
+
     Raises:
-        RunMismatchError: `output` holds another model's or configuration's run (nothing is written).
-        FlowError: unknown flow, or an empty group (unless `skip_empty_groups`).
+        RunSettingsError, FlowError, NoSamplesError: bad settings or no samples (see `plan_run`; nothing written).
+        RunMismatchError: `output` holds another run, naming what differs (nothing is written).
+        SampleExcluded: with `strict`, the first sample left out of a flow or of the run.
+        NothingAnalysedError: the run completed but analysed no sample (its folder records why).
     """
-    for flow in flows:
-        parse_flow(flow)
-    window = int(window or default_window(loaded.num_layers))
-    sweep_windows(window, loaded.num_layers)  # a window wider than the model fails before any work
-    config = RunConfig(tuple(flows), window, engine, max_new_tokens, per_task, skip_empty_groups, data)
-    output = Path(output)
-    identity = _identity(loaded, config)
-    _open_folder(output, identity, resume)
-    meta = {**identity, **written_by()}
+    plan = plan_run(loaded, samples, flows=flows, window=window, engine=engine, max_new_tokens=max_new_tokens,
+                    per_task=per_task)
+    max_batch = count_setting("max_batch", max_batch)
+    output, config = Path(output), plan.config
+    record = {"format": FORMAT, "identity": plan.identity, "fingerprint": plan.fingerprint,
+              "provenance": loaded.provenance(), "config": plan.fingerprint["settings"], "data": data, **written_by()}
+    meta = {k: v for k, v in record.items() if k != "fingerprint"}
+    with claim(output, record, plan.records, resume):
+        done = {s["question_id"]: s for s in load_statuses(output)}
+        analysed: dict[str, int] = {}
+        for s in done.values():
+            analysed[s["task"]] = analysed.get(s["task"], 0) + (s["status"] == "analysed")
+        bar = tqdm(plan.samples, desc=f"knockout {loaded.name}", unit="sample", disable=not progress)
+        for index, sample in bar:
+            if sample.question_id in done:
+                continue
+            if config.per_task is not None and analysed.get(sample.task, 0) >= config.per_task:
+                continue
+            status, rows = _analyse(loaded, sample, index, config, max_batch)
+            if strict and (status["status"] in ("excluded", "zero_base") or status.get("excluded_flows")):
+                reason = status.get("reason") or "; ".join(status["excluded_flows"].values())
+                raise SampleExcluded(f"{reason} (strict run: nothing was written for this sample)")
+            key = file_key(sample.question_id)
+            if rows is not None:
+                write_parquet(output / "parts" / f"{key}.parquet", rows, meta)
+                analysed[sample.task] = analysed.get(sample.task, 0) + 1
+            write_json(output / "samples" / f"{key}.json", status)  # written last: marks the sample done
+            done[sample.question_id] = status
+            bar.set_postfix(analysed=sum(analysed.values()), seen=len(done))
 
-    done = {s["question_id"]: s for s in load_statuses(output)}
-    analysed = {}
-    for s in done.values():
-        analysed[s["task"]] = analysed.get(s["task"], 0) + (s["status"] == "analysed")
-    seen = set()
-    bar = tqdm(samples, desc=f"knockout {loaded.name}", unit="sample", disable=not progress)
-    for index, sample in enumerate(bar):
-        if sample.question_id in seen:
-            raise ValueError(f"sample id {sample.question_id!r} occurs twice; question ids must be unique")
-        seen.add(sample.question_id)
-        if sample.question_id in done:
-            continue
-        if per_task is not None and analysed.get(sample.task, 0) >= per_task:
-            continue
-        status, rows = _analyse(loaded, sample, index, config, window, max_batch)
-        key = _file_key(sample.question_id)
-        if rows is not None:
-            _write_parquet(output / "parts" / f"{key}.parquet", rows, meta)
-            analysed[sample.task] = analysed.get(sample.task, 0) + 1
-        _write_json(output / "samples" / f"{key}.json", status)  # written last: marks the sample done
-        done[sample.question_id] = status
-        bar.set_postfix(analysed=sum(analysed.values()), seen=len(done))
-
-    statuses = load_statuses(output)
-    counts = {name: sum(1 for s in statuses if s["status"] == name)
-              for name in ("analysed", "wrong_answer", "zero_base", "empty_group")}
-    log.info("answer filter: kept %d of %d samples (%d answered wrongly, %d zero base probability, %d empty group)",
-             counts["analysed"], len(statuses), counts["wrong_answer"], counts["zero_base"], counts["empty_group"])
-    table = load_results(output)
-    _write_parquet(output / "results.parquet", table, meta)
-    excluded = [s for s in statuses if s["status"] in ("zero_base", "empty_group")]
-    _write_json(output / "summary.json",
-                {"counts": counts, "samples": len(statuses), "rows": len(table), "excluded": excluded})
-    return RunSummary(output, table, statuses)
+        statuses = load_statuses(output)
+        counts = {name: sum(1 for s in statuses if s["status"] == name) for name in STATUSES}
+        reasons = exclusion_reasons(statuses)
+        log.info("%d samples seen: %s", len(statuses),
+                 ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
+        for reason, count in reasons.items():
+            log.info("left out %d x: %s", count, reason)
+        table = load_results(output)
+        write_parquet(output / "results.parquet", table, meta)
+        excluded = [s for s in statuses if s["status"] in ("zero_base", "excluded") or s.get("excluded_flows")]
+        write_json(output / "summary.json", {"counts": counts, "samples": len(statuses), "rows": len(table),
+                                             "exclusion_reasons": reasons, "excluded": excluded})
+    summary = RunSummary(output, table, statuses)
+    if table.empty:
+        raise _nothing_analysed(summary)
+    return summary

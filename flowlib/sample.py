@@ -107,7 +107,7 @@ class Sample:
     """One visual question with the ground truth the analyses need.
 
     `image` may be a PIL image, a path, or a zero-argument callable returning one;
-    `load_image()` resolves it (and caches it), raising a clear error if it cannot.
+    `load_image()` resolves it, raising a clear error naming the file if it cannot.
     """
 
     question_id: str
@@ -135,7 +135,7 @@ class Sample:
         return self.true_option is not None and self.false_option is not None
 
     def load_image(self) -> Image.Image:
-        """Return the RGB image, loading it on first use."""
+        """Return the RGB image: a file is read on every call (never cached), a callable's result is kept."""
         image = self.image
         if isinstance(image, Image.Image):
             return image if image.mode == "RGB" else image.convert("RGB")
@@ -165,8 +165,11 @@ class Sample:
                 f"sample {self.question_id}: {where} is {loaded.width}x{loaded.height} but the data gives "
                 f"{self.image_size[0]}x{self.image_size[1]}, the size its boxes are measured in; "
                 "use the dataset's original images")
-        self.image = loaded.convert("RGB")
-        return self.image
+        loaded = loaded.convert("RGB")
+        if not isinstance(image, (str, os.PathLike)):
+            self.image = loaded  # generated in memory: keep it, it cannot be read back
+        # A file is decoded again on every use: thousands of cached GQA images would hold gigabytes.
+        return loaded
 
     def validated_boxes(self, width: int, height: int) -> tuple[Box, ...]:
         """The boxes checked against the image size (see `Box.validated`)."""

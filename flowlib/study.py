@@ -43,10 +43,11 @@ class Study:
     data_name: str
     samples_per_task: int
     window: int
-    #: question id -> answered correctly (greedy); filled once, read by every later filter.
+    #: question id -> answered correctly (greedy, with the image, the knockout filter's rule); filled once,
+    #: read by every later filter and by the accuracy table.
     verdicts: dict = dataclasses.field(default_factory=dict)
-    #: question id -> first answer word with the image (`answers_with_image`), filled once.
-    first_words: dict = dataclasses.field(default_factory=dict)
+    #: question id -> the greedy answer to a blank image is correct (`accuracy`); filled once.
+    blank_verdicts: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def open(
@@ -72,6 +73,8 @@ class Study:
         `samples_per_task` correctly answered samples are analysed per task; up to
         `candidates_per_task` (default 1.5x as many) are read to find them.
         """
+        from .runner import resolve_window
+
         if isinstance(tasks, str):  # e.g. "ChooseAttr,QueryAttr" from `make figures TASKS=...`
             tasks = [task.strip() for task in tasks.split(",") if task.strip()]
         loaded = load_model(model, dtype=dtype, device=device, image_mode=image_mode)
@@ -79,7 +82,7 @@ class Study:
         samples = load_samples(data, tasks=tasks, per_task=candidates, seed=seed, csv_dir=csv_dir,
                                image_dir=image_dir, questions=questions, scene_graphs=scene_graphs)
         data_name = f"synthetic world (seed {seed}, test split)" if data == "synthetic" else f"{data} data"
-        window = int(window or cfg.default_window(loaded.num_layers))
+        window = resolve_window(window, loaded.num_layers)  # None: the default; 0 or > depth: refused
         return cls(loaded, samples, data_name, samples_per_task, window)
 
     @property
@@ -98,50 +101,73 @@ class Study:
     def all_samples(self) -> list[Sample]:
         return [s for task in self.samples for s in self.samples[task]]
 
-    def run_dir(self, name: str) -> Path:
-        return cfg.runs_dir() / slug(self.loaded.name) / slug(self.data_name) / f"{name}-w{self.window}"
+    def run_dir(self, name: str, flows: Sequence[str]) -> Path:
+        """The folder of analysis `name` over `flows`, named by the run's identity (`runner.plan_run`).
+
+        The identity fingerprints the model's files, the samples and their images, the settings and the
+        code, so a notebook rerun with any of them changed gets a fresh folder (never stale numbers),
+        and an unchanged rerun finds and resumes its own.
+        """
+        from .runner import plan_run
+
+        plan = plan_run(self.loaded, self.all_samples(), flows=list(flows), window=self.window,
+                        per_task=self.samples_per_task)
+        folder = f"{name}-w{self.window}-{plan.identity[:12]}"
+        return cfg.runs_dir() / slug(self.loaded.name) / slug(self.data_name) / folder
 
     def knockout(self, name: str, flows: Sequence[str], *, progress: bool = True) -> pd.DataFrame:
         """Run (or resume) the layer sweeps of `flows` over the study's samples; the tidy table.
 
-        A sample with an empty group (e.g. a LogicalObj question whose objects are all absent has no
-        related patches) is recorded as skipped in the run folder and left out, as in the paper.
+        A sample whose group is empty for a flow (e.g. a LogicalObj question whose objects are all absent
+        has no related patches) is left out of that flow, with its reason recorded in the run folder.
+        Raises `runner.NothingAnalysedError`, saying why, when no sample could be analysed.
         """
         from .runner import run_experiment
 
-        summary = run_experiment(self.loaded, self.all_samples(), self.run_dir(name), flows=list(flows),
+        summary = run_experiment(self.loaded, self.all_samples(), self.run_dir(name, flows), flows=list(flows),
                                  window=self.window, per_task=self.samples_per_task, data=self.data_name,
-                                 skip_empty_groups=True, progress=progress)
-        if summary.table.empty:
-            raise ValueError(f"no sample was analysed ({summary.count('wrong_answer')} answered wrongly, "
-                             f"{summary.count('zero_base')} with a zero base probability); see {summary.output}")
+                                 progress=progress)
         return summary.table
 
     def accuracy(self) -> pd.DataFrame:
-        """Accuracy per task (first generated word) with the image and with a blank image, and chance."""
-        from .evaluate import CHANCE, evaluate, score
+        """Accuracy per task with the image and with a blank image, against chance.
+
+        Columns: task, n, correct (count, with the image), accuracy, blank_accuracy, chance. A sample is
+        correct when its greedy answer, generated to the end, equals the dataset's answer (both normalised):
+        the knockout filter's rule and verdicts (`correct`), so `correct` counts the samples the analyses can
+        keep. Each answer is generated once per study.
+        """
+        from .evaluate import CHANCE, score
 
         samples = self.all_samples()
-        seen, blank = score(samples, self.answers_with_image()), evaluate(self.loaded, samples, blank=True)
-        return pd.DataFrame([{"task": task, "n": seen["n"][task], "accuracy": seen["per_task"][task],
-                              "blank_accuracy": blank["per_task"][task], "chance": CHANCE[task]}
-                             for task in seen["per_task"]])
+        seen, blank = score(samples, self.verdicts_with_image()), score(samples, self.verdicts_with_blank_image())
+        return pd.DataFrame([{"task": task, "n": seen["n"][task], "correct": seen["correct"][task],
+                              "accuracy": seen["per_task"][task], "blank_accuracy": blank["per_task"][task],
+                              "chance": CHANCE[task]} for task in seen["per_task"]])
 
     def accuracy_by_answer(self) -> pd.DataFrame:
-        """Accuracy with the image per task and correct answer (`evaluate.score_by_answer`)."""
+        """Accuracy with the image per task and correct answer (`evaluate.score_by_answer`), as `accuracy` counts."""
         from .evaluate import score_by_answer
 
-        return pd.DataFrame(score_by_answer(self.all_samples(), self.answers_with_image()))
+        return pd.DataFrame(score_by_answer(self.all_samples(), self.verdicts_with_image()))
 
-    def answers_with_image(self) -> list[str]:
-        """The first answer word to each of `all_samples()`, evaluated once and then read from `first_words`."""
-        from .evaluate import evaluate
+    def verdicts_with_image(self) -> list[bool]:
+        """Whether the model answers each of `all_samples()` correctly, from `verdicts` (filled where missing)."""
+        from .runner import correct_samples
 
-        missing = [s for s in self.all_samples() if s.question_id not in self.first_words]
+        # With no per-task limit the filter sees, and records a verdict for, every sample.
+        list(correct_samples(self.loaded, self.all_samples(), progress=False, verdicts=self.verdicts))
+        return [self.verdicts[s.question_id] for s in self.all_samples()]
+
+    def verdicts_with_blank_image(self) -> list[bool]:
+        """Whether the greedy answer to a blank image is correct, per sample of `all_samples()` (`blank_verdicts`)."""
+        from .evaluate import answer_verdicts, evaluate
+
+        missing = [s for s in self.all_samples() if s.question_id not in self.blank_verdicts]
         if missing:
-            answers = evaluate(self.loaded, missing, return_answers=True)["answers"]
-            self.first_words.update({s.question_id: a for s, a in zip(missing, answers)})
-        return [self.first_words[s.question_id] for s in self.all_samples()]
+            answers = evaluate(self.loaded, missing, blank=True, return_answers=True)["answers"]
+            self.blank_verdicts.update({s.question_id: v for s, v in zip(missing, answer_verdicts(missing, answers))})
+        return [self.blank_verdicts[s.question_id] for s in self.all_samples()]
 
     def correct(self, per_task: Optional[int] = None) -> dict[str, list[Sample]]:
         """The samples the model answers correctly (greedy), at most `per_task` per task."""

@@ -924,7 +924,7 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
                             query=f"{np.mean(log['query_loss'][-50:]):.3f}",
                             describe=f"{np.mean(log['describe_loss'][-50:]):.3f}", refresh=False)
             if steps_done % train_config.eval_every == 0 or steps_done == train_config.steps:
-                scores = evaluate(loaded, monitor)
+                scores = evaluate(loaded, monitor, mode="first_token")  # one forward: the toy's answers are one word
                 log["eval"].append({"step": steps_done, "mean": scores["mean"], "per_task": scores["per_task"]})
                 elapsed = time.time() - started
                 recent = {key: np.mean(log[key][-50:])
@@ -1048,10 +1048,12 @@ def final_evaluation(loaded, train_config: TrainConfig) -> dict:
         t0 = time.time()
         results[name] = {
             "n": len(samples),
-            "image": evaluate(loaded, samples),
-            "blank_image": evaluate(loaded, samples, blank=True),
-            "image_blocked": evaluate(loaded, samples, block_image=True),
-            "image_blocked_forced_choice": evaluate(loaded, samples, block_image=True, forced_choice=True),
+            # The first-token rule the committed card was measured with (exact for one-word answers).
+            "image": evaluate(loaded, samples, mode="first_token"),
+            "blank_image": evaluate(loaded, samples, blank=True, mode="first_token"),
+            "image_blocked": evaluate(loaded, samples, block_image=True, mode="first_token"),
+            "image_blocked_forced_choice": evaluate(loaded, samples, block_image=True, forced_choice=True,
+                                                    mode="first_token"),
             "chance": chance_accuracy(s.task for s in samples),
         }
         for key in ("image", "blank_image", "image_blocked", "image_blocked_forced_choice"):

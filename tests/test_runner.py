@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import flowlib.runner as runner
+from flowlib.kernels import kernel_description
 from flowlib.knockout import FlowError
 from flowlib.runner import RunMismatchError, load_results, run_experiment
 from flowlib.sample import Box, Sample
@@ -69,15 +70,21 @@ def test_run_writes_a_tidy_table_with_provenance(loaded, samples, tmp_path):
     assert summary_file["counts"]["wrong_answer"] == 1
 
 
-def test_resumed_run_equals_uninterrupted_run(loaded, samples, tmp_path):
+def test_resumed_run_equals_uninterrupted_run(loaded, samples, tmp_path, monkeypatch):
     whole = run(loaded, samples, tmp_path / "whole").table
 
-    def interrupted():
-        yield from samples[:3]
-        raise KeyboardInterrupt  # the job is killed after three samples
+    real, calls = runner._analyse, []
 
-    with pytest.raises(KeyboardInterrupt):
-        run(loaded, interrupted(), tmp_path / "resumed")
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt  # the job is killed after three samples
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "_analyse", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run(loaded, samples, tmp_path / "resumed")
     assert len(load_results(tmp_path / "resumed")) == 2 * len(FLOWS) * loaded.num_layers
     resumed = run(loaded, samples, tmp_path / "resumed").table
     pd.testing.assert_frame_equal(resumed, whole)
@@ -94,20 +101,22 @@ def test_resuming_with_other_kernels_warns(loaded, samples, tmp_path, caplog):
     (out / "run.json").write_text(json.dumps({**stored, "kernels": "AVX512 kernels, 8 threads"}))
     with caplog.at_level("WARNING", logger=runner.log.name):
         run(loaded, samples[:2], out)
-    assert f"CPU kernels AVX512 kernels, 8 threads, now {runner.kernel_description()}" in caplog.text
+    assert f"CPU kernels AVX512 kernels, 8 threads, now {kernel_description()}" in caplog.text
 
 
 def test_refuses_to_resume_another_configuration(loaded, samples, tmp_path):
     out = tmp_path / "run"
     run(loaded, samples[:2], out)
     before = snapshot(out)
-    with pytest.raises(RunMismatchError, match="config.window"):
-        run(loaded, samples, out, window=1)
+    with pytest.raises(RunMismatchError, match="settings.window: 3 -> 1"):
+        run(loaded, samples[:2], out, window=1)
+    with pytest.raises(RunMismatchError, match="samples added: 02, 03, 04"):
+        run(loaded, samples, out)
     other_model = tiny_llava("llava-1.5", layers=4)
-    with pytest.raises(RunMismatchError, match="num_layers"):
-        run(other_model, samples, out)
+    with pytest.raises(RunMismatchError, match="model.num_layers: 3 -> 4"):
+        run(other_model, samples[:2], out)
     with pytest.raises(RunMismatchError, match="resume=True"):
-        run(loaded, samples, out, resume=False)
+        run(loaded, samples[:2], out, resume=False)
     assert snapshot(out) == before  # nothing overwritten
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("mine")
@@ -139,13 +148,39 @@ def test_bad_input_and_limits(loaded, samples, tmp_path):
     with pytest.raises(ValueError, match="occurs twice"):
         run(loaded, [samples[0], samples[0]], tmp_path / "c")
     no_boxes = dataclasses.replace(samples[0], question_id="nobox", boxes=())
-    with pytest.raises(FlowError, match="sample nobox"):
-        run(loaded, [no_boxes], tmp_path / "d", flows=["Related Image Patches->Question"])
-    summary = run(loaded, [no_boxes], tmp_path / "e", flows=["Related Image Patches->Question"],
-                  skip_empty_groups=True)
-    assert summary.count("empty_group") == 1 and summary.table.empty
+    with pytest.raises(runner.SampleExcluded, match="sample nobox: group 'Related Image Patches'.*no box"):
+        run(loaded, [no_boxes], tmp_path / "d", flows=["Related Image Patches->Question"], strict=True)
+    with pytest.raises(runner.NothingAnalysedError, match="no sample was analysed.*1 left out.*no box") as err:
+        run(loaded, [no_boxes], tmp_path / "e", flows=["Related Image Patches->Question"])
+    assert err.value.summary.count("excluded") == 1 and err.value.summary.table.empty
     limited = run(loaded, samples, tmp_path / "f", per_task=1)
     assert sorted(limited.table.question_id.unique()) == ["00", "01"]
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"window": 0}, r"window 0 does not fit a model of 3 layers; use 1..3 \(the default, when unset, is k=1\)"),
+    ({"window": 2.0}, "window 2.0 does not fit"),
+    ({"per_task": 0}, "per_task must be a whole number >= 1"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be a whole number >= 1"),
+    ({"max_batch": 0}, "max_batch must be a whole number >= 1"),
+    ({"engine": "turbo"}, "unknown engine 'turbo'; use one of: reference, fast"),
+    ({"flows": []}, "flows must be one or more distinct flows"),
+])
+def test_settings_are_checked_before_anything_is_written(loaded, samples, tmp_path, settings, message):
+    with pytest.raises(runner.RunSettingsError, match=message):
+        run(loaded, samples, tmp_path / "run", **settings)
+    with pytest.raises(runner.NoSamplesError, match="no samples"):
+        run(loaded, [], tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_of_an_older_format_is_refused(loaded, samples, tmp_path):
+    out = tmp_path / "run"
+    run(loaded, samples[:1], out)
+    stored = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**stored, "format": 2}))
+    with pytest.raises(RunMismatchError, match="written by another flowlib \\(run folder format 2, now 3\\)"):
+        run(loaded, samples[:1], out)
 
 
 def test_command_line_runs_and_resumes(loaded, tmp_path, monkeypatch):
@@ -182,7 +217,7 @@ def test_answer_filter_reuses_recorded_verdicts(monkeypatch):
     loaded = tiny_llava("llava-1.5")
     samples = [white_sample(qid="a"), white_sample(qid="b")]
     verdicts = {}
-    first = [s.question_id for s in runner.correct_samples(loaded, samples, progress=False, verdicts=verdicts)]
+    list(runner.correct_samples(loaded, samples, progress=False, verdicts=verdicts))
     assert set(verdicts) == {"a", "b"}
     monkeypatch.setattr(runner, "greedy_answer", lambda *a, **k: pytest.fail("answer generated twice"))
     verdicts["a"], verdicts["b"] = True, False

@@ -35,7 +35,7 @@ def test_explorer_rereads_the_stored_table_on_a_large_model(study, monkeypatch):
 
 
 def test_score_by_answer_splits_each_task_by_its_correct_answer():
-    from flowlib.evaluate import score_by_answer
+    from flowlib.evaluate import answer_verdicts, score_by_answer
     from flowlib.sample import Sample
 
     def sample(i, task, answer):
@@ -43,23 +43,30 @@ def test_score_by_answer_splits_each_task_by_its_correct_answer():
 
     samples = [sample(0, "LogicalObj", "yes"), sample(1, "LogicalObj", "No"), sample(2, "LogicalObj", "no"),
                sample(3, "ChooseAttr", "red")]
-    rows = score_by_answer(samples, ["yes", "yes", "no", "blue"])
-    assert rows == [{"task": "ChooseAttr", "answer": "red", "n": 1, "accuracy": 0.0},
-                    {"task": "LogicalObj", "answer": "no", "n": 2, "accuracy": 0.5},
-                    {"task": "LogicalObj", "answer": "yes", "n": 1, "accuracy": 1.0}]
+    rows = score_by_answer(samples, answer_verdicts(samples, ["yes", "yes", "No ", "blue"]))
+    assert rows == [{"task": "ChooseAttr", "answer": "red", "n": 1, "correct": 0, "accuracy": 0.0},
+                    {"task": "LogicalObj", "answer": "no", "n": 2, "correct": 1, "accuracy": 0.5},
+                    {"task": "LogicalObj", "answer": "yes", "n": 1, "correct": 1, "accuracy": 1.0}]
 
 
-def test_accuracy_by_answer_adds_up_to_the_accuracy_per_task(study, monkeypatch):
-    study.first_words.clear()
+def test_accuracy_counts_what_the_knockout_filter_keeps_generating_each_answer_once(study, monkeypatch):
+    from flowlib import runner
+
+    study.verdicts.clear()
+    study.blank_verdicts.clear()
     by_task = study.accuracy().set_index("task")
+    assert list(by_task.columns) == ["n", "correct", "accuracy", "blank_accuracy", "chance"]
+    # The correct counts are the filter's, run afresh on the same samples.
+    kept = [s.task for s in runner.correct_samples(study.loaded, study.all_samples(), progress=False)]
+    assert by_task["correct"].to_dict() == {task: kept.count(task) for task in by_task.index}
+    assert (by_task["accuracy"] == by_task["correct"] / by_task["n"]).all()
     by_answer = study.accuracy_by_answer()
     assert set(by_answer["task"]) == set(by_task.index)
     for task, rows in by_answer.groupby("task"):
-        assert rows["n"].sum() == by_task.loc[task, "n"]
-        assert (rows["accuracy"] * rows["n"]).sum() / rows["n"].sum() == pytest.approx(by_task.loc[task, "accuracy"])
-    # Both read the answers evaluated once: another evaluation with the image would fail here.
-    real_evaluate = evaluate_module.evaluate
-    monkeypatch.setattr(evaluate_module, "evaluate", lambda loaded, samples, **kw: (
-        real_evaluate(loaded, samples, **kw) if kw.get("blank") else pytest.fail("answers evaluated twice")))
+        assert rows["n"].sum() == by_task.loc[task, "n"] and rows["correct"].sum() == by_task.loc[task, "correct"]
+    # Every answer, with the image or blank, was generated once: no later table or filter generates again.
+    monkeypatch.setattr(runner, "greedy_answer", lambda *a, **k: pytest.fail("an answer generated twice"))
+    monkeypatch.setattr(evaluate_module, "greedy_answer", lambda *a, **k: pytest.fail("an answer generated twice"))
     assert study.accuracy_by_answer().equals(by_answer)
     assert study.accuracy().equals(by_task.reset_index())
+    assert sum(len(samples) for samples in study.correct(per_task=100).values()) == by_task["correct"].sum()

@@ -1,8 +1,9 @@
 """The committed offline model: loads by its short name, matches its model card, and really uses the image.
 
 The accuracy tests re-measure the model card's numbers on the fixed CI subset
-(`flowlib.train_toy.ci_samples`, 30 samples per task); together they take well
-under a minute on two CPU cores.
+(`flowlib.train_toy.ci_samples`, 30 samples per task) as the card measured them, by the first
+generated token (`mode="first_token"`), and check that on this model that is the full greedy answer,
+judged as the knockout filter judges it; together they take well under a minute on two CPU cores.
 """
 
 import json
@@ -137,17 +138,32 @@ def test_cut_image_edges_leave_no_path_from_the_image(toy, ci_set):
 @needs_checkpoint
 def test_ci_accuracy_matches_model_card(toy, card, ci_set):
     recorded = card["evaluation"]["ci_subset"]
-    measured = evaluate(toy, ci_set)
+    measured = evaluate(toy, ci_set, mode="first_token")
     assert abs(measured["mean"] - recorded["image"]["mean"]) <= 0.02
     for task, accuracy in recorded["image"]["per_task"].items():
         assert abs(measured["per_task"][task] - accuracy) <= 0.02 + 1e-9, task
 
 
 @needs_checkpoint
+def test_greedy_answers_are_the_knockout_filters_verdicts_and_the_first_token(toy, ci_set):
+    """Generated to the end, the toy model's answers get the filter's verdicts; they are one token, so the card's
+    first-token rule gives the same answers."""
+    from flowlib.evaluate import answer_verdicts
+    from flowlib.runner import correct_samples
+
+    samples = ci_set[::10]  # 3 per task
+    generated = evaluate(toy, samples, return_answers=True)["answers"]
+    verdicts = {}
+    list(correct_samples(toy, samples, progress=False, verdicts=verdicts))
+    assert answer_verdicts(samples, generated) == [verdicts[s.question_id] for s in samples]
+    assert generated == evaluate(toy, samples, mode="first_token", return_answers=True)["answers"]
+
+
+@needs_checkpoint
 def test_blank_and_blocked_accuracy_match_model_card(toy, card, ci_set):
     recorded = card["evaluation"]["ci_subset"]
-    blank = evaluate(toy, ci_set, blank=True)
-    blocked = evaluate(toy, ci_set, block_image=True)
+    blank = evaluate(toy, ci_set, blank=True, mode="first_token")
+    blocked = evaluate(toy, ci_set, block_image=True, mode="first_token")
     assert abs(blank["mean"] - recorded["blank_image"]["mean"]) <= 0.02
     assert abs(blocked["mean"] - recorded["image_blocked"]["mean"]) <= 0.02
     assert blank_image(ci_set[0].load_image()).getpixel((0, 0)) == BLANK_COLOR
@@ -155,7 +171,7 @@ def test_blank_and_blocked_accuracy_match_model_card(toy, card, ci_set):
 
 @needs_checkpoint
 def test_model_answers_from_the_image(toy, ci_set):
-    measured = evaluate(toy, ci_set)
+    measured = evaluate(toy, ci_set, mode="first_token")
     assert measured["mean"] >= 0.85 and min(measured["per_task"].values()) >= 0.75
 
 
@@ -165,8 +181,8 @@ def test_without_the_image_accuracy_falls_to_chance(toy, ci_set):
     # with a blank image the committed model names neither ChooseCat option); forced choice among the
     # candidates measures what it still knows about the answer.
     chance = chance_accuracy(s.task for s in ci_set)["mean"]
-    seen = evaluate(toy, ci_set)["mean"]
-    blank = evaluate(toy, ci_set, blank=True)["mean"]
+    seen = evaluate(toy, ci_set, mode="first_token")["mean"]
+    blank = evaluate(toy, ci_set, blank=True, mode="first_token")["mean"]
     blank_choice = evaluate(toy, ci_set, blank=True, forced_choice=True)["mean"]
     blocked = evaluate(toy, ci_set, block_image=True, forced_choice=True)["mean"]
     assert seen - chance >= 0.2  # a drop, not a model at chance anyway (the targets: the test above)
@@ -176,7 +192,7 @@ def test_without_the_image_accuracy_falls_to_chance(toy, ci_set):
 
 @needs_checkpoint
 def test_forced_choice_picks_a_candidate_and_keeps_free_answers_that_are_one(toy, ci_set):
-    free = evaluate(toy, ci_set, block_image=True, return_answers=True)["answers"]
+    free = evaluate(toy, ci_set, block_image=True, mode="first_token", return_answers=True)["answers"]
     forced = evaluate(toy, ci_set, block_image=True, forced_choice=True, return_answers=True)["answers"]
     candidates = [answer_candidates(s) for s in ci_set]
     assert all(f in c for f, c in zip(forced, candidates))

@@ -99,7 +99,12 @@ def load_task_csv(path, image_dir=None, on_missing_image: str = "error", image_e
     if on_missing_image not in ("error", "skip"):
         raise ValueError(f"on_missing_image must be 'error' or 'skip', not {on_missing_image!r}")
     # Every cell as a string: ids keep leading zeros and "-" or "NA" stay what they are.
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError as err:
+        raise SampleError(f"{path} is empty (not even a header row); use the released file of {task}") from err
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise SampleError(f"{path} is not a readable CSV ({str(err).splitlines()[0]})") from err
     missing = [c for c in required_columns(task) if c not in table.columns]
     if missing:
         raise SampleError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)} for task {task}")
