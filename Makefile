@@ -17,14 +17,15 @@ NOTEBOOKS   := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 KERNEL      := flowlib
 
 # Notebook parameters that can be overridden, e.g. `make figures MODEL=llava-hf/llava-1.5-7b-hf DEVICE=cuda`.
-# Knockout tables go to $(BUILD)/runs, cleared first so figures always come from the current code.
+# Knockout tables go to $(BUILD)/runs, one folder per run identity (model files, data, settings, code):
+# a stopped `make figures` resumes where it stopped, and any change gets a fresh folder, never stale numbers.
 # Batch runs leave out the widget cells (WIDGETS=False): papermill can hang on a cell that opens widgets
 # (nbclient issue #312); in JupyterLab they run as usual.
 PARAMS := $(if $(MODEL),-p MODEL "$(MODEL)") $(if $(DATA),-p DATA "$(DATA)") \
           $(if $(DEVICE),-p DEVICE "$(DEVICE)") $(if $(DTYPE),-p DTYPE "$(DTYPE)") \
           $(if $(SAMPLES),-p SAMPLES_PER_TASK $(SAMPLES)) $(if $(WINDOW),-p WINDOW $(WINDOW)) \
           $(if $(CSV_DIR),-p CSV_DIR "$(CSV_DIR)") $(if $(IMAGE_DIR),-p IMAGE_DIR "$(IMAGE_DIR)") \
-          $(if $(TASKS),-p TASKS "$(TASKS)")
+          $(if $(TASKS),-p TASKS "$(TASKS)") $(if $(MAX_BATCH),-p MAX_BATCH $(MAX_BATCH))
 
 .PHONY: help venv test test-fast figures figures-check lab lint clean clean-venv
 
@@ -48,7 +49,6 @@ test-fast: $(STAMP)  ## the unit tests without the slow tier
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 figures: $(STAMP)  ## run every notebook with papermill into figures/ (portable CPU kernels; PORTABLE=0: native)
-	rm -rf $(BUILD)/runs
 	@mkdir -p $(BUILD)/notebooks
 	@for nb in $(NOTEBOOKS); do \
 	  echo "papermill $$nb"; \
@@ -57,7 +57,9 @@ figures: $(STAMP)  ## run every notebook with papermill into figures/ (portable 
 	done
 	@echo "figures in $${FLOWLIB_FIGURES:-figures/}, executed notebooks in $(BUILD)/notebooks/"
 
-figures-check: figures  ## regenerate the figures, compare their numbers with the committed ones (TOLERANCE=1e-6)
+figures-check: $(STAMP)  ## regenerate the figures from scratch, compare their numbers with the committed ones (TOLERANCE=1e-6)
+	rm -rf $(BUILD)/runs
+	$(MAKE) figures
 	$(PY) -m flowlib.figure_check --tolerance $(TOLERANCE)
 
 lab: $(STAMP)  ## open JupyterLab with the project's kernel

@@ -177,16 +177,27 @@ def plot_accuracy(accuracy: pd.DataFrame, title: str):
     return fig
 
 
+class SavedFigure(dict):
+    """The paths a figure was saved to (keys "png", "pdf", "csv"), displayed as the saved PNG in Jupyter.
+
+    A notebook cell ending in `save_figure(...)` therefore shows exactly the image that was written,
+    although the matplotlib figure itself is closed (an open figure per cell would pile up in memory).
+    """
+
+    def _repr_png_(self) -> bytes:
+        return Path(self["png"]).read_bytes()
+
+
 def save_figure(fig, name: str, numbers: pd.DataFrame, directory: Optional[Path] = None,
-                caption: str = "") -> dict[str, Path]:
+                caption: str = "") -> SavedFigure:
     """Write `name`.png, `name`.pdf and the plotted numbers `name`.csv into `directory` (default figures/).
 
     Metadata carry no timestamps, so regenerating a figure changes its files only
-    when its content changes. Returns the paths written.
+    when its content changes. Returns the paths written, as a `SavedFigure` that Jupyter displays.
     """
     directory = Path(directory) if directory is not None else cfg.figures_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    paths = {ext: directory / f"{name}.{ext}" for ext in ("png", "pdf", "csv")}
+    paths = SavedFigure({ext: directory / f"{name}.{ext}" for ext in ("png", "pdf", "csv")})
     meta = {"Title": name, "Description": caption} if caption else {"Title": name}
     fig.savefig(paths["png"], dpi=150, metadata={**meta, "Software": None})
     fig.savefig(paths["pdf"], metadata={"Title": name, "Subject": caption, "CreationDate": None, "Creator": None,

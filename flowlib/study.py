@@ -7,7 +7,7 @@ came from (the offline toy model is always labelled as such).
 
 Example:
     >>> study = Study.open(model="toy-llava", data="synthetic", samples_per_task=40)
-    >>> table = study.knockout("01_image_to_question", ["Image->Question", "Image->Last"])
+    >>> table = study.knockout(["Image->Question", "Image->Last"])  # from one run of all six paper flows
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import pandas as pd
 
 from . import config as cfg
 from .data.sources import load_samples
+from .knockout import PAPER_FLOWS
 from .models import LoadedModel, load_model
 from .sample import TASKS, Sample
 
@@ -43,6 +44,8 @@ class Study:
     data_name: str
     samples_per_task: int
     window: int
+    #: The fast engine's bound on windows per batch (memory only; numbers are unchanged); None: all at once.
+    max_batch: Optional[int] = None
     #: question id -> answered correctly (greedy, with the image, the knockout filter's rule); filled once,
     #: read by every later filter and by the accuracy table.
     verdicts: dict = dataclasses.field(default_factory=dict)
@@ -67,11 +70,13 @@ class Study:
         questions: Optional[str] = None,
         scene_graphs: Optional[str] = None,
         candidates_per_task: Optional[int] = None,
+        max_batch: Optional[int] = None,
     ) -> "Study":
         """Load the model and the samples the notebook parameters name.
 
         `samples_per_task` correctly answered samples are analysed per task; up to
-        `candidates_per_task` (default 1.5x as many) are read to find them.
+        `candidates_per_task` (default 1.5x as many) are read to find them. `max_batch` bounds the
+        fast engine's windows per batch (a GPU's memory; numbers are unchanged).
         """
         from .runner import resolve_window
 
@@ -83,7 +88,7 @@ class Study:
                                image_dir=image_dir, questions=questions, scene_graphs=scene_graphs)
         data_name = f"synthetic world (seed {seed}, test split)" if data == "synthetic" else f"{data} data"
         window = resolve_window(window, loaded.num_layers)  # None: the default; 0 or > depth: refused
-        return cls(loaded, samples, data_name, samples_per_task, window)
+        return cls(loaded, samples, data_name, samples_per_task, window, max_batch)
 
     @property
     def is_offline_toy(self) -> bool:
@@ -101,33 +106,45 @@ class Study:
     def all_samples(self) -> list[Sample]:
         return [s for task in self.samples for s in self.samples[task]]
 
-    def run_dir(self, name: str, flows: Sequence[str]) -> Path:
-        """The folder of analysis `name` over `flows`, named by the run's identity (`runner.plan_run`).
+    def experiment_flows(self, flows: Sequence[str] = ()) -> list[str]:
+        """The flows of the study's one knockout run: the paper's six, then any other asked for."""
+        return list(dict.fromkeys([*PAPER_FLOWS, *flows]))
+
+    def run_dir(self, flows: Sequence[str] = ()) -> Path:
+        """The folder of the study's knockout run, named by the run's identity (`runner.plan_run`).
 
         The identity fingerprints the model's files, the samples and their images, the settings and the
         code, so a notebook rerun with any of them changed gets a fresh folder (never stale numbers),
-        and an unchanged rerun finds and resumes its own.
+        and an unchanged rerun, from this notebook or another, finds and resumes its own.
         """
         from .runner import plan_run
 
-        plan = plan_run(self.loaded, self.all_samples(), flows=list(flows), window=self.window,
+        plan = plan_run(self.loaded, self.all_samples(), flows=self.experiment_flows(flows), window=self.window,
                         per_task=self.samples_per_task)
-        folder = f"{name}-w{self.window}-{plan.identity[:12]}"
+        folder = f"knockout-w{self.window}-{plan.identity[:12]}"
         return cfg.runs_dir() / slug(self.loaded.name) / slug(self.data_name) / folder
 
-    def knockout(self, name: str, flows: Sequence[str], *, progress: bool = True) -> pd.DataFrame:
-        """Run (or resume) the layer sweeps of `flows` over the study's samples; the tidy table.
+    def knockout(self, flows: Sequence[str], *, progress: bool = True) -> pd.DataFrame:
+        """The layer sweeps of `flows` over the study's samples, as a tidy table.
 
-        A sample whose group is empty for a flow (e.g. a LogicalObj question whose objects are all absent
-        has no related patches) is left out of that flow, with its reason recorded in the run folder.
-        Raises `runner.NothingAnalysedError`, saying why, when no sample could be analysed.
+        Every notebook's flows come from one run of all the paper's flows (`experiment_flows`) in one
+        folder per model, data and settings: the answer filter and the clean pass of each sample run
+        once for all notebooks, and a rerun resumes instead of recomputing. A sample whose group is empty
+        for a flow (e.g. a box outside its image) is left out of that flow, with its reason recorded in
+        the run folder. Raises `runner.NothingAnalysedError`, saying why, when no sample was analysed.
         """
-        from .runner import run_experiment
+        from .runner import normalise_answer, run_experiment
 
-        summary = run_experiment(self.loaded, self.all_samples(), self.run_dir(name, flows), flows=list(flows),
-                                 window=self.window, per_task=self.samples_per_task, data=self.data_name,
+        summary = run_experiment(self.loaded, self.all_samples(), self.run_dir(flows),
+                                 flows=self.experiment_flows(flows), window=self.window,
+                                 per_task=self.samples_per_task, data=self.data_name, max_batch=self.max_batch,
                                  progress=progress)
-        return summary.table
+        for status in summary.statuses:  # the run's greedy answers spare later filters (the lens) a generation
+            if "greedy_answer" in status:
+                self.verdicts[status["question_id"]] = (normalise_answer(status["greedy_answer"])
+                                                        == normalise_answer(status["answer"]))
+        table = summary.table
+        return table[table["flow"].isin(list(flows))].reset_index(drop=True)
 
     def accuracy(self) -> pd.DataFrame:
         """Accuracy per task with the image and with a blank image, against chance.

@@ -200,3 +200,47 @@ def tiny_llava(
     processor = build_processor(family, tokenizer, image_size, patch_size, pad=pad, resample=resample)
     image_mode = ("pad" if pad else "crop") if family == "llava-1.5" else None
     return wrap_model(model, processor, name=f"tiny-{family}", image_mode=image_mode)
+
+
+def llava_next_from_llava(loaded, pinpoints=None, name: str = "toy-llava-next"):
+    """The same weights as a LLaVA-NeXT model (anyres), to exercise the NeXT path with a model that answers.
+
+    A random tiny model answers almost nothing correctly, so the correct-answer filter would leave
+    the notebooks nothing to analyse. This puts a trained LLaVA-1.5 model's vision tower, projector
+    and decoder into `LlavaNextForConditionalGeneration` with a zero image-newline vector. With one
+    pinpoint of the base resolution (the default) the high-resolution view is a single tile that
+    keeps the aspect ratio, close to the padded square the model was trained on, so it still answers
+    most synthetic questions (it sees base view + tile + newlines: other inputs, other numbers).
+    """
+    from .models import wrap_model
+
+    config = loaded.model.config
+    side = config.vision_config.image_size
+    pinpoints = pinpoints or [[side, side]]
+    next_config = LlavaNextConfig(
+        vision_config=config.vision_config.to_dict(),
+        text_config=config.text_config.to_dict(),
+        image_token_id=config.image_token_id,
+        projector_hidden_act=config.projector_hidden_act,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        vision_feature_layer=config.vision_feature_layer,
+        image_grid_pinpoints=pinpoints,
+        tie_word_embeddings=config.tie_word_embeddings,
+    )
+    model = LlavaNextForConditionalGeneration(next_config).to(loaded.dtype)
+    missing, unexpected = model.load_state_dict(loaded.model.state_dict(), strict=False)
+    if unexpected or missing != ["model.image_newline"]:
+        raise ValueError(f"weights do not carry over: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        model.model.image_newline.zero_()
+    model.generation_config = loaded.model.generation_config
+    old = loaded.processor.image_processor
+    image_processor = LlavaNextImageProcessorPil(
+        image_grid_pinpoints=pinpoints, size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+        image_mean=old.image_mean, image_std=old.image_std, resample=old.resample, do_convert_rgb=True)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=loaded.tokenizer,
+                                   patch_size=config.vision_config.patch_size,
+                                   vision_feature_select_strategy=config.vision_feature_select_strategy,
+                                   num_additional_image_tokens=1)
+    return wrap_model(model.eval(), processor, name=name)
+

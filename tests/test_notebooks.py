@@ -4,6 +4,7 @@ Also checks the notebooks are committed clean (no outputs) and thin (no function
 definitions: logic lives in flowlib, where it is tested).
 """
 
+import base64
 import json
 from pathlib import Path
 
@@ -46,25 +47,62 @@ def test_papermill_reads_every_parameter(notebook):
     assert [p.name for p in PythonTranslator.inspect({"source": source})] == assigned
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_and_writes_its_figures(notebook, tmp_path, monkeypatch):
-    papermill = pytest.importorskip("papermill")
-    monkeypatch.setenv("FLOWLIB_FIGURES", str(tmp_path / "figures"))
-    monkeypatch.setenv("FLOWLIB_RUNS", str(tmp_path / "runs"))
-    papermill.execute_notebook(
-        str(notebook),
-        str(tmp_path / notebook.name),
-        parameters={"TASKS": ["ChooseAttr", "QueryAttr"], "SAMPLES_PER_TASK": 2, "WIDGETS": False},
+@pytest.fixture(scope="session")
+def next_checkpoint(tmp_path_factory):
+    """A LLaVA-NeXT checkpoint folder that answers: the offline model's weights under anyres."""
+    from flowlib.models import load_model, save_checkpoint
+    from flowlib.tiny import llava_next_from_llava
+
+    return str(save_checkpoint(llava_next_from_llava(load_model("toy-llava")), tmp_path_factory.mktemp("toy-next")))
+
+
+def run_notebook(notebook, output, parameters):
+    import papermill
+
+    return papermill.execute_notebook(
+        str(notebook), str(output), parameters={**parameters, "WIDGETS": False},
         kernel_name="python3",  # ipykernel's native kernel: this very interpreter
         execution_timeout=600,  # a cell that hangs fails the test instead of stalling CI (cells take seconds)
-        cwd=str(notebook.parent),
-        progress_bar=False,
-    )
-    for name in FIGURES[notebook.stem]:
-        for ext in ("png", "pdf", "csv"):
-            assert (tmp_path / "figures" / f"{name}.{ext}").stat().st_size > 0
-        numbers = pd.read_csv(tmp_path / "figures" / f"{name}.csv")
-        assert len(numbers) > 0
-        if "task" in numbers:
-            assert set(numbers["task"]) <= {"ChooseAttr", "QueryAttr"}
+        cwd=str(notebook.parent), progress_bar=False)
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and
+            p.suffix != ".lock"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llava-1.5", "llava-next"])
+def test_every_notebook_runs_shows_and_writes_its_figures_from_one_shared_run(family, tmp_path, monkeypatch,
+                                                                               request):
+    pytest.importorskip("papermill")
+    model = "toy-llava" if family == "llava-1.5" else request.getfixturevalue("next_checkpoint")
+    monkeypatch.setenv("FLOWLIB_FIGURES", str(tmp_path / "figures"))
+    monkeypatch.setenv("FLOWLIB_RUNS", str(tmp_path / "runs"))
+    parameters = {"MODEL": model, "TASKS": ["ChooseAttr", "QueryAttr"], "SAMPLES_PER_TASK": 2}
+    for notebook in NOTEBOOKS:
+        executed = run_notebook(notebook, tmp_path / notebook.name, parameters)
+        for name in FIGURES[notebook.stem]:
+            for ext in ("png", "pdf", "csv"):
+                assert (tmp_path / "figures" / f"{name}.{ext}").stat().st_size > 0
+            numbers = pd.read_csv(tmp_path / "figures" / f"{name}.csv")
+            assert len(numbers) > 0
+            if "task" in numbers:
+                assert set(numbers["task"]) <= {"ChooseAttr", "QueryAttr"}
+        # The notebook shows every figure it saves, as the very image it wrote.
+        shown = [base64.b64decode(output["data"]["image/png"]) for cell in executed.cells
+                 if cell.cell_type == "code" for output in cell.get("outputs", []) if "image/png" in output.get("data", {})]
+        assert shown == [(tmp_path / "figures" / f"{name}.png").read_bytes() for name in FIGURES[notebook.stem]]
+        verdicts = [output["data"]["text/markdown"] for cell in executed.cells if cell.cell_type == "code"
+                    for output in cell.get("outputs", []) if "text/markdown" in output.get("data", {})]
+        assert len(verdicts) == {"00": 0, "01": 1, "02": 1, "03": 2}[notebook.stem[:2]]
+        assert all(v.startswith("**Finding") for v in verdicts)
+    # Notebooks 01-03 shared one knockout run (one answer filter and clean pass per sample) ...
+    (run,) = (tmp_path / "runs").rglob("run.json")
+    accuracy = pd.read_csv(tmp_path / "figures" / "00_accuracy.csv")
+    assert set(accuracy.columns) >= {"n", "correct", "accuracy", "blank_accuracy"}
+    # ... and a rerun with nothing changed resumes it: not a byte of it is rewritten but the merged table.
+    before = snapshot(run.parent)
+    run_notebook(NOTEBOOKS[1], tmp_path / "again.ipynb", parameters)
+    after = snapshot(run.parent)
+    assert {k for k in after if after[k] != before.get(k)} <= {Path("results.parquet"), Path("summary.json")}

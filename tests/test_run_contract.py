@@ -281,7 +281,7 @@ def test_a_notebook_rerun_with_new_data_draws_new_numbers(checkpoint, disk_model
     def knockout(csv_dir, image_dir):
         study = Study.open(str(checkpoint), "paper", tasks=["QueryAttr"], samples_per_task=4, window=1,
                            csv_dir=str(csv_dir), image_dir=str(image_dir))
-        return study.run_dir("01", FLOWS), study.knockout("01", FLOWS, progress=False)
+        return study.run_dir(FLOWS), study.knockout(FLOWS, progress=False)
 
     folder_a, table_a = knockout(first_csv, first_images)
     folder_b, table_b = knockout(second_csv, second_images)
