@@ -47,6 +47,15 @@ def tiny_next():
     return tiny_llava("llava-next")
 
 
+@pytest.fixture(scope="session")
+def next_checkpoint(tmp_path_factory):
+    """A LLaVA-NeXT checkpoint folder that answers: the offline model's weights under anyres."""
+    from flowlib.models import load_model, save_checkpoint
+    from flowlib.tiny import llava_next_from_llava
+
+    return str(save_checkpoint(llava_next_from_llava(load_model("toy-llava")), tmp_path_factory.mktemp("toy-next")))
+
+
 def make_sample(width=320, height=240, boxes=((10, 20, 50, 60),), seed=0, **overrides):
     """A ChooseAttr-style sample on a random-noise image."""
     import numpy as np

@@ -47,15 +47,6 @@ def test_papermill_reads_every_parameter(notebook):
     assert [p.name for p in PythonTranslator.inspect({"source": source})] == assigned
 
 
-@pytest.fixture(scope="session")
-def next_checkpoint(tmp_path_factory):
-    """A LLaVA-NeXT checkpoint folder that answers: the offline model's weights under anyres."""
-    from flowlib.models import load_model, save_checkpoint
-    from flowlib.tiny import llava_next_from_llava
-
-    return str(save_checkpoint(llava_next_from_llava(load_model("toy-llava")), tmp_path_factory.mktemp("toy-next")))
-
-
 def run_notebook(notebook, output, parameters):
     import papermill
 

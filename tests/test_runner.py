@@ -222,3 +222,17 @@ def test_answer_filter_reuses_recorded_verdicts(monkeypatch):
     monkeypatch.setattr(runner, "greedy_answer", lambda *a, **k: pytest.fail("answer generated twice"))
     verdicts["a"], verdicts["b"] = True, False
     assert [s.question_id for s in runner.correct_samples(loaded, samples, progress=False, verdicts=verdicts)] == ["a"]
+
+
+@pytest.mark.slow
+def test_command_line_on_a_llava_next_checkpoint(next_checkpoint, tmp_path):
+    from flowlib import cli
+
+    out = tmp_path / "out"
+    args = ["run", "--model", next_checkpoint, "--data", "synthetic", "--synthetic-count", "4", "--tasks", "ChooseAttr",
+            "--samples-per-task", "1", "--window", "3", "--flows", "Image->Question", "Related Image Patches->Question",
+            "--output", str(out), "--quiet"]
+    assert cli.main(args) == 0
+    table = pd.read_parquet(out / "results.parquet")
+    assert set(table.flow) == {"Image->Question", "Related Image Patches->Question"} and len(table) == 2 * 12
+    assert '"family": "llava-next"' in (out / "run.json").read_text()
