@@ -223,7 +223,8 @@ def cmd_run(args) -> int:
     flows = args.flows or PAPER_FLOWS
     summary = run_experiment(loaded, samples, output, flows=flows, window=window, engine=args.engine,
                              max_new_tokens=args.max_new_tokens, per_task=args.samples_per_task,
-                             data=data_name, max_batch=args.max_batch, strict=args.strict, progress=not args.quiet)
+                             data=data_name, max_batch=args.max_batch or "auto", strict=args.strict,
+                             progress=not args.quiet)
     counts = {name: summary.count(name) for name in STATUSES}
     print(f"{counts['analysed']} samples analysed ({counts['wrong_answer']} answered wrongly, {counts['zero_base']} "
           f"zero base, {counts['excluded']} excluded); {len(summary.table)} rows in {output / 'results.parquet'}")
@@ -265,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--window", type=positive_int, default=None,
                      help="k layers per window, 1..depth (default: 7 for 32 layers)")
     run.add_argument("--engine", choices=("fast", "reference"), default="fast")
-    run.add_argument("--max-batch", type=positive_int, default=None, help="fast engine: windows per batch (memory)")
+    run.add_argument("--max-batch", type=positive_int, default=None,
+                     help="fast engine: windows per batch (default: as many as the device's free memory holds)")
     run.add_argument("--output", type=Path, default=None, help="results folder (default under runs/)")
     run.add_argument("--strict", action="store_true",
                      help="stop at the first sample that cannot be analysed, instead of recording it and going on")

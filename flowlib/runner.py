@@ -309,7 +309,7 @@ def _nothing_analysed(summary: RunSummary) -> NothingAnalysedError:
 def run_experiment(loaded, samples: Iterable, output, *, flows: Sequence[str] = PAPER_FLOWS,
                    window: Optional[int] = None, engine: str = "fast", max_new_tokens: int = 10,
                    per_task: Optional[int] = None, data: str = "", resume: bool = True,
-                   max_batch: Optional[int] = None, strict: bool = False, progress: bool = True) -> RunSummary:
+                   max_batch="auto", strict: bool = False, progress: bool = True) -> RunSummary:
     """Run the knockout experiment over `samples`, saving as it goes; resume a stopped run in `output`.
 
     Args:
@@ -318,7 +318,9 @@ def run_experiment(loaded, samples: Iterable, output, *, flows: Sequence[str] = 
         flows, window, engine, max_new_tokens, per_task: see `RunConfig`.
         data: a free-text name of the data, recorded in run.json (the data's content is fingerprinted).
         resume: continue this run if `output` holds it (else that is an error).
-        max_batch: the fast engine's batch bound (memory only; numbers are unchanged).
+        max_batch: the fast engine's windows per batch (memory only; numbers are unchanged): "auto"
+            (default) sizes batches to the device's free memory (`sweep.auto_max_batch`), None runs all
+            windows at once, a number caps them.
         strict: stop at the first sample that cannot be analysed (unreadable image, a flow's group
             empty, ...) instead of recording it as excluded and going on.
         progress: show a progress bar.
@@ -335,7 +337,8 @@ def run_experiment(loaded, samples: Iterable, output, *, flows: Sequence[str] = 
     """
     plan = plan_run(loaded, samples, flows=flows, window=window, engine=engine, max_new_tokens=max_new_tokens,
                     per_task=per_task)
-    max_batch = count_setting("max_batch", max_batch)
+    if max_batch != "auto":
+        max_batch = count_setting("max_batch", max_batch)
     output, config = Path(output), plan.config
     record = {"format": FORMAT, "identity": plan.identity, "fingerprint": plan.fingerprint,
               "provenance": loaded.provenance(), "config": plan.fingerprint["settings"], "data": data, **written_by()}

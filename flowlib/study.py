@@ -44,7 +44,8 @@ class Study:
     data_name: str
     samples_per_task: int
     window: int
-    #: The fast engine's bound on windows per batch (memory only; numbers are unchanged); None: all at once.
+    #: The fast engine's windows per batch (memory only; numbers are unchanged): None or "auto" sizes them
+    #: to the device's free memory; a number caps them.
     max_batch: Optional[int] = None
     #: question id -> answered correctly (greedy, with the image, the knockout filter's rule); filled once,
     #: read by every later filter and by the accuracy table.
@@ -137,7 +138,8 @@ class Study:
 
         summary = run_experiment(self.loaded, self.all_samples(), self.run_dir(flows),
                                  flows=self.experiment_flows(flows), window=self.window,
-                                 per_task=self.samples_per_task, data=self.data_name, max_batch=self.max_batch,
+                                 per_task=self.samples_per_task, data=self.data_name,
+                                 max_batch=self.max_batch or "auto",
                                  progress=progress)
         for status in summary.statuses:  # the run's greedy answers spare later filters (the lens) a generation
             if "greedy_answer" in status:

@@ -3,14 +3,18 @@
 For layer l the window is the k consecutive layers centred on l, truncated (not
 shifted) at the ends, exactly as the paper: ``range(max(0, l - k//2), min(L, l - (-k//2)))``.
 The metric is ``100 * (p_blocked - p_base) / p_base`` for the first answer token the
-unblocked model generates greedily (PAPER.md).
+unblocked model generates greedily (docs/protocol.md).
 
 Two engines share one interface and give the same numbers:
 - `sweep_reference`: one full forward per window, the paper's method.
 - `sweep_fast`: one clean pass; positions before the flow's first target never
   change, so their keys and values are reused, and only the suffix is recomputed
   from each window's first layer, all windows batched (a window joins the batch at
-  its first layer with the clean hidden state). See TECH-NOTES.md.
+  its first layer with the clean hidden state). See docs/protocol.md.
+
+`sweep_memory` estimates the fast engine's memory from the model's config; with
+``max_batch="auto"`` (the default) `sweep_fast` sizes its batches of windows to the
+device's free memory (`auto_max_batch`), which leaves the numbers unchanged.
 
 Example:
     >>> result = layer_sweep(loaded, prepared, "Question->Last", window=7, engine="fast")
@@ -20,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -33,6 +38,12 @@ from .knockout import KnockoutAttention, current_backend, cut_matrix, flow_group
 Flows = Union[str, Sequence[str]]
 #: The fast engine recomputes at least this many final positions (see `sweep_fast`).
 MIN_SUFFIX = 16
+#: ... and a multiple of this many (see `suffix_start`).
+SUFFIX_ALIGN = 16
+#: Vocabulary rows of the unembedding converted to float64 at a time (`answer_probs`): 16 MiB at hidden 4096.
+HEAD_CHUNK = 512
+#: Share of the free memory `auto_max_batch` leaves unused, for allocator caching and fragmentation.
+MEMORY_MARGIN = 0.25
 
 
 class ZeroBaseProbability(ValueError):
@@ -64,12 +75,27 @@ def answer_probs(model, normed: torch.Tensor, token: int) -> torch.Tensor:
 
     The unembedding and softmax run in float64: the metric divides by p and multiplies
     by 100, so one float32 rounding unit of a logit (~1e-7) would already move the
-    relative change by ~1e-5 and swamp the engines' agreement.
+    relative change by ~1e-5 and swamp the engines' agreement. The unembedding is
+    converted `HEAD_CHUNK` vocabulary rows at a time: a whole float64 copy of Llama-3's
+    128,320 x 4,096 matrix would take 4.2 GB, and chunks that stay in cache convert ~2.5x
+    faster on a CPU. On a CPU each state also gets its own product, so its probability has
+    the same bits however many states come with it (BLAS picks kernels by row count); GPU
+    libraries promise no such thing, and one product per chunk saves thousands of launches.
     """
     head = model.get_output_embeddings()
-    bias = None if head.bias is None else head.bias.double()
-    logits = torch.nn.functional.linear(normed.double(), head.weight.double(), bias)
-    return torch.softmax(logits, -1)[..., token]
+    states = normed.double().reshape(-1, normed.shape[-1])
+    logits = torch.empty(len(states), head.weight.shape[0], dtype=torch.float64, device=states.device)
+    one_by_one = states.device.type == "cpu"
+    for start in range(0, head.weight.shape[0], HEAD_CHUNK):
+        rows = slice(start, start + HEAD_CHUNK)
+        weight = head.weight[rows].double()
+        bias = None if head.bias is None else head.bias[rows].double()
+        if one_by_one:
+            for i, state in enumerate(states):
+                logits[i, rows] = torch.nn.functional.linear(state[None], weight, bias)[0]
+        else:
+            logits[:, rows] = torch.nn.functional.linear(states, weight, bias)
+    return torch.softmax(logits, -1)[:, token].reshape(normed.shape[:-1])
 
 
 @dataclasses.dataclass
@@ -161,35 +187,166 @@ def sweep_reference(loaded, prepared, flow: Flows, window: Optional[int] = None,
         clean: a `clean_pass` already computed for this input (saves one forward).
     """
     flows, window, windows, clean = _setup(loaded, prepared, flow, window, clean)
-    probs = []
+    normed = []
     for layers in windows:
         with knockout(loaded, prepared.layout, flows, layers):
-            normed = loaded.model(**prepared.inputs, output_hidden_states=True,
-                                  logits_to_keep=1).hidden_states[-1][0, -1]
-        probs.append(float(answer_probs(loaded.model, normed, clean.answer_token)))
+            out = loaded.model(**prepared.inputs, output_hidden_states=True, logits_to_keep=1)
+        normed.append(out.hidden_states[-1][0, -1])
+    # One float64 unembedding for all windows: converting the head once per window cost ~1 s each on a CPU.
+    probs = answer_probs(loaded.model, torch.stack(normed), clean.answer_token).cpu().numpy()
     return _result(prepared, flows, window, windows, clean, probs, "reference")
+
+
+
+def suffix_start(layout, flows: Sequence[str]) -> int:
+    """First position the fast engine recomputes for `flows`: their first target, or earlier.
+
+    Nothing before the first target changes, so starting earlier is equally exact. The suffix is
+    at least `MIN_SUFFIX` positions long, which keeps every matrix product above the few-row sizes
+    where BLAS switches to other kernels (another summation order than the full forward's rows),
+    and a multiple of `SUFFIX_ALIGN`, so that the B x suffix rows of a batch of B windows make whole
+    16-row blocks whatever B is: MKL then gives a row the same bits whether its window runs alone
+    or batched (on its AVX-512 and SSE paths, the latter being the portable kernels; its AVX2 path
+    still differs by up to ~1e-9 in probability, ~1e-5 percentage points).
+    """
+    n = layout.seq_len
+    first = int(min(flow_groups(layout, f)[1].min() for f in flows))
+    length = max(n - first, MIN_SUFFIX)
+    return max(0, n - -(-length // SUFFIX_ALIGN) * SUFFIX_ALIGN)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepMemory:
+    """Estimated bytes the fast engine needs beyond the weights for one sample (`sweep_memory`).
+
+    Each field maps a term's name to bytes. `held`: the clean pass's outputs, kept for the whole
+    sweep; `clean_forward`: the clean forward's largest transient; `per_batch`: each batch's shared
+    tensors; `per_window`: what every window (batch row) adds in the layer being run.
+    """
+
+    held: dict
+    clean_forward: dict
+    per_batch: dict
+    per_window: dict
+    batch: int
+
+    def peak(self, batch: Optional[int] = None) -> int:
+        """Held memory plus the larger of the clean forward and one batch of `batch` windows."""
+        batch = self.batch if batch is None else batch
+        sweep = sum(self.per_batch.values()) + batch * sum(self.per_window.values())
+        return sum(self.held.values()) + max(sum(self.clean_forward.values()), sweep)
+
+    @property
+    def total(self) -> int:
+        """`peak` at this estimate's batch."""
+        return self.peak()
+
+
+def sweep_memory(config, seq_len: int, suffix_len: int, dtype, batch: int = 1) -> SweepMemory:
+    """Estimate the fast engine's peak extra memory for one sample, from the model's config alone.
+
+    Args:
+        config: the model's config (or its `text_config`).
+        seq_len: n, input positions (image tokens included).
+        suffix_len: s, positions recomputed: n minus the first target (at least `MIN_SUFFIX`).
+        dtype: the model's dtype (or its name).
+        batch: windows per batch (B).
+
+    Terms, with L layers, hidden d, H query and G key/value heads of size h, MLP width I,
+    vocabulary V and b bytes per element of `dtype`:
+    held: KV cache ``2 L n G h b``; hidden states ``(L+1) n d b``.
+    clean forward: one layer's activations over all n positions ``n (3I + 4d + 2Gh) b``.
+    per batch: cut matrix ``n^2`` (bool); suffix mask ``s n``; float64 unembedding chunk ``min(V, HEAD_CHUNK) d 8``.
+    per window, in the layer being run: the prefix keys and values concatenated with the row's
+    ``2 n G h b``; their copy repeated to H heads when G < H (sdpa given a mask) ``2 n H h b``; attention
+    scores ``H s n 4`` (an upper bound: float32, as the math kernel); knockout masks ``3 s n`` (bool);
+    suffix activations ``s (3I + 6d) b``; float64 logits and softmax ``2 V 8``.
+    An estimate, not a measurement: allocator caching and fragmentation come on top (`auto_max_batch`
+    keeps a margin).
+    """
+    text = getattr(config, "text_config", config)
+    n, s, batch = int(seq_len), int(suffix_len), int(batch)
+    if not 1 <= s <= n or batch < 0:
+        raise ValueError(f"need 1 <= suffix_len <= seq_len and batch >= 0; got suffix {s}, seq {n}, batch {batch}")
+    b = (getattr(torch, dtype) if isinstance(dtype, str) else dtype).itemsize
+    layers, d, heads = text.num_hidden_layers, text.hidden_size, text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head = getattr(text, "head_dim", None) or d // heads
+    inter, vocab = text.intermediate_size, text.vocab_size
+    return SweepMemory(
+        held={"KV cache": 2 * layers * n * kv_heads * head * b, "hidden states": (layers + 1) * n * d * b},
+        clean_forward={"layer activations": n * (3 * inter + 4 * d + 2 * kv_heads * head) * b},
+        per_batch={"cut matrix": n * n, "suffix mask": s * n,
+                   "unembedding chunk (float64)": min(vocab, HEAD_CHUNK) * d * 8},
+        per_window={
+            "prefix keys/values": 2 * n * kv_heads * head * b,
+            "repeated keys/values": 2 * n * heads * head * b if kv_heads < heads else 0,
+            "attention scores": heads * s * n * 4,
+            "knockout masks": 3 * s * n,
+            "suffix activations": s * (3 * inter + 6 * d) * b,
+            "answer logits (float64)": 2 * vocab * 8,
+        },
+        batch=batch,
+    )
+
+
+def free_memory(device) -> Optional[int]:
+    """Bytes free for new tensors on `device`, or None where it cannot be told.
+
+    CUDA: the driver's free memory plus what PyTorch's allocator has reserved but not handed out.
+    CPU: `MemAvailable` from /proc/meminfo (Linux); None elsewhere.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            return None
+    return None
+
+
+def auto_max_batch(memory: SweepMemory, windows: int, free: Optional[int], margin: float = MEMORY_MARGIN
+                   ) -> Optional[int]:
+    """The most windows per batch that fit in `free` bytes less `margin`; None when all `windows` fit.
+
+    Never less than 1 (a sample whose single window does not fit fails in the forward, as it would
+    anyway). `free` None (unknown) gives None: all windows at once.
+    """
+    if free is None:
+        return None
+    budget = free * (1 - margin) - sum(memory.per_batch.values())
+    rows = int(budget // max(1, sum(memory.per_window.values())))
+    return None if rows >= windows else max(1, rows)
 
 
 @torch.no_grad()
 def sweep_fast(loaded, prepared, flow: Flows, window: Optional[int] = None, *,
-               clean: Optional[CleanPass] = None, max_batch: Optional[int] = None) -> SweepResult:
+               clean: Optional[CleanPass] = None, max_batch: Union[int, str, None] = "auto") -> SweepResult:
     """Same numbers as `sweep_reference`, recomputing only the suffix from the first target on.
 
     Args:
         max_batch: at most this many windows per batch (bounds memory: each row holds a
-            copy of the prefix keys and values); default all windows at once.
+            copy of the prefix keys and values); "auto" (default): as many as `auto_max_batch`
+            finds room for in the device's free memory; None: all windows at once. The numbers
+            do not depend on it: bit for bit with MKL's AVX-512 or portable kernels, to rounding
+            elsewhere (see `suffix_start`).
     """
+    whole = isinstance(max_batch, numbers.Integral) and not isinstance(max_batch, bool)
+    if not (max_batch is None or (isinstance(max_batch, str) and max_batch == "auto") or (whole and max_batch >= 1)):
+        raise ValueError(f"max_batch must be a whole number >= 1, 'auto' or None, not {max_batch!r}")
     flows, window, windows, clean = _setup(loaded, prepared, flow, window, clean)
     model, layout = loaded.model, prepared.layout
     lm = language_model(model)
     backend = current_backend(model)
     device = clean.hidden_states[0].device
     n, num_layers = layout.seq_len, loaded.num_layers
-    t0 = int(min(flow_groups(layout, f)[1].min() for f in flows))  # first target: nothing before it changes
-    # Starting earlier is equally exact; a suffix of at least MIN_SUFFIX positions keeps every matrix
-    # product above the few-row sizes where BLAS switches to other kernels (another summation order),
-    # which would add rounding differences from the full forward's rows.
-    t0 = max(0, min(t0, n - MIN_SUFFIX))
+    t0 = suffix_start(layout, flows)
     cut = cut_matrix(layout, flows, device)
     prefix = [(layer.keys[:, :, :t0], layer.values[:, :, :t0]) for layer in clean.cache.layers]
     positions = torch.arange(t0, n, device=device)[None]
@@ -198,6 +355,9 @@ def sweep_fast(loaded, prepared, flow: Flows, window: Optional[int] = None, *,
     mask = sdpa_mask(batch_size=1, q_length=n - t0, kv_length=n, q_offset=t0, allow_is_causal_skip=False,
                      device=device)
     order = sorted(range(len(windows)), key=lambda i: windows[i].start)
+    if max_batch == "auto":
+        memory = sweep_memory(model.config, n, n - t0, clean.hidden_states[0].dtype)
+        max_batch = auto_max_batch(memory, len(windows), free_memory(device))
     step = max_batch or len(order)
     probs = np.empty(len(windows))
     for begin in range(0, len(order), step):
