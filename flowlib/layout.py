@@ -89,7 +89,8 @@ def _positions_overlapping(offsets: np.ndarray, start: int, end: int) -> np.ndar
 
 #: Irregular forms the released questions use where the CSV names the object otherwise: plurals
 #: ("men" for "man") and pronouns in the object case ("him" for ChooseRel's "he").
-IRREGULAR_FORMS = {"he": "him", "she": "her", "they": "them", "man": "men", "woman": "women", "person": "people", "child": "children", "foot": "feet",
+IRREGULAR_FORMS = {"he": "him", "she": "her", "they": "them", "man": "men", "woman": "women", "person": "people",
+                   "child": "children", "foot": "feet",
                      "tooth": "teeth", "mouse": "mice", "goose": "geese", "knife": "knives", "leaf": "leaves",
                      "shelf": "shelves", "skis": "skis", "sheep": "sheep", "fish": "fish"}
 #: A word shorter than this is never matched inside a longer word ("he" must not match "the").

@@ -125,7 +125,8 @@ def test_official_painted_rule_agrees_with_the_geometric_rule_up_to_the_border(f
 
     geometric_model = tiny_llava(family)
     official_model = wrap_model(geometric_model.model, geometric_model.processor, name="tiny", related_rule="official")
-    for width, height, box in [(320, 240, (40, 30, 120, 90)), (200, 400, (10, 150, 60, 200)), (500, 375, (0, 0, 500, 60))]:
+    cases = [(320, 240, (40, 30, 120, 90)), (200, 400, (10, 150, 60, 200)), (500, 375, (0, 0, 500, 60))]
+    for width, height, box in cases:
         sample = make_sample(width, height, boxes=[box])
         geometric, official = (m.prepare(sample).layout for m in (geometric_model, official_model))
         assert official.coverage_rule == OFFICIAL_RULE and geometric.coverage_rule != OFFICIAL_RULE

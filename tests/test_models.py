@@ -147,7 +147,8 @@ def test_groups_that_cannot_be_located_are_empty_with_their_reason(tiny15):
     assert layout.why_empty("Related Image Patches") == "no box of the question's objects covers an image patch"
     layout = tiny15.prepare(make_sample(240, 240, boxes=[(0, 0, 240, 240)])).layout
     assert layout.why_empty("Other Image Patches") == "the related patches cover the whole image"
-    assert tiny15.prepare(make_sample(boxes=[])).layout.why_empty("Related Image Patches").startswith("the sample has no box")
+    layout = tiny15.prepare(make_sample(boxes=[])).layout
+    assert layout.why_empty("Related Image Patches").startswith("the sample has no box")
 
 
 @pytest.mark.parametrize("question, word, last, found, how", [

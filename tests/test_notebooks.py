@@ -81,11 +81,11 @@ def test_every_notebook_runs_shows_and_writes_its_figures_from_one_shared_run(fa
             if "task" in numbers:
                 assert set(numbers["task"]) <= {"ChooseAttr", "QueryAttr"}
         # The notebook shows every figure it saves, as the very image it wrote.
-        shown = [base64.b64decode(output["data"]["image/png"]) for cell in executed.cells
-                 if cell.cell_type == "code" for output in cell.get("outputs", []) if "image/png" in output.get("data", {})]
+        outputs = [output for cell in executed.cells if cell.cell_type == "code" for output in cell.get("outputs", [])]
+        shown = [base64.b64decode(output["data"]["image/png"]) for output in outputs
+                 if "image/png" in output.get("data", {})]
         assert shown == [(tmp_path / "figures" / f"{name}.png").read_bytes() for name in FIGURES[notebook.stem]]
-        verdicts = [output["data"]["text/markdown"] for cell in executed.cells if cell.cell_type == "code"
-                    for output in cell.get("outputs", []) if "text/markdown" in output.get("data", {})]
+        verdicts = [output["data"]["text/markdown"] for output in outputs if "text/markdown" in output.get("data", {})]
         assert len(verdicts) == {"00": 0, "01": 1, "02": 1, "03": 2}[notebook.stem[:2]]
         assert all(v.startswith("**Finding") for v in verdicts)
     # Notebooks 01-03 shared one knockout run (one answer filter and clean pass per sample) ...

@@ -27,21 +27,25 @@ def test_image_to_question_needs_a_real_drop_in_the_lower_third():
 
 
 def test_related_in_the_middle_other_in_the_lower_layers():
-    summary = curves({("A", "Related Image Patches->Question"): (5, 20.0), ("A", "Other Image Patches->Question"): (1, 30.0),
-                      ("B", "Related Image Patches->Question"): (1, 20.0), ("B", "Other Image Patches->Question"): (1, 30.0)})
+    related, other = "Related Image Patches->Question", "Other Image Patches->Question"
+    summary = curves({("A", related): (5, 20.0), ("A", other): (1, 30.0),
+                      ("B", related): (1, 20.0), ("B", other): (1, 30.0)})
     assert verdicts.related_vs_other(summary, 12).tasks_meeting == ["A"]
 
 
 def test_last_position_wants_the_question_late_and_the_image_and_itself_small():
-    good = {("A", "Question->Last"): (7, 90.0), ("A", "Image->Last"): (2, 10.0), ("A", "Last->Last"): (3, 1.0)}
-    image_matters = {("B", "Question->Last"): (7, 90.0), ("B", "Image->Last"): (2, 99.0), ("B", "Last->Last"): (3, 1.0)}
-    early = {("C", "Question->Last"): (1, 90.0), ("C", "Image->Last"): (2, 10.0), ("C", "Last->Last"): (3, 1.0)}
+    def shapes(task, question, image):
+        return {(task, "Question->Last"): question, (task, "Image->Last"): image, (task, "Last->Last"): (3, 1.0)}
+
+    good, image_matters, early = shapes("A", (7, 90.0), (2, 10.0)), shapes("B", (7, 90.0), (2, 99.0)), \
+        shapes("C", (1, 90.0), (2, 10.0))
     assert verdicts.last_position(curves({**good, **image_matters, **early}), 12).tasks_meeting == ["A"]
 
 
 def test_answer_lens_lowercase_must_appear_first():
     rows = []
-    for task, lower, upper in (("A", [0, 0.1, 0.2, 0.1], [0, 0, 0.3, 0.9]), ("B", [0, 0, 0.01, 0.02], [0.1, 0.2, 0.5, 0.9])):
+    cases = (("A", [0, 0.1, 0.2, 0.1], [0, 0, 0.3, 0.9]), ("B", [0, 0, 0.01, 0.02], [0.1, 0.2, 0.5, 0.9]))
+    for task, lower, upper in cases:
         for form, probs in (("answer", lower), ("Answer", upper)):
             rows += [{"task": task, "form": form, "layer": l, "mean": p} for l, p in enumerate(probs)]
     verdict = verdicts.answer_lens(pd.DataFrame(rows))
@@ -49,6 +53,7 @@ def test_answer_lens_lowercase_must_appear_first():
     assert verdict.per_task["B"][1].startswith("lowercase never reaches 0.05")
 
 
-@pytest.mark.parametrize("layer, third", [(0, "lower"), (3, "lower"), (4, "middle"), (7, "middle"), (8, "upper"), (11, "upper")])
+@pytest.mark.parametrize("layer, third", [(0, "lower"), (3, "lower"), (4, "middle"), (7, "middle"), (8, "upper"),
+                                          (11, "upper")])
 def test_thirds_of_twelve_layers(layer, third):
     assert verdicts.third(layer, 12) == third
