@@ -158,8 +158,9 @@ class SweepResult:
 
 def _setup(loaded, prepared, flow: Flows, window: Optional[int], clean: Optional[CleanPass]):
     flows = [flow] if isinstance(flow, str) else list(flow)
-    window = int(window or default_window(loaded.num_layers))
-    windows = sweep_windows(window, loaded.num_layers)
+    window = default_window(loaded.num_layers) if window is None else window
+    windows = sweep_windows(window, loaded.num_layers)  # 0, or wider than the model: refused
+    window = int(window)
     for f in flows:  # validate names and groups before any forward
         flow_groups(prepared.layout, f)
     clean = clean or clean_pass(loaded, prepared)

@@ -314,3 +314,12 @@ def test_half_precision_sweeps_are_finite_under_both_backends(dtype):
         assert torch.isfinite(out.logits).all() and torch.isfinite(weights).all()
         assert (weights[:, prepared.layout.group("Image")] == 0).all()
         assert (weights.float().sum(-1) - 1).abs().max() < 1e-2
+
+
+def test_a_window_of_zero_is_refused_not_replaced_by_the_default():
+    from flowlib.tiny import tiny_llava
+    from tests.conftest import white_sample
+
+    loaded = tiny_llava("llava-1.5")
+    with pytest.raises(ValueError, match="window 0 does not fit"):
+        layer_sweep(loaded, loaded.prepare(white_sample()), "Question->Last", window=0)
