@@ -8,7 +8,7 @@ change per window from each engine, their largest difference (percentage points)
 produced a NaN or inf, and the times. Then the fast engine's memory estimate (`flowlib.sweep.sweep_memory`)
 for the four checkpoints at their real depth in float16, on GQA-sized inputs: estimates, not measurements.
 
-    python benchmarks/bench_precision.py                 # the full grid: ~30 min on 2 cores
+    python benchmarks/bench_precision.py                 # the full grid: ~25 minutes on 2 cores
     python benchmarks/bench_precision.py --memory-only   # the estimates alone (seconds)
 
 `tests/test_full_width.py` runs a part of the grid with one layer and takes its tolerances from this
@@ -54,8 +54,9 @@ def stand_in_sample() -> Sample:
     """A 28 x 336 white image with one box: the cheapest input that still has every paper group.
 
     LLaVA-1.5 always gives 576 image tokens; LLaVA-NeXT gives it 648 (576 base-view tokens, then 24
-    rows of 2 high-resolution patches and a newline), the fewest of any plain image but a 2016 x 14
-    strip (576, no high-resolution rows at all), and its vision tower sees 3 crops, the minimum.
+    rows of 2 high-resolution patches and a newline), the fewest over a grid of sizes from 14 to 2016
+    pixels but for strips that keep no high-resolution row at all, and its vision tower sees 3 crops,
+    the minimum.
     """
     return Sample("precision", "is the star red or blue?", "red", "ChooseAttr",
                   image=Image.new("RGB", (28, 336), "white"), true_option="red", false_option="blue",
