@@ -8,8 +8,8 @@ Llama3-LLaVA-NeXT-8b (grouped-query attention, 128k vocabulary) in bfloat16. The
 x 3 dtypes x 6 flows, two layers) is `benchmarks/bench_precision.py`, whose measurements set the
 tolerances below.
 
-Runtime: about 2.5 minutes on the project's 2-core Xeon (AVX-512 FP16 and AMX-BF16 do half precision
-at float32's speed or better), peak memory ~11 GB (writing Llama-3's float32 folder). A CPU without
+Runtime: 2 min 13 s on the project's 2-core Xeon, idle (AVX-512 FP16 and AMX-BF16 do half precision at
+float32's speed or better), peak memory ~11 GB (writing Llama-3's float32 folder). A CPU without
 native half-precision products (AVX2 only) computes float16 and bfloat16 ~18x slower than float32:
 expect ten minutes or more there.
 """
