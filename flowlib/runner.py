@@ -309,7 +309,8 @@ def _nothing_analysed(summary: RunSummary) -> NothingAnalysedError:
 def run_experiment(loaded, samples: Iterable, output, *, flows: Sequence[str] = PAPER_FLOWS,
                    window: Optional[int] = None, engine: str = "fast", max_new_tokens: int = 10,
                    per_task: Optional[int] = None, data: str = "", resume: bool = True,
-                   max_batch="auto", strict: bool = False, progress: bool = True) -> RunSummary:
+                   max_batch="auto", strict: bool = False, progress: bool = True,
+                   plan: Optional[RunPlan] = None) -> RunSummary:
     """Run the knockout experiment over `samples`, saving as it goes; resume a stopped run in `output`.
 
     Args:
@@ -321,6 +322,8 @@ def run_experiment(loaded, samples: Iterable, output, *, flows: Sequence[str] = 
         max_batch: the fast engine's windows per batch (memory only; numbers are unchanged): "auto"
             (default) sizes batches to the device's free memory (`sweep.auto_max_batch`), None runs all
             windows at once, a number caps them.
+        plan: `plan_run`'s result for these very arguments, when the caller already made it (its samples,
+            flows and settings are used; fingerprinting every image twice is what it saves).
         strict: stop at the first sample that cannot be analysed (unreadable image, a flow's group
             empty, ...) instead of recording it as excluded and going on.
         progress: show a progress bar.
@@ -335,8 +338,9 @@ def run_experiment(loaded, samples: Iterable, output, *, flows: Sequence[str] = 
         SampleExcluded: with `strict`, the first sample left out of a flow or of the run.
         NothingAnalysedError: the run completed but analysed no sample (its folder records why).
     """
-    plan = plan_run(loaded, samples, flows=flows, window=window, engine=engine, max_new_tokens=max_new_tokens,
-                    per_task=per_task)
+    if plan is None:  # a caller that already planned this run (to name its folder) passes the plan instead
+        plan = plan_run(loaded, samples, flows=flows, window=window, engine=engine, max_new_tokens=max_new_tokens,
+                        per_task=per_task)
     if max_batch != "auto":
         max_batch = count_setting("max_batch", max_batch)
     output, config = Path(output), plan.config

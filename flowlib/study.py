@@ -111,17 +111,21 @@ class Study:
         """The flows of the study's one knockout run: the paper's six, then any other asked for."""
         return list(dict.fromkeys([*PAPER_FLOWS, *flows]))
 
-    def run_dir(self, flows: Sequence[str] = ()) -> Path:
-        """The folder of the study's knockout run, named by the run's identity (`runner.plan_run`).
+    def plan(self, flows: Sequence[str] = ()):
+        """The study's knockout run, checked and fingerprinted (`runner.plan_run`)."""
+        from .runner import plan_run
+
+        return plan_run(self.loaded, self.all_samples(), flows=self.experiment_flows(flows), window=self.window,
+                        per_task=self.samples_per_task)
+
+    def run_dir(self, flows: Sequence[str] = (), plan=None) -> Path:
+        """The folder of the study's knockout run, named by the run's identity (`plan`).
 
         The identity fingerprints the model's files, the samples and their images, the settings and the
         code, so a notebook rerun with any of them changed gets a fresh folder (never stale numbers),
         and an unchanged rerun, from this notebook or another, finds and resumes its own.
         """
-        from .runner import plan_run
-
-        plan = plan_run(self.loaded, self.all_samples(), flows=self.experiment_flows(flows), window=self.window,
-                        per_task=self.samples_per_task)
+        plan = plan or self.plan(flows)
         folder = f"knockout-w{self.window}-{plan.identity[:12]}"
         return cfg.runs_dir() / slug(self.loaded.name) / slug(self.data_name) / folder
 
@@ -136,7 +140,8 @@ class Study:
         """
         from .runner import normalise_answer, run_experiment
 
-        summary = run_experiment(self.loaded, self.all_samples(), self.run_dir(flows),
+        plan = self.plan(flows)
+        summary = run_experiment(self.loaded, self.all_samples(), self.run_dir(flows, plan), plan=plan,
                                  flows=self.experiment_flows(flows), window=self.window,
                                  per_task=self.samples_per_task, data=self.data_name,
                                  max_batch=self.max_batch or "auto",
