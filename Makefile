@@ -42,7 +42,7 @@ $(STAMP): requirements.txt pyproject.toml
 
 venv: $(STAMP)  ## create the .venv with the pinned stack (done automatically by the other targets)
 
-test: $(STAMP)  ## run the whole test suite offline (what CI runs)
+test: lint  ## lint, then run the whole test suite offline (what CI runs)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
 
 test-fast: $(STAMP)  ## the unit tests without the slow tier
@@ -65,7 +65,9 @@ figures-check: $(STAMP)  ## regenerate the figures from scratch, compare their n
 lab: $(STAMP)  ## open JupyterLab with the project's kernel
 	$(LAUNCH) $(VENV)/bin/jupyter lab notebooks/
 
-lint: $(STAMP)  ## notebooks must be committed without outputs
+lint: $(STAMP)  ## ruff (rules and format in pyproject.toml); notebooks committed without outputs
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m flowlib.notebook_check $(NOTEBOOKS)
 
 clean:  ## remove executed notebooks and caches (keeps the .venv)

@@ -38,8 +38,13 @@ def main() -> None:
     counts, options = train_config.task_counts(), train_config.chunk_options()
     seconds = {"training stream (encode_chunk)": 0.0, "evaluation path (PNG Dataset, per-sample processor)": 0.0}
     for k in range(100, 100 + args.chunks + 1):  # the first of each kind warms up, untimed
-        for name, make in zip(seconds, (lambda: encode_chunk(processor, 0, k, counts, **options),
-                                        lambda: evaluation_path(processor, 0, k, counts))):
+        for name, make in zip(
+            seconds,
+            (
+                lambda k=k: encode_chunk(processor, 0, k, counts, **options),
+                lambda k=k: evaluation_path(processor, 0, k, counts),
+            ),
+        ):
             started = time.perf_counter()
             make()
             if k > 100:

@@ -29,8 +29,9 @@ def cpu_model(layers: int, hidden: int):
     """A LLaVA-1.5-shaped tiny model: 336 px images in 14 px patches (576 image tokens)."""
     from flowlib.tiny import tiny_llava
 
-    return tiny_llava("llava-1.5", image_size=336, patch_size=14, layers=layers, hidden=hidden,
-                      heads=max(1, hidden // 64))
+    return tiny_llava(
+        "llava-1.5", image_size=336, patch_size=14, layers=layers, hidden=hidden, heads=max(1, hidden // 64)
+    )
 
 
 def gpu_7b_model(dtype: torch.dtype, device: str, layers: int = 32, hidden: int = 4096, vision_layers: int = 24):
@@ -44,15 +45,33 @@ def gpu_7b_model(dtype: torch.dtype, device: str, layers: int = 32, hidden: int 
     from flowlib.tiny import TEST_WORDS, build_processor, word_level_tokenizer
 
     tokenizer = word_level_tokenizer(TEST_WORDS)
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,
-                              num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(vocab_size=32064, hidden_size=hidden, intermediate_size=hidden * 11008 // 4096,
-                       num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128,
-                       max_position_embeddings=4096)
-    config = LlavaConfig(vision_config=vision, text_config=text,
-                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), projector_hidden_act="gelu", vision_feature_select_strategy="default",
-                         vision_feature_layer=-2, image_seq_length=576)
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+    )
+    text = LlamaConfig(
+        vocab_size=32064,
+        hidden_size=hidden,
+        intermediate_size=hidden * 11008 // 4096,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 128,
+        num_key_value_heads=hidden // 128,
+        max_position_embeddings=4096,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_seq_length=576,
+    )
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # initialise directly in the target dtype and device: no 28 GB CPU copy
     try:
@@ -95,9 +114,13 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=None, help="k (default: config.default_window)")
     parser.add_argument("--dtype", default=None, help="default float32 on CPU, float16 with --gpu-7b")
     parser.add_argument("--device", default=None, help="default cpu, cuda with --gpu-7b")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads (default 1: on a shared machine more threads stall on OpenMP "
-                             "oversubscription, the fast engine's small kernels most; 0: torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (default 1: on a shared machine more threads stall on OpenMP "
+        "oversubscription, the fast engine's small kernels most; 0: torch's default)",
+    )
     parser.add_argument("--flows", nargs="+", default=list(PAPER_FLOWS), help="flows to sweep (default: all six)")
     args = parser.parse_args()
     flows = tuple(args.flows)
@@ -111,17 +134,29 @@ def main() -> None:
     else:
         loaded = cpu_model(args.layers, args.hidden)
         loaded.model.to(device=device, dtype=dtype)
-    sample = Sample("bench", "is the star to the left or to the right of the circle ?", "left", "ChooseRel",
-                    image=Image.new("RGB", (640, 480), "white"), true_option="left", false_option="right",
-                    central_object="star", boxes=[Box(100, 120, 90, 80), Box(400, 200, 120, 100)])
+    sample = Sample(
+        "bench",
+        "is the star to the left or to the right of the circle ?",
+        "left",
+        "ChooseRel",
+        image=Image.new("RGB", (640, 480), "white"),
+        true_option="left",
+        false_option="right",
+        central_object="star",
+        boxes=[Box(100, 120, 90, 80), Box(400, 200, 120, 100)],
+    )
     prepared = loaded.prepare(sample)
     layout = prepared.layout
     window = args.window or default_window(loaded.num_layers)
     text_tokens = layout.seq_len - len(layout.group("Image"))
-    print(f"model: {loaded.name}, {loaded.num_layers} layers, hidden {loaded.model.config.text_config.hidden_size}, "
-          f"{str(dtype).replace('torch.', '')} on {device}")
-    print(f"input: {len(layout.group('Image'))} image tokens + {text_tokens} text tokens; window k={window}; "
-          f"flows: {len(flows)}; threads: {torch.get_num_threads()}")
+    print(
+        f"model: {loaded.name}, {loaded.num_layers} layers, hidden {loaded.model.config.text_config.hidden_size}, "
+        f"{str(dtype).replace('torch.', '')} on {device}"
+    )
+    print(
+        f"input: {len(layout.group('Image'))} image tokens + {text_tokens} text tokens; window k={window}; "
+        f"flows: {len(flows)}; threads: {torch.get_num_threads()}"
+    )
     timed_sweeps(sweep_fast, loaded, prepared, flows[:1], window, device)  # warm-up (allocator, kernels)
     ref, ref_s, ref_clean = timed_sweeps(sweep_reference, loaded, prepared, flows, window, device)
     fast, fast_s, fast_clean = timed_sweeps(sweep_fast, loaded, prepared, flows, window, device)

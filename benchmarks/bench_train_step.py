@@ -53,13 +53,17 @@ def main() -> None:
     with torch.no_grad():
         full, (cut, prefix) = plain(batch_list[0]), forward_shared_prefix(model, batch_list[0])
     length = batch_list[0]["input_ids"].shape[1]
-    print(f"toy-llava (untrained), batch {TrainConfig.batch_size}, {length} tokens ({prefix} shared), "
-          f"{kernel_description()}, {args.steps} steps each")
+    print(
+        f"toy-llava (untrained), batch {TrainConfig.batch_size}, {length} tokens ({prefix} shared), "
+        f"{kernel_description()}, {args.steps} steps each"
+    )
     for name, values in seconds.items():
         print(f"{name:>14}: {sum(values) / len(values):.3f} s/step")
     ratio = sum(seconds["plain"]) / sum(seconds["shared prefix"])
-    print(f"ratio plain / shared prefix: {ratio:.2f}x; max |logit difference| "
-          f"{(full[:, prefix:] - cut).abs().max().item():.1e}")
+    print(
+        f"ratio plain / shared prefix: {ratio:.2f}x; max |logit difference| "
+        f"{(full[:, prefix:] - cut).abs().max().item():.1e}"
+    )
 
 
 if __name__ == "__main__":

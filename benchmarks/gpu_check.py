@@ -88,9 +88,17 @@ def stand_in_samples(loaded, count: int) -> list[Sample]:
     for i in range(count):
         width, height = SIZES[i % len(SIZES)]
         image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-        sample = Sample(f"gpu{i}", "is the star red or blue ?", "?", "ChooseAttr", image=image, true_option="red",
-                        false_option="blue", central_object="star",
-                        boxes=[Box(width * 0.2, height * 0.3, width * 0.25, height * 0.3)])
+        sample = Sample(
+            f"gpu{i}",
+            "is the star red or blue ?",
+            "?",
+            "ChooseAttr",
+            image=image,
+            true_option="red",
+            false_option="blue",
+            central_object="star",
+            boxes=[Box(width * 0.2, height * 0.3, width * 0.25, height * 0.3)],
+        )
         sample.answer = greedy_answer(loaded, loaded.prepare(sample), max_new_tokens=ANSWER_TOKENS)
         samples.append(sample)
     return samples
@@ -125,23 +133,38 @@ def check(name: str, *, dtype, device, samples: int, num_layers=None, width="ful
     analysed = summary.count("analysed")
     per_sample = elapsed / max(1, analysed)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
-    return {"model": name, "layers": loaded.num_layers, "dtype": str(dtype).replace("torch.", ""),
-            "image_tokens": [int(len(loaded.prepare(s).layout.image)) for s in chosen], "analysed": analysed,
-            "build_s": built, "seconds_per_sample": per_sample, "peak_gib": peak, "fast_vs_reference_pp": worst,
-            "grid_hours": per_sample * RELEASED_QUESTIONS / 3600}
+    return {
+        "model": name,
+        "layers": loaded.num_layers,
+        "dtype": str(dtype).replace("torch.", ""),
+        "image_tokens": [int(len(loaded.prepare(s).layout.image)) for s in chosen],
+        "analysed": analysed,
+        "build_s": built,
+        "seconds_per_sample": per_sample,
+        "peak_gib": peak,
+        "fast_vs_reference_pp": worst,
+        "grid_hours": per_sample * RELEASED_QUESTIONS / 3600,
+    }
 
 
 def markdown(results: list[dict], device_name: str) -> str:
-    lines = [f"## GPU check, paper model shapes at full width (`benchmarks/gpu_check.py`, "
-             f"{datetime.date.today().isoformat()})", "",
-             f"Device: {device_name}; torch {torch.__version__}. Random weights, stand-in samples of GQA's "
-             "image sizes; the grid projection counts every released question as analysed (an upper bound).", "",
-             "| model | layers | dtype | image tokens | s / sample (6 flows) | peak GiB | fast vs reference (pp) "
-             "| projected grid (h, 5,525 questions) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## GPU check, paper model shapes at full width (`benchmarks/gpu_check.py`, "
+        f"{datetime.date.today().isoformat()})",
+        "",
+        f"Device: {device_name}; torch {torch.__version__}. Random weights, stand-in samples of GQA's "
+        "image sizes; the grid projection counts every released question as analysed (an upper bound).",
+        "",
+        "| model | layers | dtype | image tokens | s / sample (6 flows) | peak GiB | fast vs reference (pp) "
+        "| projected grid (h, 5,525 questions) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r['model']} | {r['layers']} | {r['dtype']} | {', '.join(map(str, r['image_tokens']))} | "
-                     f"{r['seconds_per_sample']:.2f} | {r['peak_gib']:.1f} | {r['fast_vs_reference_pp']:.3g} | "
-                     f"{r['grid_hours']:.2f} |")
+        lines.append(
+            f"| {r['model']} | {r['layers']} | {r['dtype']} | {', '.join(map(str, r['image_tokens']))} | "
+            f"{r['seconds_per_sample']:.2f} | {r['peak_gib']:.1f} | {r['fast_vs_reference_pp']:.3g} | "
+            f"{r['grid_hours']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,4 @@
-"""How far flowlib's geometric "related patches" rule is from the official code's painted-mask rule, on the released boxes.
+"""How far flowlib's geometric "related patches" rule is from the official painted-mask rule, on the released boxes.
 
 For every row of the six released task CSVs and each image path of the paper's models (LLaVA-1.5 padded
 to a square; LLaVA-NeXT anyres), both rules map the row's boxes to image tokens with the checkpoints'
@@ -59,8 +59,13 @@ def compare(samples, name: str) -> dict:
         only_geometric.append(len(np.setdiff1d(geometric, official)))
         only_official.append(len(np.setdiff1d(official, geometric)))
         sizes.append(len(geometric))
-    return {"rows": len(samples), "equal": equal, "only_geometric": np.array(only_geometric),
-            "only_official": np.array(only_official), "sizes": np.array(sizes)}
+    return {
+        "rows": len(samples),
+        "equal": equal,
+        "only_geometric": np.array(only_geometric),
+        "only_official": np.array(only_official),
+        "sizes": np.array(sizes),
+    }
 
 
 def main(argv=None) -> int:
@@ -71,15 +76,20 @@ def main(argv=None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         samples = load_paper_tasks(args.csv_dir)[: args.limit]
-    print("| image path | rows | equal sets | related patches (median, geometric) | only geometric: mean, median, "
-          "max | only official: mean, median, max |")
+    print(
+        "| image path | rows | equal sets | related patches (median, geometric) | only geometric: mean, median, "
+        "max | only official: mean, median, max |"
+    )
     print("|---|---|---|---|---|---|")
     for label, name in PATHS.items():
         r = compare(samples, name)
         g, o = r["only_geometric"], r["only_official"]
-        print(f"| {label} | {r['rows']} | {r['equal']} ({100 * r['equal'] / r['rows']:.1f}%) | "
-              f"{np.median(r['sizes']):.0f} | {g.mean():.2f}, {np.median(g):.0f}, {g.max()} | "
-              f"{o.mean():.2f}, {np.median(o):.0f}, {o.max()} |", flush=True)
+        print(
+            f"| {label} | {r['rows']} | {r['equal']} ({100 * r['equal'] / r['rows']:.1f}%) | "
+            f"{np.median(r['sizes']):.0f} | {g.mean():.2f}, {np.median(g):.0f}, {g.max()} | "
+            f"{o.mean():.2f}, {np.median(o):.0f}, {o.max()} |",
+            flush=True,
+        )
     return 0
 
 

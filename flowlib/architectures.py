@@ -41,8 +41,9 @@ from __future__ import annotations
 
 import dataclasses
 import types
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, Mapping, Optional
+from typing import Literal
 
 import torch
 from transformers import (
@@ -62,8 +63,15 @@ Width = Literal["full", "tiny"]
 
 #: CLIP ViT-L/14 at 336 px (openai/clip-vit-large-patch14-336), the vision tower of all four.
 CLIP_VIT_L_336 = dict(
-    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-    image_size=336, patch_size=14, projection_dim=768, layer_norm_eps=1e-5, hidden_act="quick_gelu",
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+    projection_dim=768,
+    layer_norm_eps=1e-5,
+    hidden_act="quick_gelu",
     num_channels=3,
 )
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -73,28 +81,68 @@ NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
 # Vicuna-v1.5 is Llama-2 fine-tuned: its numbers, with the vocabulary padded by llava-hf.
 _VICUNA = dict(
-    vocab_size=32064, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
-    tie_word_embeddings=False, hidden_act="silu", bos_token_id=1, eos_token_id=2,
+    vocab_size=32064,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+    bos_token_id=1,
+    eos_token_id=2,
 )
-VICUNA_7B = dict(_VICUNA, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=32)
-VICUNA_13B = dict(_VICUNA, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                  num_attention_heads=40, num_key_value_heads=40)
+VICUNA_7B = dict(
+    _VICUNA,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+)
+VICUNA_13B = dict(
+    _VICUNA,
+    hidden_size=5120,
+    intermediate_size=13824,
+    num_hidden_layers=40,
+    num_attention_heads=40,
+    num_key_value_heads=40,
+)
 LLAMA3_8B = dict(
-    vocab_size=128320, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
-    max_position_embeddings=8192, tie_word_embeddings=False, hidden_act="silu",
-    bos_token_id=128000, eos_token_id=128009,
+    vocab_size=128320,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    max_position_embeddings=8192,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+    bos_token_id=128000,
+    eos_token_id=128009,
 )
 
 # Top-level config values shared by all four: the two-layer GELU projector reads CLIP's
 # second-to-last layer without its CLS token.
-_LLAVA_TOP = dict(projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
-                  tie_word_embeddings=False, multimodal_projector_bias=True)
+_LLAVA_TOP = dict(
+    projector_hidden_act="gelu",
+    vision_feature_layer=-2,
+    vision_feature_select_strategy="default",
+    tie_word_embeddings=False,
+    multimodal_projector_bias=True,
+)
 _CLIP_PROCESSING = dict(
-    size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, do_resize=True, do_center_crop=True,
-    do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(CLIP_MEAN),
-    image_std=list(CLIP_STD), resample=3, do_convert_rgb=True,  # resample 3: PIL bicubic
+    size={"shortest_edge": 336},
+    crop_size={"height": 336, "width": 336},
+    do_resize=True,
+    do_center_crop=True,
+    do_rescale=True,
+    rescale_factor=1 / 255,
+    do_normalize=True,
+    image_mean=list(CLIP_MEAN),
+    image_std=list(CLIP_STD),
+    resample=3,
+    do_convert_rgb=True,  # resample 3: PIL bicubic
 )
 # num_additional_image_tokens 1: CLIP's CLS token, which the "default" strategy drops (576 image tokens).
 _PROCESSOR = dict(patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1)
@@ -143,9 +191,15 @@ def _architecture(hub_id, family, text, *, llama3=False, pad_token=None):
         top["image_grid_pinpoints"] = [list(p) for p in NEXT_PINPOINTS]
         image_processor.update(image_grid_pinpoints=[list(p) for p in NEXT_PINPOINTS], do_pad=True)
     return Architecture(
-        hub_id=hub_id, family=family, prompt_style="llama3" if llama3 else "vicuna",
-        tokenizer="llama-3" if llama3 else "llama-2", text=_frozen(**text), vision=_frozen(**CLIP_VIT_L_336),
-        top=_frozen(**top), image_processor=_frozen(**image_processor), processor=_frozen(**_PROCESSOR),
+        hub_id=hub_id,
+        family=family,
+        prompt_style="llama3" if llama3 else "vicuna",
+        tokenizer="llama-3" if llama3 else "llama-2",
+        text=_frozen(**text),
+        vision=_frozen(**CLIP_VIT_L_336),
+        top=_frozen(**top),
+        image_processor=_frozen(**image_processor),
+        processor=_frozen(**_PROCESSOR),
     )
 
 
@@ -164,8 +218,7 @@ PAPER_CHECKPOINTS: dict[str, Architecture] = {
 
 #: Tiny widths: small enough that a 2-layer model builds and runs in about a second on a CPU.
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4)
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-                   projection_dim=32)
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2, projection_dim=32)
 
 
 def architecture(name: str) -> Architecture:
@@ -176,7 +229,7 @@ def architecture(name: str) -> Architecture:
         raise KeyError(f"{name!r} is not one of the paper's checkpoints: {', '.join(PAPER_CHECKPOINTS)}") from None
 
 
-def build_config(name: str, *, num_layers: Optional[int] = None, width: Width = "full"):
+def build_config(name: str, *, num_layers: int | None = None, width: Width = "full"):
     """The `LlavaConfig` / `LlavaNextConfig` of checkpoint `name`, at full or tiny width.
 
     Args:
@@ -201,8 +254,9 @@ def build_config(name: str, *, num_layers: Optional[int] = None, width: Width = 
             raise ValueError(f"num_layers must be at least 1, not {num_layers}")
         text["num_hidden_layers"] = num_layers
     config_class = LlavaConfig if arch.family == "llava-1.5" else LlavaNextConfig
-    return config_class(text_config=LlamaConfig(**text).to_dict(),
-                        vision_config=CLIPVisionConfig(**vision).to_dict(), **arch.top)
+    return config_class(
+        text_config=LlamaConfig(**text).to_dict(), vision_config=CLIPVisionConfig(**vision).to_dict(), **arch.top
+    )
 
 
 def model_class(name: str) -> type:
@@ -235,8 +289,11 @@ def build_model(
         torch.set_default_dtype(previous)
     text = config.text_config
     # Generation stops and pads as the released checkpoint's generation config does.
-    model.generation_config.update(bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
-                                   pad_token_id=getattr(config, "pad_token_id", None))
+    model.generation_config.update(
+        bos_token_id=text.bos_token_id,
+        eos_token_id=text.eos_token_id,
+        pad_token_id=getattr(config, "pad_token_id", None),
+    )
     return model.eval()
 
 
@@ -249,17 +306,22 @@ def build_processor(name: str, tokenizer):
     """
     arch = architecture(name)
     if tokenizer.convert_tokens_to_ids("<image>") != arch.image_token_id:
-        raise ValueError(f"{name} expects <image> = {arch.image_token_id}; this tokenizer has "
-                         f"{tokenizer.convert_tokens_to_ids('<image>')} (use the {arch.tokenizer} tokenizer)")
+        raise ValueError(
+            f"{name} expects <image> = {arch.image_token_id}; this tokenizer has "
+            f"{tokenizer.convert_tokens_to_ids('<image>')} (use the {arch.tokenizer} tokenizer)"
+        )
     if arch.family == "llava-1.5":
-        return LlavaProcessor(image_processor=CLIPImageProcessorPil(**arch.image_processor), tokenizer=tokenizer,
-                              **arch.processor)
-    return LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil(**arch.image_processor), tokenizer=tokenizer,
-                              **arch.processor)
+        return LlavaProcessor(
+            image_processor=CLIPImageProcessorPil(**arch.image_processor), tokenizer=tokenizer, **arch.processor
+        )
+    return LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(**arch.image_processor), tokenizer=tokenizer, **arch.processor
+    )
 
 
-def save_checkpoint_folder(name: str, folder, tokenizer, *, num_layers: int = 2, width: Width = "tiny",
-                           seed: int = 0) -> Path:
+def save_checkpoint_folder(
+    name: str, folder, tokenizer, *, num_layers: int = 2, width: Width = "tiny", seed: int = 0
+) -> Path:
     """Write a random-weight checkpoint of `name` (safetensors, processor, tokenizer) to `folder`.
 
     `flowlib.models.load_model(str(folder))` loads it as it would the downloaded checkpoint: same
@@ -272,8 +334,10 @@ def save_checkpoint_folder(name: str, folder, tokenizer, *, num_layers: int = 2,
     """
     arch = architecture(name)
     if len(tokenizer) > arch.text["vocab_size"]:
-        raise ValueError(f"{name}: the tokenizer has {len(tokenizer)} tokens, more than the "
-                         f"{arch.text['vocab_size']} embeddings (use the {arch.tokenizer} tokenizer)")
+        raise ValueError(
+            f"{name}: the tokenizer has {len(tokenizer)} tokens, more than the "
+            f"{arch.text['vocab_size']} embeddings (use the {arch.tokenizer} tokenizer)"
+        )
     processor = build_processor(name, tokenizer)
     model = build_model(name, num_layers=num_layers, width=width, seed=seed)
     folder = Path(folder)

@@ -24,8 +24,8 @@ import socket
 import sys
 import threading
 import urllib.parse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from . import config as cfg
 from .sample import TASKS, SampleError
@@ -67,13 +67,24 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--questions", type=Path, help="gqa: GQA questions JSON")
     parser.add_argument("--scene-graphs", type=Path, help="gqa: GQA scene graphs JSON")
     parser.add_argument("--split", default="test", help="synthetic: which split (train, validation, test)")
-    parser.add_argument("--synthetic-count", type=positive_int, default=100,
-                        help="synthetic: samples generated per task")
+    parser.add_argument(
+        "--synthetic-count", type=positive_int, default=100, help="synthetic: samples generated per task"
+    )
     parser.add_argument("--seed", type=int, default=0, help="synthetic: generation seed")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, metavar="TASK",
-                        help=f"tasks to use (default all: {' '.join(TASKS)})")
-    parser.add_argument("--samples-per-task", type=positive_int, default=None,
-                        help="at most this many correctly answered samples per task (default: all)")
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        default=list(TASKS),
+        choices=TASKS,
+        metavar="TASK",
+        help=f"tasks to use (default all: {' '.join(TASKS)})",
+    )
+    parser.add_argument(
+        "--samples-per-task",
+        type=positive_int,
+        default=None,
+        help="at most this many correctly answered samples per task (default: all)",
+    )
     parser.add_argument("--max-new-tokens", type=positive_int, default=10, help="greedy answer length for the filter")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
@@ -99,8 +110,10 @@ def _load_paper(args) -> list:
         except SampleError as err:  # the loader names the file and the fix
             raise CliError(str(err)) from err
         if not grouped.get(task):
-            raise CliError(f"{files[task]} holds no rows (only a header); use the released file of {task}, "
-                           "or leave the task out of --tasks")
+            raise CliError(
+                f"{files[task]} holds no rows (only a header); use the released file of {task}, "
+                "or leave the task out of --tasks"
+            )
         samples += grouped[task]
     return samples
 
@@ -121,8 +134,9 @@ def load_samples(args) -> tuple[list, str]:
         return _load_paper(args), f"paper-{Path(args.csv_dir).name}"
     if args.questions is None or args.scene_graphs is None:
         raise CliError("--data gqa needs --questions and --scene-graphs (GQA's JSON files), and --image-dir")
-    grouped = load("gqa", tasks=args.tasks, questions=args.questions, scene_graphs=args.scene_graphs,
-                   image_dir=args.image_dir)
+    grouped = load(
+        "gqa", tasks=args.tasks, questions=args.questions, scene_graphs=args.scene_graphs, image_dir=args.image_dir
+    )
     samples = [s for task in grouped for s in grouped[task]]
     if not samples:
         raise CliError(f"{args.questions} holds no question of the tasks {', '.join(args.tasks)}")
@@ -136,8 +150,13 @@ def _flag(name: str) -> bool:
 def _looks_like_path(name: str) -> bool:
     # A hub id is "org/name" (or a bare legacy "name"); anything else with a slash, or a leading
     # dot, slash or tilde, is meant as a folder.
-    return (name.startswith((".", "/", "~")) or "\\" in name or name.endswith("/") or name.count("/") > 1
-            or ("/" in name and Path(name.split("/")[0]).is_dir()))
+    return (
+        name.startswith((".", "/", "~"))
+        or "\\" in name
+        or name.endswith("/")
+        or name.count("/") > 1
+        or ("/" in name and Path(name.split("/")[0]).is_dir())
+    )
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -164,7 +183,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return bool(result and result[0])
 
 
-def check_model_argument(name: str, revision: Optional[str] = None) -> None:
+def check_model_argument(name: str, revision: str | None = None) -> None:
     """Fail at once, with one line, on a `--model` value that cannot load.
 
     A short name passes; a folder must hold config.json; a value that looks like a path and does not
@@ -178,31 +197,40 @@ def check_model_argument(name: str, revision: Optional[str] = None) -> None:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise CliError(f"--model {name}: the folder holds no config.json; give a checkpoint folder "
-                           "(as written by save_pretrained)")
+            raise CliError(
+                f"--model {name}: the folder holds no config.json; give a checkpoint folder "
+                "(as written by save_pretrained)"
+            )
         return
     if path.exists():
         raise CliError(f"--model {name}: is a file; give the checkpoint's folder")
     if _looks_like_path(name):
-        raise CliError(f"--model {name}: no such folder ({path.absolute()}); check the path "
-                       "(a hub id looks like llava-hf/llava-1.5-7b-hf)")
+        raise CliError(
+            f"--model {name}: no such folder ({path.absolute()}); check the path "
+            "(a hub id looks like llava-hf/llava-1.5-7b-hf)"
+        )
     if hub_commit(name, revision):
         return
     local = f"a local checkpoint folder or a short name ({', '.join(cfg.SHORT_NAMES)})"
     if _flag("HF_HUB_OFFLINE") or _flag("TRANSFORMERS_OFFLINE"):
-        raise CliError(f"--model {name}: not in the local Hugging Face cache, and HF_HUB_OFFLINE is set, so it "
-                       f"cannot be downloaded; give {local}, or unset HF_HUB_OFFLINE to download it")
+        raise CliError(
+            f"--model {name}: not in the local Hugging Face cache, and HF_HUB_OFFLINE is set, so it "
+            f"cannot be downloaded; give {local}, or unset HF_HUB_OFFLINE to download it"
+        )
     if not hub_reachable():
-        raise CliError(f"--model {name}: not in the local Hugging Face cache, and the hub cannot be reached; give "
-                       f"{local}, or set HF_HUB_OFFLINE=1 to work from the cache without waiting for the network")
+        raise CliError(
+            f"--model {name}: not in the local Hugging Face cache, and the hub cannot be reached; give "
+            f"{local}, or set HF_HUB_OFFLINE=1 to work from the cache without waiting for the network"
+        )
 
 
 def _load_model(args):
     from .models import load_model
 
     args.stage = "loading the model"
-    return load_model(args.model, dtype=args.dtype, device=args.device, image_mode=args.image_mode,
-                      revision=args.revision)
+    return load_model(
+        args.model, dtype=args.dtype, device=args.device, image_mode=args.image_mode, revision=args.revision
+    )
 
 
 def _slug(text: str) -> str:
@@ -221,13 +249,25 @@ def cmd_run(args) -> int:
     output = args.output or cfg.runs_dir() / _slug(f"{Path(args.model).name}-{data_name}-w{window}")
     args.stage, args.run_output = "running", output
     flows = args.flows or PAPER_FLOWS
-    summary = run_experiment(loaded, samples, output, flows=flows, window=window, engine=args.engine,
-                             max_new_tokens=args.max_new_tokens, per_task=args.samples_per_task,
-                             data=data_name, max_batch=args.max_batch or "auto", strict=args.strict,
-                             progress=not args.quiet)
+    summary = run_experiment(
+        loaded,
+        samples,
+        output,
+        flows=flows,
+        window=window,
+        engine=args.engine,
+        max_new_tokens=args.max_new_tokens,
+        per_task=args.samples_per_task,
+        data=data_name,
+        max_batch=args.max_batch or "auto",
+        strict=args.strict,
+        progress=not args.quiet,
+    )
     counts = {name: summary.count(name) for name in STATUSES}
-    print(f"{counts['analysed']} samples analysed ({counts['wrong_answer']} answered wrongly, {counts['zero_base']} "
-          f"zero base, {counts['excluded']} excluded); {len(summary.table)} rows in {output / 'results.parquet'}")
+    print(
+        f"{counts['analysed']} samples analysed ({counts['wrong_answer']} answered wrongly, {counts['zero_base']} "
+        f"zero base, {counts['excluded']} excluded); {len(summary.table)} rows in {output / 'results.parquet'}"
+    )
     for reason, count in exclusion_reasons(summary.statuses).items():
         print(f"  left out {count} x: {reason}")
     return 0
@@ -242,11 +282,12 @@ def cmd_lens(args) -> int:
 
     loaded = _load_model(args)
     args.stage = "running the lens (its table is written at the end)"
-    chosen = list(correct_samples(loaded, samples, args.samples_per_task, args.max_new_tokens,
-                                  progress=not args.quiet))
+    chosen = list(correct_samples(loaded, samples, args.samples_per_task, args.max_new_tokens, progress=not args.quiet))
     if not chosen:
-        raise CliError(f"{loaded.name} answers none of the {len(samples)} samples correctly, so there is nothing to "
-                       "read the lens on; check the model, its prompt style and the data's answers")
+        raise CliError(
+            f"{loaded.name} answers none of the {len(samples)} samples correctly, so there is nothing to "
+            "read the lens on; check the model, its prompt style and the data's answers"
+        )
     table = lens_table(loaded, chosen, lenses=args.lenses, progress=not args.quiet)
     output = args.output or cfg.runs_dir() / _slug(f"lens-{Path(args.model).name}-{data_name}.parquet")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -261,16 +302,25 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="attention-knockout layer sweeps over a dataset")
     _common(run)
-    run.add_argument("--flows", nargs="+", default=None, metavar="FLOW",
-                     help="flows 'Source->Target' (default: the paper's six)")
-    run.add_argument("--window", type=positive_int, default=None,
-                     help="k layers per window, 1..depth (default: 7 for 32 layers)")
+    run.add_argument(
+        "--flows", nargs="+", default=None, metavar="FLOW", help="flows 'Source->Target' (default: the paper's six)"
+    )
+    run.add_argument(
+        "--window", type=positive_int, default=None, help="k layers per window, 1..depth (default: 7 for 32 layers)"
+    )
     run.add_argument("--engine", choices=("fast", "reference"), default="fast")
-    run.add_argument("--max-batch", type=positive_int, default=None,
-                     help="fast engine: windows per batch (default: as many as the device's free memory holds)")
+    run.add_argument(
+        "--max-batch",
+        type=positive_int,
+        default=None,
+        help="fast engine: windows per batch (default: as many as the device's free memory holds)",
+    )
     run.add_argument("--output", type=Path, default=None, help="results folder (default under runs/)")
-    run.add_argument("--strict", action="store_true",
-                     help="stop at the first sample that cannot be analysed, instead of recording it and going on")
+    run.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first sample that cannot be analysed, instead of recording it and going on",
+    )
     run.set_defaults(func=cmd_run)
     lens = commands.add_parser("lens", help="the answer lens over a dataset's correctly answered samples")
     _common(lens)
@@ -285,7 +335,7 @@ def _error_class(module: str, name: str):
     return getattr(sys.modules.get(module), name, ())
 
 
-def explain(err: BaseException) -> tuple[int, str, Optional[str]]:
+def explain(err: BaseException) -> tuple[int, str, str | None]:
     """(exit code, message, hint or None) for an error raised by a command."""
     first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
     setting = (_error_class("flowlib.runner", "RunSettingsError"), _error_class("flowlib.knockout", "FlowError"))
@@ -293,16 +343,24 @@ def explain(err: BaseException) -> tuple[int, str, Optional[str]]:
         return EXIT_SETTING, str(err), None
     if isinstance(err, _error_class("flowlib.runner", "SampleExcluded")):
         return EXIT_ERROR, str(err), "without --strict such samples are recorded as excluded and the run goes on"
-    known = (CliError, _error_class("flowlib.run_folder", "RunMismatchError"),
-             _error_class("flowlib.runner", "NothingAnalysedError"), _error_class("flowlib.runner", "NoSamplesError"),
-             _error_class("flowlib.sample", "SampleError"), _error_class("flowlib.models", "UnsupportedModelError"),
-             _error_class("flowlib.models", "CheckpointError"))
+    known = (
+        CliError,
+        _error_class("flowlib.run_folder", "RunMismatchError"),
+        _error_class("flowlib.runner", "NothingAnalysedError"),
+        _error_class("flowlib.runner", "NoSamplesError"),
+        _error_class("flowlib.sample", "SampleError"),
+        _error_class("flowlib.models", "UnsupportedModelError"),
+        _error_class("flowlib.models", "CheckpointError"),
+    )
     if any(isinstance(err, c) for c in known):
         return EXIT_ERROR, str(err), None
     if isinstance(err, (OSError, ValueError)):
         return EXIT_ERROR, first_line, "rerun with --debug for the details"
-    return EXIT_ERROR, f"unexpected {type(err).__name__}: {first_line}", \
-        "this is a bug: rerun with --debug and report the traceback"
+    return (
+        EXIT_ERROR,
+        f"unexpected {type(err).__name__}: {first_line}",
+        "this is a bug: rerun with --debug and report the traceback",
+    )
 
 
 def _interrupted(args) -> str:
@@ -314,11 +372,13 @@ def _interrupted(args) -> str:
         return f"interrupted while {getattr(args, 'stage', 'starting')}; nothing was written"
     statuses = load_statuses(output)
     analysed = sum(s["status"] == "analysed" for s in statuses)
-    return (f"interrupted: {len(statuses)} samples done ({analysed} analysed) in {output}; "
-            "run the same command again to resume from there")
+    return (
+        f"interrupted: {len(statuses)} samples done ({analysed} analysed) in {output}; "
+        "run the same command again to resume from there"
+    )
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `flowlib` command; returns the exit status."""
     parser = build_parser()
     try:

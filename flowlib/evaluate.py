@@ -37,7 +37,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from PIL import Image
@@ -74,12 +74,15 @@ def answer_candidates(sample: Sample) -> tuple[str, ...]:
         return (sample.true_option.strip().lower(), sample.false_option.strip().lower())
     if sample.task in ANSWER_SETS:
         return ANSWER_SETS[sample.task]
-    raise ValueError(f"sample {sample.question_id}: task {sample.task} has no options and no known answer set; "
-                     "forced choice needs one (give true_option and false_option)")
+    raise ValueError(
+        f"sample {sample.question_id}: task {sample.task} has no options and no known answer set; "
+        "forced choice needs one (give true_option and false_option)"
+    )
 
 
-def image_blocked_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int,
-                       dtype=torch.float32) -> torch.Tensor:
+def image_blocked_mask(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int, dtype=torch.float32
+) -> torch.Tensor:
     """Additive mask (B, 1, T, T): causal + padding, and no edge image -> any position after the image.
 
     Args:
@@ -110,11 +113,14 @@ def hide_image(inputs: dict, image_token_id: int) -> dict:
     """
     input_ids = inputs["input_ids"]
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-    return {**inputs, "attention_mask": (input_ids != image_token_id).long() * inputs["attention_mask"],
-            "position_ids": positions}
+    return {
+        **inputs,
+        "attention_mask": (input_ids != image_token_id).long() * inputs["attention_mask"],
+        "position_ids": positions,
+    }
 
 
-def collate(prepared: Sequence, pad_token_id: int, continuations: Optional[Sequence[Sequence[int]]] = None) -> dict:
+def collate(prepared: Sequence, pad_token_id: int, continuations: Sequence[Sequence[int]] | None = None) -> dict:
     """Right-pad prepared inputs into one batch; each row optionally followed by its `continuations` token ids.
 
     Image inputs are stacked, LLaVA-NeXT's pixel values (1, tiles, C, H, W) zero-padded to the batch's
@@ -126,17 +132,22 @@ def collate(prepared: Sequence, pad_token_id: int, continuations: Optional[Seque
     """
     device = prepared[0].input_ids.device
     continuations = continuations or [()] * len(prepared)
-    rows = [torch.cat([p.input_ids[0], torch.as_tensor(list(c), dtype=torch.long, device=device)])
-            for p, c in zip(prepared, continuations, strict=True)]
+    rows = [
+        torch.cat([p.input_ids[0], torch.as_tensor(list(c), dtype=torch.long, device=device)])
+        for p, c in zip(prepared, continuations, strict=True)
+    ]
     lengths = [len(r) for r in rows]
     input_ids = torch.full((len(rows), max(lengths)), pad_token_id, dtype=torch.long, device=device)
     attention_mask = torch.zeros_like(input_ids)
     for i, (row, n) in enumerate(zip(rows, lengths)):
         input_ids[i, :n] = row
         attention_mask[i, :n] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-             "prompt_lengths": torch.tensor([p.input_ids.shape[1] for p in prepared], device=device),
-             "last": torch.tensor(lengths, device=device) - 1}
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "prompt_lengths": torch.tensor([p.input_ids.shape[1] for p in prepared], device=device),
+        "last": torch.tensor(lengths, device=device) - 1,
+    }
     for key in IMAGE_INPUTS:
         values = [p.inputs[key] for p in prepared if key in p.inputs]
         if not values:
@@ -156,13 +167,18 @@ def logits_at(loaded, batch: dict, positions: Sequence[Sequence[int]], block_ima
     """
     attention_mask = batch["attention_mask"]
     if block_image:
-        attention_mask = image_blocked_mask(batch["input_ids"], attention_mask,
-                                            loaded.model.config.image_token_id, loaded.dtype)
+        attention_mask = image_blocked_mask(
+            batch["input_ids"], attention_mask, loaded.model.config.image_token_id, loaded.dtype
+        )
     keep = sorted({int(p) for row in positions for p in row})
     column = {p: i for i, p in enumerate(keep)}
-    out = loaded.model(input_ids=batch["input_ids"], attention_mask=attention_mask, use_cache=False,
-                       logits_to_keep=torch.tensor(keep, device=batch["input_ids"].device),
-                       **{k: batch[k] for k in IMAGE_INPUTS if k in batch})
+    out = loaded.model(
+        input_ids=batch["input_ids"],
+        attention_mask=attention_mask,
+        use_cache=False,
+        logits_to_keep=torch.tensor(keep, device=batch["input_ids"].device),
+        **{k: batch[k] for k in IMAGE_INPUTS if k in batch},
+    )
     return [out.logits[r, [column[int(p)] for p in row]].float() for r, row in enumerate(positions)]
 
 
@@ -184,20 +200,25 @@ def answer_token_ids(tokenizer, word: str) -> list[int]:
     return [int(i) for i in ids]
 
 
-def candidate_scores(loaded, prepared: Sequence, candidates: Sequence[Sequence[str]], batch_size: int = 32,
-                     block_image: bool = False) -> list[dict[str, float]]:
+def candidate_scores(
+    loaded, prepared: Sequence, candidates: Sequence[Sequence[str]], batch_size: int = 32, block_image: bool = False
+) -> list[dict[str, float]]:
     """Per input, each candidate word's total log-probability after the prompt, teacher-forced (the likelier form).
 
     A form of m tokens needs the logits after the prompt and after each of its first m - 1 tokens: one
     row of prompt + those tokens. Forms of one input with the same leading tokens share a row, so all
     one-token forms of an input cost one forward of the prompt.
     """
-    forms = [(i, word, answer_token_ids(loaded.tokenizer, form)) for i, words in enumerate(candidates)
-             for word in words for form in dict.fromkeys((word, word.capitalize()))]
+    forms = [
+        (i, word, answer_token_ids(loaded.tokenizer, form))
+        for i, words in enumerate(candidates)
+        for word in words
+        for form in dict.fromkeys((word, word.capitalize()))
+    ]
     rows = list(dict.fromkeys((i, tuple(ids[:-1])) for i, _, ids in forms))
     row_logp = {}
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+        chunk = rows[start : start + batch_size]
         batch = collate([prepared[i] for i, _ in chunk], loaded.tokenizer.pad_token_id, [lead for _, lead in chunk])
         positions = [range(int(n) - 1, int(n) + len(lead)) for n, (_, lead) in zip(batch["prompt_lengths"], chunk)]
         for row, logits in zip(chunk, logits_at(loaded, batch, positions, block_image)):
@@ -210,8 +231,13 @@ def candidate_scores(loaded, prepared: Sequence, candidates: Sequence[Sequence[s
     return scores
 
 
-def first_words(loaded, prepared: Sequence, batch_size: int = 32, block_image: bool = False,
-                candidates: Optional[Sequence[Sequence[str]]] = None) -> list[str]:
+def first_words(
+    loaded,
+    prepared: Sequence,
+    batch_size: int = 32,
+    block_image: bool = False,
+    candidates: Sequence[Sequence[str]] | None = None,
+) -> list[str]:
     """Greedy first tokens (decoded, normalised) for prepared inputs: one batched forward, no generation.
 
     With `candidates` (one list of lowercase words per input), each answer is instead the candidate
@@ -222,7 +248,7 @@ def first_words(loaded, prepared: Sequence, batch_size: int = 32, block_image: b
         return [max(words, key=s.__getitem__) for s, words in zip(scores, candidates)]
     answers = []
     for start in range(0, len(prepared), batch_size):
-        batch = collate(prepared[start:start + batch_size], loaded.tokenizer.pad_token_id)
+        batch = collate(prepared[start : start + batch_size], loaded.tokenizer.pad_token_id)
         tokens = next_token_logits(loaded, batch, block_image).argmax(-1)
         answers += [decode_answer(loaded.tokenizer, i) for i in tokens]
     return answers
@@ -240,9 +266,17 @@ def generated_answer(loaded, prepared, block_image: bool = False) -> str:
     return normalise_answer(greedy_answer(loaded, prepared))
 
 
-def evaluate(loaded, samples: Sequence[Sample], *, blank: bool = False, block_image: bool = False,
-             forced_choice: bool = False, batch_size: int = 32, return_answers: bool = False,
-             mode: str = "generate") -> dict:
+def evaluate(
+    loaded,
+    samples: Sequence[Sample],
+    *,
+    blank: bool = False,
+    block_image: bool = False,
+    forced_choice: bool = False,
+    batch_size: int = 32,
+    return_answers: bool = False,
+    mode: str = "generate",
+) -> dict:
     """Accuracy per task (and the mean over tasks) of the model's answers against the samples' answers.
 
     Generation is the default because it is what "correct" means everywhere else (the knockout filter);
@@ -270,7 +304,7 @@ def evaluate(loaded, samples: Sequence[Sample], *, blank: bool = False, block_im
     try:
         answers: list[str] = []
         for start in range(0, len(samples), batch_size):
-            chunk = samples[start:start + batch_size]
+            chunk = samples[start : start + batch_size]
             prepared = [loaded.prepare(s, image=blank_image(s.load_image()) if blank else None) for s in chunk]
             if forced_choice:
                 answers += first_words(loaded, prepared, batch_size, block_image, [answer_candidates(s) for s in chunk])
@@ -293,8 +327,9 @@ def answer_verdicts(samples: Sequence[Sample], answers: Sequence[str]) -> list[b
 
 def _check_verdicts(verdicts: Sequence) -> None:
     if any(isinstance(v, str) for v in verdicts):
-        raise TypeError("pass verdicts (answered correctly: bools), not answers; `answer_verdicts` turns answers "
-                        "into verdicts")
+        raise TypeError(
+            "pass verdicts (answered correctly: bools), not answers; `answer_verdicts` turns answers into verdicts"
+        )
 
 
 def score(samples: Sequence[Sample], verdicts: Sequence[bool]) -> dict:
@@ -305,8 +340,12 @@ def score(samples: Sequence[Sample], verdicts: Sequence[bool]) -> dict:
         hits.setdefault(sample.task, []).append(bool(verdict))
     ordered = sorted(hits.items(), key=lambda kv: TASKS.index(kv[0]))
     per_task = {t: sum(h) / len(h) for t, h in ordered}
-    return {"per_task": per_task, "mean": sum(per_task.values()) / max(1, len(per_task)),
-            "n": {t: len(h) for t, h in ordered}, "correct": {t: sum(h) for t, h in ordered}}
+    return {
+        "per_task": per_task,
+        "mean": sum(per_task.values()) / max(1, len(per_task)),
+        "n": {t: len(h) for t, h in ordered},
+        "correct": {t: sum(h) for t, h in ordered},
+    }
 
 
 def score_by_answer(samples: Sequence[Sample], verdicts: Sequence[bool]) -> list[dict]:
@@ -319,11 +358,13 @@ def score_by_answer(samples: Sequence[Sample], verdicts: Sequence[bool]) -> list
     hits: dict[tuple[str, str], list[bool]] = {}
     for sample, verdict in zip(samples, verdicts, strict=True):
         hits.setdefault((sample.task, normalise_answer(sample.answer)), []).append(bool(verdict))
-    return [{"task": task, "answer": truth, "n": len(h), "correct": sum(h), "accuracy": sum(h) / len(h)}
-            for (task, truth), h in sorted(hits.items(), key=lambda kv: (TASKS.index(kv[0][0]), kv[0][1]))]
+    return [
+        {"task": task, "answer": truth, "n": len(h), "correct": sum(h), "accuracy": sum(h) / len(h)}
+        for (task, truth), h in sorted(hits.items(), key=lambda kv: (TASKS.index(kv[0][0]), kv[0][1]))
+    ]
 
 
-def format_scores(scores: dict, label: Optional[str] = None) -> str:
+def format_scores(scores: dict, label: str | None = None) -> str:
     """One line: mean and per-task accuracy in percent."""
     parts = " ".join(f"{t}={100 * a:.0f}" for t, a in scores["per_task"].items())
     return f"{label + ': ' if label else ''}mean={100 * scores['mean']:.1f} {parts}"

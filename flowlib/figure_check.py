@@ -23,8 +23,9 @@ from . import config as cfg
 
 def committed_csv(name: str, revision: str) -> pd.DataFrame | None:
     """`figures/<name>` as committed at `revision`, or None where it was not committed."""
-    shown = subprocess.run(["git", "show", f"{revision}:figures/{name}"], cwd=cfg.PROJECT_DIR,
-                           capture_output=True, text=True)
+    shown = subprocess.run(
+        ["git", "show", f"{revision}:figures/{name}"], cwd=cfg.PROJECT_DIR, capture_output=True, text=True
+    )
     return pd.read_csv(io.StringIO(shown.stdout)) if shown.returncode == 0 else None
 
 
@@ -34,8 +35,11 @@ def compare(written: pd.DataFrame, committed: pd.DataFrame, tolerance: float) ->
         return float("nan"), f"columns {list(written.columns)} != committed {list(committed.columns)}"
     if len(written) != len(committed):
         return float("nan"), f"{len(written)} rows != committed {len(committed)}"
-    numeric = [c for c in written.columns
-               if pd.api.types.is_numeric_dtype(written[c]) and pd.api.types.is_numeric_dtype(committed[c])]
+    numeric = [
+        c
+        for c in written.columns
+        if pd.api.types.is_numeric_dtype(written[c]) and pd.api.types.is_numeric_dtype(committed[c])
+    ]
     for column in written.columns.difference(numeric):
         if not written[column].astype(str).equals(committed[column].astype(str)):
             return float("nan"), f"column {column!r} differs"
@@ -50,8 +54,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--against", default="HEAD", help="git revision holding the committed figures")
     parser.add_argument("--tolerance", type=float, default=1e-6, help="largest allowed numeric difference")
-    parser.add_argument("--figures", type=Path, default=cfg.figures_dir(),
-                        help="folder of the written figures (default: FLOWLIB_FIGURES or figures/)")
+    parser.add_argument(
+        "--figures",
+        type=Path,
+        default=cfg.figures_dir(),
+        help="folder of the written figures (default: FLOWLIB_FIGURES or figures/)",
+    )
     args = parser.parse_args(argv)
     paths = sorted(args.figures.glob("*.csv"))
     if not paths:
@@ -66,8 +74,11 @@ def main(argv=None) -> int:
             largest, problem = compare(pd.read_csv(path), committed, args.tolerance)
             failed |= bool(problem)
         print(f"{path.name}: max |difference| {largest:.3g}" + (f"  FAIL: {problem}" if problem else "  ok"))
-    print("figures differ from the committed ones" if failed
-          else f"every figure's numbers equal the committed ones within {args.tolerance:g}")
+    print(
+        "figures differ from the committed ones"
+        if failed
+        else f"every figure's numbers equal the committed ones within {args.tolerance:g}"
+    )
     return 1 if failed else 0
 
 

@@ -23,9 +23,9 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable, Optional
 
 from .config import PACKAGE_DIR
 
@@ -34,9 +34,23 @@ WHOLE_FILE_LIMIT = 256 * 2**20
 #: A sampled file's hash covers its first and last 4 MiB and 16 blocks of 1 MiB spread evenly in between.
 EDGE_BYTES, BLOCK_BYTES, BLOCKS = 4 * 2**20, 2**20, 16
 #: The files of a checkpoint folder that decide its outputs (model cards and training logs do not).
-CHECKPOINT_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.bin", "*.index.json", "tokenizer*",
-                    "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model", "*.tiktoken",
-                    "processor_config.json", "preprocessor_config.json", "chat_template*")
+CHECKPOINT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.bin",
+    "*.index.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab*",
+    "merges.txt",
+    "*.model",
+    "*.tiktoken",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "chat_template*",
+)
 #: In-memory tensors up to this many elements are hashed whole; larger ones by their first and last ones.
 WHOLE_TENSOR_LIMIT = 2**16
 PARTS = ("model", "data", "settings", "code")
@@ -66,8 +80,11 @@ def file_digest(path) -> dict:
                 digest.update(block)
             return {"bytes": size, "sha256": digest.hexdigest()}
         step = (size - 2 * EDGE_BYTES) // (BLOCKS + 1)
-        for offset, length in [(0, EDGE_BYTES), *[(EDGE_BYTES + step * (i + 1), BLOCK_BYTES) for i in range(BLOCKS)],
-                               (size - EDGE_BYTES, EDGE_BYTES)]:
+        for offset, length in [
+            (0, EDGE_BYTES),
+            *[(EDGE_BYTES + step * (i + 1), BLOCK_BYTES) for i in range(BLOCKS)],
+            (size - EDGE_BYTES, EDGE_BYTES),
+        ]:
             f.seek(offset)
             digest.update(f.read(length))
     return {"bytes": size, "sha256": digest.hexdigest(), "hashed": "sampled"}
@@ -83,7 +100,7 @@ def _tensor_digest(tensor) -> str:
     return _sha256(flat.contiguous().view(torch.uint8).cpu().numpy().tobytes())
 
 
-def hub_commit(repo_id: str, revision: Optional[str] = None) -> Optional[str]:
+def hub_commit(repo_id: str, revision: str | None = None) -> str | None:
     """The commit of `repo_id` (at `revision`) in the local Hugging Face cache, None when not cached."""
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -106,12 +123,13 @@ def model_fingerprint(loaded) -> dict:
         record["hub_commit"] = commit
     else:  # in memory, or a hub model whose cache entry cannot be found: hash what is loaded
         state = loaded.model.state_dict()
-        record["parameters"] = _sha256([[name, str(t.dtype), list(t.shape), _tensor_digest(t)]
-                                        for name, t in sorted(state.items())])
+        record["parameters"] = _sha256(
+            [[name, str(t.dtype), list(t.shape), _tensor_digest(t)] for name, t in sorted(state.items())]
+        )
     return record
 
 
-def image_digest(image, cache: Optional[dict] = None) -> dict:
+def image_digest(image, cache: dict | None = None) -> dict:
     """An image's content: {bytes, sha256} of its file, {pixels} of a decoded image, or why it is unreadable.
 
     Callables (lazily decoded images) are called, and the result is not cached in the sample.
@@ -143,11 +161,18 @@ def image_digest(image, cache: Optional[dict] = None) -> dict:
 
 def sample_content(sample, index: int) -> dict:
     """What of a sample decides the numbers, besides its image."""
-    return {"index": index, "question_id": sample.question_id, "task": sample.task, "question": sample.question,
-            "answer": sample.answer, "true_option": sample.true_option, "false_option": sample.false_option,
-            "central_object": sample.central_object,
-            "image_size": list(sample.image_size) if sample.image_size is not None else None,
-            "boxes": [[b.x, b.y, b.w, b.h, b.label] for b in sample.boxes]}
+    return {
+        "index": index,
+        "question_id": sample.question_id,
+        "task": sample.task,
+        "question": sample.question,
+        "answer": sample.answer,
+        "true_option": sample.true_option,
+        "false_option": sample.false_option,
+        "central_object": sample.central_object,
+        "image_size": list(sample.image_size) if sample.image_size is not None else None,
+        "boxes": [[b.x, b.y, b.w, b.h, b.label] for b in sample.boxes],
+    }
 
 
 def data_fingerprint(indexed_samples: Iterable[tuple[int, object]]) -> tuple[dict, list[dict]]:
@@ -161,9 +186,18 @@ def data_fingerprint(indexed_samples: Iterable[tuple[int, object]]) -> tuple[dic
         content = sample_content(sample, index)
         image = image_digest(sample.image, cache)
         path = os.fspath(sample.image) if isinstance(sample.image, (str, os.PathLike)) else None
-        records.append({"index": index, "question_id": sample.question_id, "task": sample.task,
-                        "source": sample.source, "image_path": path, "image": image, "content": content,
-                        "digest": _sha256([content, image])})
+        records.append(
+            {
+                "index": index,
+                "question_id": sample.question_id,
+                "task": sample.task,
+                "source": sample.source,
+                "image_path": path,
+                "image": image,
+                "content": content,
+                "digest": _sha256([content, image]),
+            }
+        )
         tasks[sample.task] = tasks.get(sample.task, 0) + 1
     part = {"digest": _sha256([r["digest"] for r in records]), "samples": len(records), "tasks": tasks}
     return part, records
@@ -175,7 +209,7 @@ def data_fingerprint(indexed_samples: Iterable[tuple[int, object]]) -> tuple[dic
 NUMERIC_MODULES = ("runner", "models")
 
 
-def _module_file(name: str) -> Optional[Path]:
+def _module_file(name: str) -> Path | None:
     """The source file of flowlib module `name` ("flowlib.x.y"), None if it is not one."""
     parts = name.split(".")
     if parts[0] != "flowlib":
@@ -219,8 +253,10 @@ def code_fingerprint() -> dict:
         if path not in seen:
             seen.add(path)
             todo += _imports(path)
-    return {"flowlib": version, "sources": {p.relative_to(PACKAGE_DIR).as_posix(): _sha256(p.read_bytes())
-                                            for p in sorted(seen)}}
+    return {
+        "flowlib": version,
+        "sources": {p.relative_to(PACKAGE_DIR).as_posix(): _sha256(p.read_bytes()) for p in sorted(seen)},
+    }
 
 
 def identity(fingerprint: dict) -> str:
@@ -236,7 +272,7 @@ def _short(value) -> str:
     return text if len(text) <= 80 else f"{text[:77]}..."
 
 
-def _describe_file(digest: Optional[dict]) -> str:
+def _describe_file(digest: dict | None) -> str:
     if not digest:
         return "absent"
     if "unreadable" in digest:
@@ -247,8 +283,11 @@ def _describe_file(digest: Optional[dict]) -> str:
 
 
 def _dict_changes(prefix: str, old: dict, new: dict, skip=()) -> list[str]:
-    return [f"{prefix}{key}: {_short(old.get(key))} -> {_short(new.get(key))}"
-            for key in sorted(set(old) | set(new)) if key not in skip and old.get(key) != new.get(key)]
+    return [
+        f"{prefix}{key}: {_short(old.get(key))} -> {_short(new.get(key))}"
+        for key in sorted(set(old) | set(new))
+        if key not in skip and old.get(key) != new.get(key)
+    ]
 
 
 def _model_changes(old: dict, new: dict) -> list[str]:
@@ -257,8 +296,10 @@ def _model_changes(old: dict, new: dict) -> list[str]:
     if old_files is not None and new_files is not None:
         for name in sorted(set(old_files) | set(new_files)):
             if old_files.get(name) != new_files.get(name):
-                out.append(f"model file {name} changed ({_describe_file(old_files.get(name))} -> "
-                           f"{_describe_file(new_files.get(name))})")
+                out.append(
+                    f"model file {name} changed ({_describe_file(old_files.get(name))} -> "
+                    f"{_describe_file(new_files.get(name))})"
+                )
     elif (old_files is None) != (new_files is None):
         out.append("model source changed (checkpoint folder <-> hub or in-memory model)")
     for key in ("hub_commit", "parameters"):
@@ -271,13 +312,14 @@ def _sample_change(old: dict, new: dict) -> str:
     where = f"sample {new['question_id']} ({new['task']}{', ' + new['source'] if new.get('source') else ''})"
     if old.get("image") != new.get("image"):
         path = new.get("image_path") or old.get("image_path") or "in memory"
-        return f"{where}: image {path} changed ({_describe_file(old.get('image'))} -> " \
-               f"{_describe_file(new.get('image'))})"
+        return (
+            f"{where}: image {path} changed ({_describe_file(old.get('image'))} -> {_describe_file(new.get('image'))})"
+        )
     fields = _dict_changes("", old.get("content") or {}, new.get("content") or {})
     return f"{where}: {'; '.join(fields) or 'content changed'}"
 
 
-def _data_changes(old: dict, new: dict, old_records: Optional[list], new_records: list, limit: int = 3) -> list[str]:
+def _data_changes(old: dict, new: dict, old_records: list | None, new_records: list, limit: int = 3) -> list[str]:
     out = []
     if old.get("samples") != new.get("samples") or old.get("tasks") != new.get("tasks"):
         out.append(f"data: {old.get('samples')} samples {old.get('tasks')} -> {new.get('samples')} {new.get('tasks')}")
@@ -287,8 +329,11 @@ def _data_changes(old: dict, new: dict, old_records: Optional[list], new_records
     new_by_id = {r["question_id"]: r for r in new_records}
     removed = [q for q in old_by_id if q not in new_by_id]
     added = [q for q in new_by_id if q not in old_by_id]
-    changed = [_sample_change(old_by_id[q], new_by_id[q]) for q in new_by_id
-               if q in old_by_id and old_by_id[q]["digest"] != new_by_id[q]["digest"]]
+    changed = [
+        _sample_change(old_by_id[q], new_by_id[q])
+        for q in new_by_id
+        if q in old_by_id and old_by_id[q]["digest"] != new_by_id[q]["digest"]
+    ]
     for what, items in (("samples removed", removed), ("samples added", added)):
         if items:
             more = f" and {len(items) - limit} more" if len(items) > limit else ""
@@ -297,7 +342,7 @@ def _data_changes(old: dict, new: dict, old_records: Optional[list], new_records
     return out or ["data: the samples' order changed"]
 
 
-def changes(old: dict, new: dict, old_records: Optional[list] = None, new_records: Optional[list] = None) -> list[str]:
+def changes(old: dict, new: dict, old_records: list | None = None, new_records: list | None = None) -> list[str]:
     """What differs between two fingerprints, part by part, naming files and samples where it can."""
     old, new, new_records = json.loads(_canonical([old, new, new_records]))  # both as stored (JSON)
     out = []

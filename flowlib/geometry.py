@@ -227,7 +227,6 @@ def painted_patch_offsets(image_processor, geometry: ImageGeometry, width: int, 
         size = grid.patch_size
         patches = canvas.reshape(canvas.shape[0] // size, size, canvas.shape[1] // size, size).any(axis=(1, 3))
         top, left = (patches.shape[0] - grid.rows) // 2, (patches.shape[1] - grid.cols) // 2
-        rows, cols = np.nonzero(patches[top:top + grid.rows, left:left + grid.cols])
+        rows, cols = np.nonzero(patches[top : top + grid.rows, left : left + grid.cols])
         offsets.append(grid.offset + rows * grid.row_stride + cols)
     return np.unique(np.concatenate(offsets)) if offsets else np.zeros(0, dtype=np.int64)
-

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 SWITCH = "FLOWLIB_PORTABLE"
 #: Read by torch and MKL when they start: set before Python starts.
@@ -49,7 +49,7 @@ def portable_requested(environ: Mapping[str, str] = os.environ) -> bool:
     return value == "1"
 
 
-def portable_environment(environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+def portable_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """`environ` (default: this process's) with portable mode switched on, for a subprocess."""
     return {**(os.environ if environ is None else environ), **PORTABLE_ENVIRONMENT, SWITCH: "1"}
 
@@ -72,7 +72,8 @@ def use_configured_kernels(threads: int = PORTABLE_THREADS) -> str:
                 f"{SWITCH}=1 needs {' '.join(missing)} in the environment before Python starts (torch and MKL "
                 f"read it once, at start): run through `make figures` (PORTABLE=1), or prefix the command with "
                 f"`env {' '.join(f'{k}={v}' for k, v in PORTABLE_ENVIRONMENT.items())} {SWITCH}=1`; "
-                f"or unset {SWITCH} for the processor's own kernels")
+                f"or unset {SWITCH} for the processor's own kernels"
+            )
         torch.backends.mkldnn.enabled = False
         torch.backends.nnpack.set_flags(False)
         torch.set_num_threads(threads)
@@ -80,7 +81,7 @@ def use_configured_kernels(threads: int = PORTABLE_THREADS) -> str:
 
 
 def kernel_kind() -> str:
-    """"portable", or the instruction set of the processor's own kernels ("AVX2", "AVX512", ...)."""
+    """ "portable", or the instruction set of the processor's own kernels ("AVX2", "AVX512", ...)."""
     import torch
 
     capability = torch.backends.cpu.get_cpu_capability()
@@ -102,8 +103,10 @@ def main(argv=None) -> None:
     try:
         os.execvpe(argv[0], argv, portable_environment())
     except OSError as error:  # only reached when the command could not start
-        raise SystemExit(f"python -m flowlib.kernels: cannot run {argv[0]!r}: {error.strerror}; "
-                         "give a command on PATH or a path to an executable") from None
+        raise SystemExit(
+            f"python -m flowlib.kernels: cannot run {argv[0]!r}: {error.strerror}; "
+            "give a command on PATH or a path to an executable"
+        ) from None
 
 
 if __name__ == "__main__":

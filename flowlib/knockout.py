@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -113,8 +113,11 @@ def check_flows(layout: TokenLayout, flows: Sequence[str]) -> list[tuple[np.ndar
     # Only target rows lose edges; row q is left empty when every key 0..q is cut.
     empty_rows = []
     for q in np.unique(np.concatenate([targets for _, targets, _ in checked])):
-        keys = [sources[sources <= q] if itself else sources[sources < q]
-                for sources, targets, itself in checked if q in targets]
+        keys = [
+            sources[sources <= q] if itself else sources[sources < q]
+            for sources, targets, itself in checked
+            if q in targets
+        ]
         cut_keys = len(keys[0]) if len(keys) == 1 else len(np.unique(np.concatenate(keys)))  # groups hold no repeats
         if cut_keys == q + 1:
             empty_rows.append(int(q))
@@ -160,7 +163,7 @@ class KnockoutAttention:
             (batch 1), prepended to every row's keys (the fast sweep's clean prefix).
     """
 
-    def __init__(self, cut: Optional[torch.Tensor], schedule: torch.Tensor, backend: str, prefix=None):
+    def __init__(self, cut: torch.Tensor | None, schedule: torch.Tensor, backend: str, prefix=None):
         if backend not in SUPPORTED_BACKENDS:
             raise UnsupportedAttentionError(f"backend {backend!r}; flowlib supports {SUPPORTED_BACKENDS}")
         self.name = f"flowlib_knockout_{next(_counter)}"
@@ -174,7 +177,7 @@ class KnockoutAttention:
     def reset(self) -> None:
         """Forget the counts of the previous forward."""
         self.calls = [0] * self.num_layers
-        self.removed: list[Optional[torch.Tensor]] = [None] * self.num_layers
+        self.removed: list[torch.Tensor | None] = [None] * self.num_layers
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         layer = module.layer_idx
@@ -195,9 +198,15 @@ class KnockoutAttention:
                 )
             if attention_mask is None:
                 # sdpa skipped the mask (purely causal): build the causal mask before cutting edges.
-                attention_mask = sdpa_mask(batch_size=1, q_length=q_len, kv_length=kv_len, q_offset=kv_len - q_len,
-                                           allow_is_causal_skip=False, device=query.device)
-            cut = self.cut[kv_len - q_len:, :kv_len]
+                attention_mask = sdpa_mask(
+                    batch_size=1,
+                    q_length=q_len,
+                    kv_length=kv_len,
+                    q_offset=kv_len - q_len,
+                    allow_is_causal_skip=False,
+                    device=query.device,
+                )
+            cut = self.cut[kv_len - q_len :, :kv_len]
             allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
             per_row = (allowed & cut).sum(dim=(1, 2, 3))
             self.removed[layer] = per_row * rows
@@ -207,8 +216,9 @@ class KnockoutAttention:
             else:
                 attention_mask = attention_mask.masked_fill(drop, torch.finfo(attention_mask.dtype).min)
         if self.backend == "sdpa":
-            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                          dropout=dropout, **kwargs)
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
         return _eager(module, query, key, value, attention_mask, scaling)
 
     def verify(self) -> None:
@@ -249,7 +259,8 @@ def _eager(module, query, key, value, attention_mask, scaling):
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:  # a boolean mask must be turned additive, never added as 0/1
             attention_mask = torch.zeros_like(attention_mask, dtype=scores.dtype).masked_fill(
-                ~attention_mask, torch.finfo(scores.dtype).min)
+                ~attention_mask, torch.finfo(scores.dtype).min
+            )
         scores = scores + attention_mask
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
@@ -275,8 +286,10 @@ def installed(model, attention: KnockoutAttention):
         ...     loaded.model(**inputs)
     """
     config = model.config
-    original = {"text_config": config.text_config._attn_implementation,
-                "vision_config": config.vision_config._attn_implementation}
+    original = {
+        "text_config": config.text_config._attn_implementation,
+        "vision_config": config.vision_config._attn_implementation,
+    }
     current_backend(model)
     AttentionInterface.register(attention.name, attention)
     # The mask builder of the kernel we call after cutting; without it the function gets no mask at all.
@@ -309,8 +322,7 @@ def layer_schedule(layers: Iterable[int], num_layers: int, device=None) -> torch
 
 
 @contextlib.contextmanager
-def knockout(loaded, layout: TokenLayout, flows: Sequence[str], layers: Iterable[int], *,
-             backend: Optional[str] = None):
+def knockout(loaded, layout: TokenLayout, flows: Sequence[str], layers: Iterable[int], *, backend: str | None = None):
     """Block `flows` in `layers` for every forward of `loaded.model` inside the block.
 
     Args:
@@ -344,8 +356,10 @@ def knockout(loaded, layout: TokenLayout, flows: Sequence[str], layers: Iterable
     attention = KnockoutAttention(cut, schedule, backend)
     lm = language_model(model)
     # Hooks on the decoder bracket every forward: reset the counts before, prove the cut after.
-    handles = [lm.register_forward_pre_hook(lambda *_: attention.reset()),
-               lm.register_forward_hook(lambda *_: attention.verify())]
+    handles = [
+        lm.register_forward_pre_hook(lambda *_: attention.reset()),
+        lm.register_forward_hook(lambda *_: attention.verify()),
+    ]
     try:
         with installed(model, attention):
             yield attention

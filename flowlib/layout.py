@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from typing import Optional
 
 import numpy as np
 
@@ -89,10 +88,25 @@ def _positions_overlapping(offsets: np.ndarray, start: int, end: int) -> np.ndar
 
 #: Irregular forms the released questions use where the CSV names the object otherwise: plurals
 #: ("men" for "man") and pronouns in the object case ("him" for ChooseRel's "he").
-IRREGULAR_FORMS = {"he": "him", "she": "her", "they": "them", "man": "men", "woman": "women", "person": "people",
-                   "child": "children", "foot": "feet",
-                     "tooth": "teeth", "mouse": "mice", "goose": "geese", "knife": "knives", "leaf": "leaves",
-                     "shelf": "shelves", "skis": "skis", "sheep": "sheep", "fish": "fish"}
+IRREGULAR_FORMS = {
+    "he": "him",
+    "she": "her",
+    "they": "them",
+    "man": "men",
+    "woman": "women",
+    "person": "people",
+    "child": "children",
+    "foot": "feet",
+    "tooth": "teeth",
+    "mouse": "mice",
+    "goose": "geese",
+    "knife": "knives",
+    "leaf": "leaves",
+    "shelf": "shelves",
+    "skis": "skis",
+    "sheep": "sheep",
+    "fish": "fish",
+}
 #: A word shorter than this is never matched inside a longer word ("he" must not match "the").
 MIN_INFIX = 3
 
@@ -111,7 +125,7 @@ def _inflections(word: str) -> list[str]:
     return [prefix + form for form in dict.fromkeys(forms) if form and form.lower() != last.lower()]
 
 
-def locate_word(text: str, word: str, last: bool = False) -> tuple[Optional[tuple[int, int]], str]:
+def locate_word(text: str, word: str, last: bool = False) -> tuple[tuple[int, int] | None, str]:
     """Where `word` (an option or object name) occurs in `text`, and how it was found.
 
     The official code searches substrings and never fails; the released questions name many
@@ -125,6 +139,7 @@ def locate_word(text: str, word: str, last: bool = False) -> tuple[Optional[tupl
         ((start, end), how) with how one of "word", "inflection", "part of word"; or
         (None, reason) when it is nowhere in the text.
     """
+
     def search(pattern):
         found = list(re.finditer(pattern, text, flags=re.IGNORECASE))
         return None if not found else (found[-1] if last else found[0]).span()
@@ -155,7 +170,7 @@ def build_layout(
     question_start: int,
     geometry: ImageGeometry,
     image_size: tuple[int, int],
-    painted: Optional[np.ndarray] = None,
+    painted: np.ndarray | None = None,
 ) -> TokenLayout:
     """Compute the token layout of one prepared input (see `LoadedModel.prepare`).
 
@@ -212,12 +227,14 @@ def build_layout(
         clipped = box.clip(width, height)
         if clipped is None:  # as painting it would: nothing of it lies on the image
             unmapped.append(box)
-            warnings.warn(f"sample {sid}: box {box} lies outside the {width}x{height} image or has no area; "
-                          "it adds no related patch", stacklevel=3)
+            warnings.warn(
+                f"sample {sid}: box {box} lies outside the {width}x{height} image or has no area; "
+                "it adds no related patch",
+                stacklevel=3,
+            )
             continue
         if clipped != box:
-            warnings.warn(f"sample {sid}: box {box} extends beyond the {width}x{height} image; clipped",
-                          stacklevel=3)
+            warnings.warn(f"sample {sid}: box {box} extends beyond the {width}x{height} image; clipped", stacklevel=3)
         hit = geometry.box_offsets(clipped)
         if len(hit) == 0 and painted is None:
             unmapped.append(box)

@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import pandas as pd
 import torch
@@ -85,10 +85,22 @@ def answer_lens(loaded, prepared, lenses: Sequence[str] = ("normed",)) -> pd.Dat
         for form, word in forms.items():
             token = loaded.tokenizer.convert_ids_to_tokens(ids[form])
             for layer in range(probs.shape[0]):
-                rows.append((sample.question_id, sample.task, lens, layer, form, word, token, ids[form],
-                             float(probs[layer, ids[form]])))
-    return pd.DataFrame(rows, columns=["question_id", "task", "lens", "layer", "form", "word", "token",
-                                       "token_id", "prob"])
+                rows.append(
+                    (
+                        sample.question_id,
+                        sample.task,
+                        lens,
+                        layer,
+                        form,
+                        word,
+                        token,
+                        ids[form],
+                        float(probs[layer, ids[form]]),
+                    )
+                )
+    return pd.DataFrame(
+        rows, columns=["question_id", "task", "lens", "layer", "form", "word", "token", "token_id", "prob"]
+    )
 
 
 def lens_table(loaded, samples: Iterable, lenses: Sequence[str] = ("normed",), progress: bool = True) -> pd.DataFrame:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 from pathlib import Path
-from typing import Optional
 
 import torch
 from transformers import (
@@ -55,14 +54,19 @@ def check_loading_info(name_or_path: str, info: dict) -> None:
     weights of 12 would run with two random layers.
     """
     problems = []
-    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
-                      ("mismatched_keys", "of another shape")):
+    for key, what in (
+        ("missing_keys", "missing"),
+        ("unexpected_keys", "unexpected"),
+        ("mismatched_keys", "of another shape"),
+    ):
         names = sorted(str(k) for k in info.get(key) or ())
         if names:
             problems.append(f"{len(names)} weights {what} (e.g. {', '.join(names[:2])})")
     if problems:
-        raise CheckpointError(f"{name_or_path}: the weight files do not match config.json: {'; '.join(problems)}; "
-                              "the config and the weights come from different checkpoints")
+        raise CheckpointError(
+            f"{name_or_path}: the weight files do not match config.json: {'; '.join(problems)}; "
+            "the config and the weights come from different checkpoints"
+        )
 
 
 class FamilyAdapter:
@@ -82,7 +86,7 @@ class FamilyAdapter:
         """The patch geometry of a `width` x `height` image under `processor`."""
         raise NotImplementedError
 
-    def check_image_mode(self, image_mode: Optional[str]) -> str:
+    def check_image_mode(self, image_mode: str | None) -> str:
         image_mode = image_mode or self.image_modes[0]
         if image_mode not in self.image_modes:
             raise ValueError(f"{self.name} supports image_mode {self.image_modes}, not {image_mode!r}")
@@ -182,8 +186,10 @@ def build_prompt(question: str, style: PromptStyle = PromptStyle.VICUNA) -> tupl
         prompt = f"{head}{user_text} ASSISTANT:"
     else:
         eot = cfg.LLAMA3_END_OF_TURN
-        head = (f"<|start_header_id|>system<|end_header_id|>\n\n{cfg.LLAMA3_SYSTEM}{eot}"
-                "<|start_header_id|>user<|end_header_id|>\n\n")
+        head = (
+            f"<|start_header_id|>system<|end_header_id|>\n\n{cfg.LLAMA3_SYSTEM}{eot}"
+            "<|start_header_id|>user<|end_header_id|>\n\n"
+        )
         prompt = f"{head}{user_text}{eot}<|start_header_id|>assistant<|end_header_id|>\n\n \n"
     return prompt, len(head) + len(user_prefix)
 
@@ -198,8 +204,9 @@ def stop_token_ids(tokenizer, style: PromptStyle) -> list[int]:
     if PromptStyle(style) is PromptStyle.LLAMA3:
         eot, end = (tokenizer.convert_tokens_to_ids(t) for t in (cfg.LLAMA3_END_OF_TURN, cfg.LLAMA3_END_OF_TEXT))
         if eot is None or eot == tokenizer.unk_token_id:
-            raise UnsupportedModelError(f"a Llama-3 prompt needs the {cfg.LLAMA3_END_OF_TURN} token; "
-                                        "this tokenizer lacks it")
+            raise UnsupportedModelError(
+                f"a Llama-3 prompt needs the {cfg.LLAMA3_END_OF_TURN} token; this tokenizer lacks it"
+            )
         # Whichever of the two the checkpoint names as eos, both end an answer (docs/protocol.md).
         ids += [eot] + ([end] if end is not None and end != tokenizer.unk_token_id else [])
     return list(dict.fromkeys(int(i) for i in ids))
@@ -229,7 +236,7 @@ class LoadedModel:
     prompt_style: PromptStyle
     name: str
     image_mode: str
-    revision: Optional[str] = None
+    revision: str | None = None
     #: Which patches are "related": "geometric" (flowlib's coverage rule, exact under nearest resampling)
     #: or "official" (the official code's red-painted mask through the processor).
     related_rule: str = "geometric"
@@ -277,8 +284,11 @@ class LoadedModel:
         prompt, question_start = build_prompt(sample.question, self.prompt_style)
         inputs = self.processor(images=image, text=prompt, return_tensors="pt")
         geometry = self.adapter.geometry(self.processor, image.width, image.height)
-        painted = (painted_patch_offsets(self.processor.image_processor, geometry, image.width, image.height,
-                                         sample.boxes) if self.related_rule == "official" else None)
+        painted = (
+            painted_patch_offsets(self.processor.image_processor, geometry, image.width, image.height, sample.boxes)
+            if self.related_rule == "official"
+            else None
+        )
         layout = build_layout(
             sample=sample,
             input_ids=inputs["input_ids"][0],
@@ -298,8 +308,16 @@ class LoadedModel:
 RELATED_RULES = ("geometric", "official")
 
 
-def wrap_model(model, processor, *, name: str, image_mode: Optional[str] = None, revision=None, prompt_style=None,
-               related_rule: str = "geometric"):
+def wrap_model(
+    model,
+    processor,
+    *,
+    name: str,
+    image_mode: str | None = None,
+    revision=None,
+    prompt_style=None,
+    related_rule: str = "geometric",
+):
     """Wrap an in-memory model and processor (e.g. a tiny test model) as a `LoadedModel`."""
     if related_rule not in RELATED_RULES:
         raise ValueError(f"related_rule must be one of {RELATED_RULES}, not {related_rule!r}")
@@ -328,9 +346,9 @@ def load_model(
     *,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
-    image_mode: Optional[str] = None,
-    revision: Optional[str] = None,
-    prompt_style: Optional[str] = None,
+    image_mode: str | None = None,
+    revision: str | None = None,
+    prompt_style: str | None = None,
     related_rule: str = "geometric",
 ) -> LoadedModel:
     """Load a LLaVA-family checkpoint by hub id, local path or short name.
@@ -352,8 +370,9 @@ def load_model(
     config = AutoConfig.from_pretrained(path, revision=revision)
     adapter = adapter_for(config)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model, info = adapter.model_class.from_pretrained(path, revision=revision, dtype=torch_dtype,
-                                                      attn_implementation="sdpa", output_loading_info=True)
+    model, info = adapter.model_class.from_pretrained(
+        path, revision=revision, dtype=torch_dtype, attn_implementation="sdpa", output_loading_info=True
+    )
     check_loading_info(name_or_path, info)
     model = model.to(device).eval()
     processor = AutoProcessor.from_pretrained(path, revision=revision)
@@ -361,12 +380,22 @@ def load_model(
         raise UnsupportedModelError(
             f"{name_or_path}: expected a {adapter.processor_class.__name__}, got {type(processor).__name__}"
         )
-    if getattr(processor, "num_additional_image_tokens", 1) != 1 and processor.vision_feature_select_strategy == "default":
+    if (
+        getattr(processor, "num_additional_image_tokens", 1) != 1
+        and processor.vision_feature_select_strategy == "default"
+    ):
         # Older llava-hf processor configs omit it and then emit one placeholder too few (575).
         processor.num_additional_image_tokens = 1
     name = name_or_path if name_or_path in cfg.SHORT_NAMES else str(name_or_path)
-    return wrap_model(model, processor, name=name, image_mode=image_mode, revision=revision, prompt_style=prompt_style,
-                      related_rule=related_rule)
+    return wrap_model(
+        model,
+        processor,
+        name=name,
+        image_mode=image_mode,
+        revision=revision,
+        prompt_style=prompt_style,
+        related_rule=related_rule,
+    )
 
 
 def save_checkpoint(loaded: LoadedModel, path: str | Path) -> Path:

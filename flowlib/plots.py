@@ -9,8 +9,8 @@ as CSV, so tests and readers can check numbers without reading pixels.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -32,8 +32,9 @@ FLOW_COLORS = {
 }
 
 
-def summarise_curves(table: pd.DataFrame, by: Sequence[str] = ("task", "flow", "layer"),
-                     value: str = "relative_change") -> pd.DataFrame:
+def summarise_curves(
+    table: pd.DataFrame, by: Sequence[str] = ("task", "flow", "layer"), value: str = "relative_change"
+) -> pd.DataFrame:
     """Mean, 95% band and sample count of `value` per group (the numbers a curve figure plots)."""
     grouped = table.groupby(list(by), sort=True)[value]
     summary = grouped.agg(mean="mean", std="std", n="count").reset_index()
@@ -58,8 +59,16 @@ def _band_line(ax, rows: pd.DataFrame, label: str, color) -> None:
     ax.fill_between(rows["layer"], rows["low"], rows["high"], color=color, alpha=0.2, linewidth=0)
 
 
-def _curve_panels(summary: pd.DataFrame, key: str, styles: dict, title: str, ylabel: str, legend_loc: str,
-                  zero_line: bool = False, count_in_title: bool = False):
+def _curve_panels(
+    summary: pd.DataFrame,
+    key: str,
+    styles: dict,
+    title: str,
+    ylabel: str,
+    legend_loc: str,
+    zero_line: bool = False,
+    count_in_title: bool = False,
+):
     """One panel per task, a banded line per value of `key`; `styles` maps each value to (label, colour)."""
     sns.set_theme(style="whitegrid", context="paper")
     tasks = list(dict.fromkeys(summary["task"]))
@@ -83,16 +92,28 @@ def _curve_panels(summary: pd.DataFrame, key: str, styles: dict, title: str, yla
     return fig
 
 
-def plot_flow_curves(summary: pd.DataFrame, title: str, flows: Optional[Sequence[str]] = None):
+def plot_flow_curves(summary: pd.DataFrame, title: str, flows: Sequence[str] | None = None):
     """One panel per task; a line per flow with its 95% band; layer on x, change in probability on y."""
     flows = list(flows or dict.fromkeys(summary["flow"]))
-    return _curve_panels(summary, "flow", {flow: (flow, FLOW_COLORS.get(flow)) for flow in flows}, title,
-                         Y_LABEL, "lower left", zero_line=True, count_in_title=True)
+    return _curve_panels(
+        summary,
+        "flow",
+        {flow: (flow, FLOW_COLORS.get(flow)) for flow in flows},
+        title,
+        Y_LABEL,
+        "lower left",
+        zero_line=True,
+        count_in_title=True,
+    )
 
 
 #: Legend labels of the lens forms: the case is the point, so say it in words.
-FORM_LABELS = {"answer": "answer (lowercase)", "Answer": "Answer (capitalised)",
-               "false option": "false option (lowercase)", "False option": "False option (capitalised)"}
+FORM_LABELS = {
+    "answer": "answer (lowercase)",
+    "Answer": "Answer (capitalised)",
+    "false option": "false option (lowercase)",
+    "False option": "False option (capitalised)",
+}
 
 
 def plot_lens_curves(summary: pd.DataFrame, title: str, value_label: str = "Probability"):
@@ -112,7 +133,7 @@ def denormalised_image(prepared, image_processor) -> np.ndarray:
     return np.clip(pixels.numpy() * std + mean, 0, 1).transpose(1, 2, 0)
 
 
-def plot_layout_overlay(prepared, image_processor, ax=None, title: Optional[str] = None):
+def plot_layout_overlay(prepared, image_processor, ax=None, title: str | None = None):
     """The processed image with the patch grid, related patches highlighted (base view for LLaVA-NeXT)."""
     layout = prepared.layout
     grid_positions = layout.base_view if layout.base_view.size else layout.image
@@ -127,8 +148,18 @@ def plot_layout_overlay(prepared, image_processor, ax=None, title: Optional[str]
     for offset in range(side * side):
         row, col = divmod(offset, side)
         if offset in related:
-            ax.add_patch(plt.Rectangle((col * cell, row * cell), cell, cell, fill=True, alpha=0.35,
-                                       facecolor="#9467bd", edgecolor="#9467bd", linewidth=0.8))
+            ax.add_patch(
+                plt.Rectangle(
+                    (col * cell, row * cell),
+                    cell,
+                    cell,
+                    fill=True,
+                    alpha=0.35,
+                    facecolor="#9467bd",
+                    edgecolor="#9467bd",
+                    linewidth=0.8,
+                )
+            )
     for k in range(side + 1):
         ax.axhline(k * cell - 0.5, color="white", linewidth=0.3, alpha=0.6)
         ax.axvline(k * cell - 0.5, color="white", linewidth=0.3, alpha=0.6)
@@ -155,8 +186,15 @@ def example_group_sizes(prepared_by_task: dict) -> pd.DataFrame:
     rows = []
     for task, prepared in prepared_by_task.items():
         for p in prepared:
-            rows.append({"task": task, "question_id": p.sample.question_id, "question": p.sample.question,
-                         "answer": p.sample.answer, **p.layout.sizes()})
+            rows.append(
+                {
+                    "task": task,
+                    "question_id": p.sample.question_id,
+                    "question": p.sample.question,
+                    "answer": p.sample.answer,
+                    **p.layout.sizes(),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -188,8 +226,7 @@ class SavedFigure(dict):
         return Path(self["png"]).read_bytes()
 
 
-def save_figure(fig, name: str, numbers: pd.DataFrame, directory: Optional[Path] = None,
-                caption: str = "") -> SavedFigure:
+def save_figure(fig, name: str, numbers: pd.DataFrame, directory: Path | None = None, caption: str = "") -> SavedFigure:
     """Write `name`.png, `name`.pdf and the plotted numbers `name`.csv into `directory` (default figures/).
 
     Metadata carry no timestamps, so regenerating a figure changes its files only
@@ -200,8 +237,10 @@ def save_figure(fig, name: str, numbers: pd.DataFrame, directory: Optional[Path]
     paths = SavedFigure({ext: directory / f"{name}.{ext}" for ext in ("png", "pdf", "csv")})
     meta = {"Title": name, "Description": caption} if caption else {"Title": name}
     fig.savefig(paths["png"], dpi=150, metadata={**meta, "Software": None})
-    fig.savefig(paths["pdf"], metadata={"Title": name, "Subject": caption, "CreationDate": None, "Creator": None,
-                                        "Producer": None})
+    fig.savefig(
+        paths["pdf"],
+        metadata={"Title": name, "Subject": caption, "CreationDate": None, "Creator": None, "Producer": None},
+    )
     tmp = paths["csv"].with_suffix(".csv.tmp")
     numbers.to_csv(tmp, index=False)
     tmp.replace(paths["csv"])

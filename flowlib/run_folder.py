@@ -25,9 +25,9 @@ import logging
 import os
 import re
 import subprocess
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator, Optional
 
 import pandas as pd
 import pyarrow as pa
@@ -43,8 +43,23 @@ FORMAT = 3
 RUN_FILE, DATA_FILE, LOCK_FILE = "run.json", "data.json", ".lock"
 #: How often a process waiting for the folder's lock re-reads run.json (to refuse another run at once).
 POLL_SECONDS = 0.2
-COLUMNS = ["sample_index", "question_id", "task", "flow", "layer", "window", "window_layers", "window_first",
-           "window_last", "base_prob", "blocked_prob", "relative_change", "answer_token", "answer_token_text", "model"]
+COLUMNS = [
+    "sample_index",
+    "question_id",
+    "task",
+    "flow",
+    "layer",
+    "window",
+    "window_layers",
+    "window_first",
+    "window_last",
+    "base_prob",
+    "blocked_prob",
+    "relative_change",
+    "answer_token",
+    "answer_token_text",
+    "model",
+]
 
 
 class RunMismatchError(RuntimeError):
@@ -58,8 +73,13 @@ def code_version() -> str:
     except metadata.PackageNotFoundError:  # pragma: no cover - flowlib is always installed here
         version = "unknown"
     try:
-        described = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=PACKAGE_DIR,
-                                   capture_output=True, text=True, timeout=5)
+        described = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--tags"],
+            cwd=PACKAGE_DIR,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         if described.returncode == 0 and described.stdout.strip():
             version += f"+git.{described.stdout.strip()}"
     except (OSError, subprocess.SubprocessError):
@@ -75,8 +95,11 @@ def written_by() -> dict:
 def provenance_changes(stored: dict) -> list[str]:
     """How the code and CPU kernels that wrote `stored` (a `written_by()` record) differ from now's."""
     now = written_by()
-    return [f"{what} {stored.get(key)}, now {now[key]}"
-            for key, what in (("code_version", "flowlib"), ("kernels", "CPU kernels")) if stored.get(key) != now[key]]
+    return [
+        f"{what} {stored.get(key)}, now {now[key]}"
+        for key, what in (("code_version", "flowlib"), ("kernels", "CPU kernels"))
+        if stored.get(key) != now[key]
+    ]
 
 
 def atomic_write(path: Path, write) -> None:
@@ -106,7 +129,7 @@ def file_key(question_id: str) -> str:
     return f"{safe}-{hashlib.sha1(question_id.encode()).hexdigest()[:8]}"
 
 
-def read_run(output) -> Optional[dict]:
+def read_run(output) -> dict | None:
     """The folder's run.json, None when it has none (it is never half-written)."""
     try:
         return json.loads((Path(output) / RUN_FILE).read_text())
@@ -116,7 +139,7 @@ def read_run(output) -> Optional[dict]:
         raise RunMismatchError(f"{Path(output) / RUN_FILE} cannot be read ({err}); use another output folder") from err
 
 
-def _stored_records(output: Path) -> Optional[list]:
+def _stored_records(output: Path) -> list | None:
     try:
         return json.loads((output / DATA_FILE).read_text())
     except (OSError, ValueError):
@@ -126,20 +149,27 @@ def _stored_records(output: Path) -> Optional[list]:
 def _foreign_entries(output: Path) -> list[str]:
     """What in `output` a run did not write while claiming it (its lock, data.json, temporary files)."""
     ours = (LOCK_FILE, DATA_FILE)
-    return [p.name for p in output.iterdir()
-            if p.name not in ours and not p.name.startswith((f".{RUN_FILE}.tmp", f".{DATA_FILE}.tmp"))]
+    return [
+        p.name
+        for p in output.iterdir()
+        if p.name not in ours and not p.name.startswith((f".{RUN_FILE}.tmp", f".{DATA_FILE}.tmp"))
+    ]
 
 
 def _check(output: Path, stored: dict, record: dict, records: list, resume: bool) -> None:
     """Refuse unless `stored` (the folder's run.json) is this very run and resuming is allowed."""
     if stored.get("format") != FORMAT:
-        raise RunMismatchError(f"{output} holds a run written by another flowlib (run folder format "
-                               f"{stored.get('format')}, now {FORMAT}); nothing was written: use another output "
-                               "folder, or delete this one to start over")
+        raise RunMismatchError(
+            f"{output} holds a run written by another flowlib (run folder format "
+            f"{stored.get('format')}, now {FORMAT}); nothing was written: use another output "
+            "folder, or delete this one to start over"
+        )
     if stored.get("identity") != record["identity"]:
         diffs = changes(stored.get("fingerprint") or {}, record["fingerprint"], _stored_records(output), records)
-        raise RunMismatchError(f"{output} holds another run: {'; '.join(diffs) or 'its identity differs'}. Nothing "
-                               "was written; use another output folder, or delete this one to start over")
+        raise RunMismatchError(
+            f"{output} holds another run: {'; '.join(diffs) or 'its identity differs'}. Nothing "
+            "was written; use another output folder, or delete this one to start over"
+        )
     if not resume:
         raise RunMismatchError(f"{output} already holds this run; pass resume=True to continue it")
     for change in provenance_changes(stored):  # allowed, but its rows may round differently from the earlier ones
@@ -182,8 +212,10 @@ def claim(output, record: dict, records: list, resume: bool = True) -> Iterator[
     if stored is None and output.exists() and (foreign := _foreign_entries(output)):
         stored = read_run(output)  # another process may have created it meanwhile: then the entries are its run's
         if stored is None:
-            raise RunMismatchError(f"{output} is not empty and holds no run.json ({', '.join(foreign[:3])} ...); "
-                                   "use an empty or new folder")
+            raise RunMismatchError(
+                f"{output} is not empty and holds no run.json ({', '.join(foreign[:3])} ...); "
+                "use an empty or new folder"
+            )
     if stored is not None:
         _check(output, stored, record, records, resume)
     output.mkdir(parents=True, exist_ok=True)
@@ -224,8 +256,9 @@ def load_results(output) -> pd.DataFrame:
     frames = [pq.read_table(p).to_pandas() for p in parts]
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
     flow_order = {f: i for i, f in enumerate(run["config"]["flows"])}
-    table = table.sort_values(["sample_index", "flow", "layer"], key=lambda c: c.map(flow_order) if c.name == "flow"
-                              else c, kind="stable").reset_index(drop=True)
+    table = table.sort_values(
+        ["sample_index", "flow", "layer"], key=lambda c: c.map(flow_order) if c.name == "flow" else c, kind="stable"
+    ).reset_index(drop=True)
     table.attrs.update({k: run.get(k) for k in ("identity", "provenance", "config", "code_version", "kernels")})
     return table[COLUMNS]
 

@@ -22,8 +22,8 @@ import logging
 import numbers
 import os
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 import pandas as pd
 import torch
@@ -67,7 +67,7 @@ class NoSamplesError(ValueError):
 class NothingAnalysedError(ValueError):
     """The run finished but analysed no sample (all answered wrongly or excluded); `.summary` says why."""
 
-    def __init__(self, message: str, summary: "RunSummary"):
+    def __init__(self, message: str, summary: RunSummary):
         super().__init__(message)
         self.summary = summary
 
@@ -81,10 +81,10 @@ class RunConfig:
     """The analysis settings that decide a run's numbers (besides model, data and code; all checked on resume)."""
 
     flows: tuple[str, ...] = PAPER_FLOWS  # the paper's six flows
-    window: Optional[int] = None  # k; None: config.default_window(num_layers), e.g. 7 for 32 layers
+    window: int | None = None  # k; None: config.default_window(num_layers), e.g. 7 for 32 layers
     engine: str = "fast"  # "fast" or "reference": same numbers, the fast one an order of magnitude sooner
     max_new_tokens: int = 10  # greedy answer length for the correctness filter (answers are a word or phrase)
-    per_task: Optional[int] = None  # stop after this many analysed samples per task; None: all
+    per_task: int | None = None  # stop after this many analysed samples per task; None: all
 
 
 @dataclasses.dataclass
@@ -110,13 +110,14 @@ class RunPlan:
     identity: str
 
 
-def count_setting(name: str, value, allow_none: bool = True) -> Optional[int]:
+def count_setting(name: str, value, allow_none: bool = True) -> int | None:
     """`value` as a count >= 1 (None passes when `allow_none`), else `RunSettingsError` naming `name`."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise RunSettingsError(f"{name} must be a whole number >= 1{' (or None for no limit)' if allow_none else ''}, "
-                               f"not {value!r}")
+        raise RunSettingsError(
+            f"{name} must be a whole number >= 1{' (or None for no limit)' if allow_none else ''}, not {value!r}"
+        )
     return int(value)
 
 
@@ -130,8 +131,10 @@ def resolve_window(window, num_layers: int) -> int:
     if window is None:
         return default
     if isinstance(window, bool) or not isinstance(window, numbers.Integral) or not 1 <= window <= num_layers:
-        raise RunSettingsError(f"window {window!r} does not fit a model of {num_layers} layers; use 1..{num_layers} "
-                               f"(the default, when unset, is k={default})")
+        raise RunSettingsError(
+            f"window {window!r} does not fit a model of {num_layers} layers; use 1..{num_layers} "
+            f"(the default, when unset, is k={default})"
+        )
     return int(window)
 
 
@@ -148,8 +151,16 @@ def index_samples(samples: Iterable) -> list:
     return out
 
 
-def plan_run(loaded, samples: Iterable, *, flows: Sequence[str] = PAPER_FLOWS, window: Optional[int] = None,
-             engine: str = "fast", max_new_tokens: int = 10, per_task: Optional[int] = None) -> RunPlan:
+def plan_run(
+    loaded,
+    samples: Iterable,
+    *,
+    flows: Sequence[str] = PAPER_FLOWS,
+    window: int | None = None,
+    engine: str = "fast",
+    max_new_tokens: int = 10,
+    per_task: int | None = None,
+) -> RunPlan:
     """Check a run's settings and samples, and fingerprint it (see `run_experiment` for the arguments).
 
     Raises:
@@ -163,16 +174,24 @@ def plan_run(loaded, samples: Iterable, *, flows: Sequence[str] = PAPER_FLOWS, w
         parse_flow(flow)
     if engine not in ENGINES:
         raise RunSettingsError(f"unknown engine {engine!r}; use one of: {', '.join(ENGINES)}")
-    config = RunConfig(flows, resolve_window(window, loaded.num_layers), engine,
-                       count_setting("max_new_tokens", max_new_tokens, allow_none=False),
-                       count_setting("per_task", per_task))
+    config = RunConfig(
+        flows,
+        resolve_window(window, loaded.num_layers),
+        engine,
+        count_setting("max_new_tokens", max_new_tokens, allow_none=False),
+        count_setting("per_task", per_task),
+    )
     indexed = index_samples(samples)
     if not indexed:
         raise NoSamplesError("no samples to run on: the data selected holds none")
     data, records = fingerprint.data_fingerprint(indexed)
     settings = dataclasses.asdict(config) | {"flows": list(flows)}
-    parts = {"model": fingerprint.model_fingerprint(loaded), "data": data, "settings": settings,
-             "code": fingerprint.code_fingerprint()}
+    parts = {
+        "model": fingerprint.model_fingerprint(loaded),
+        "data": data,
+        "settings": settings,
+        "code": fingerprint.code_fingerprint(),
+    }
     return RunPlan(config, indexed, parts, records, fingerprint.identity(parts))
 
 
@@ -185,13 +204,24 @@ def normalise_answer(text: str) -> str:
 def greedy_answer(loaded, prepared, max_new_tokens: int = 10) -> str:
     """The model's greedy answer to a prepared input, decoded without special tokens."""
     inputs = prepared.inputs
-    out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=loaded.tokenizer.pad_token_id, eos_token_id=loaded.stop_token_ids)
-    return loaded.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    out = loaded.model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=loaded.tokenizer.pad_token_id,
+        eos_token_id=loaded.stop_token_ids,
+    )
+    return loaded.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def correct_samples(loaded, samples: Iterable, per_task: Optional[int] = None, max_new_tokens: int = 10,
-                    progress: bool = True, verdicts: Optional[dict] = None):
+def correct_samples(
+    loaded,
+    samples: Iterable,
+    per_task: int | None = None,
+    max_new_tokens: int = 10,
+    progress: bool = True,
+    verdicts: dict | None = None,
+):
     """Yield the samples the model answers correctly (greedy), at most `per_task` of each task.
 
     `verdicts` (question id -> answered correctly), when given, is read and filled so that
@@ -210,8 +240,12 @@ def correct_samples(loaded, samples: Iterable, per_task: Optional[int] = None, m
         if verdicts[sample.question_id]:
             kept[sample.task] = kept.get(sample.task, 0) + 1
             yield sample
-    log.info("answer filter: kept %d of %d samples (%d answered wrongly)", sum(kept.values()), seen,
-             seen - sum(kept.values()))
+    log.info(
+        "answer filter: kept %d of %d samples (%d answered wrongly)",
+        sum(kept.values()),
+        seen,
+        seen - sum(kept.values()),
+    )
 
 
 def _load_image(sample):
@@ -223,19 +257,20 @@ def _load_image(sample):
     except Exception as err:  # PIL raises SyntaxError, ValueError, struct.error ... on some broken files
         path = isinstance(sample.image, (str, os.PathLike))
         where = f"image file {os.fspath(sample.image)!r}" if path else "its image"
-        raise SampleError(f"sample {sample.question_id}: {where} cannot be decoded ({type(err).__name__}: {err}); "
-                          "replace the file or drop the sample") from err
+        raise SampleError(
+            f"sample {sample.question_id}: {where} cannot be decoded ({type(err).__name__}: {err}); "
+            "replace the file or drop the sample"
+        ) from err
 
 
-def _analyse(loaded, sample, index: int, config: RunConfig, max_batch) -> tuple[dict, Optional[pd.DataFrame]]:
+def _analyse(loaded, sample, index: int, config: RunConfig, max_batch) -> tuple[dict, pd.DataFrame | None]:
     """One sample: filter on its greedy answer, then sweep every flow. Returns (status, rows).
 
     A flow whose groups are empty for this sample (an option the question does not contain, boxes
     that cover no patch) leaves the sample out of that flow only, with the reason in
     `status["excluded_flows"]`; the other flows go on.
     """
-    status = {"question_id": sample.question_id, "task": sample.task, "sample_index": index,
-              "answer": sample.answer}
+    status = {"question_id": sample.question_id, "task": sample.task, "sample_index": index, "answer": sample.answer}
     sample = dataclasses.replace(sample)  # a copy caches the decoded image, not the caller's sample
     try:
         _load_image(sample)
@@ -250,8 +285,15 @@ def _analyse(loaded, sample, index: int, config: RunConfig, max_batch) -> tuple[
     frames, excluded_flows = [], {}
     for flow in config.flows:
         try:
-            result = layer_sweep(loaded, prepared, flow, config.window, engine=config.engine, clean=clean,
-                                 **({"max_batch": max_batch} if config.engine == "fast" else {}))
+            result = layer_sweep(
+                loaded,
+                prepared,
+                flow,
+                config.window,
+                engine=config.engine,
+                clean=clean,
+                **({"max_batch": max_batch} if config.engine == "fast" else {}),
+            )
         except ZeroBaseProbability as err:
             log.warning("sample %s excluded: %s", sample.question_id, err)
             return {**status, "status": "zero_base", "reason": str(err)}, None
@@ -297,20 +339,36 @@ def _nothing_analysed(summary: RunSummary) -> NothingAnalysedError:
     seen, wrong = len(summary.statuses), summary.count("wrong_answer")
     reasons = exclusion_reasons(summary.statuses)
     if wrong == seen:
-        why = (f"the model answered none of the {seen} samples it saw correctly; check the model, its prompt style "
-               "and the data's answers")
+        why = (
+            f"the model answered none of the {seen} samples it saw correctly; check the model, its prompt style "
+            "and the data's answers"
+        )
     else:
-        why = (f"of {seen} samples seen, {wrong} were answered wrongly and {seen - wrong} left out"
-               + (f" (most often: {next(iter(reasons))})" if reasons else ""))
-    return NothingAnalysedError(f"no sample was analysed: {why}; the fate of each is in {summary.output}/samples",
-                                summary)
+        why = f"of {seen} samples seen, {wrong} were answered wrongly and {seen - wrong} left out" + (
+            f" (most often: {next(iter(reasons))})" if reasons else ""
+        )
+    return NothingAnalysedError(
+        f"no sample was analysed: {why}; the fate of each is in {summary.output}/samples", summary
+    )
 
 
-def run_experiment(loaded, samples: Iterable, output, *, flows: Sequence[str] = PAPER_FLOWS,
-                   window: Optional[int] = None, engine: str = "fast", max_new_tokens: int = 10,
-                   per_task: Optional[int] = None, data: str = "", resume: bool = True,
-                   max_batch="auto", strict: bool = False, progress: bool = True,
-                   plan: Optional[RunPlan] = None) -> RunSummary:
+def run_experiment(
+    loaded,
+    samples: Iterable,
+    output,
+    *,
+    flows: Sequence[str] = PAPER_FLOWS,
+    window: int | None = None,
+    engine: str = "fast",
+    max_new_tokens: int = 10,
+    per_task: int | None = None,
+    data: str = "",
+    resume: bool = True,
+    max_batch="auto",
+    strict: bool = False,
+    progress: bool = True,
+    plan: RunPlan | None = None,
+) -> RunSummary:
     """Run the knockout experiment over `samples`, saving as it goes; resume a stopped run in `output`.
 
     Args:
@@ -339,13 +397,21 @@ def run_experiment(loaded, samples: Iterable, output, *, flows: Sequence[str] = 
         NothingAnalysedError: the run completed but analysed no sample (its folder records why).
     """
     if plan is None:  # a caller that already planned this run (to name its folder) passes the plan instead
-        plan = plan_run(loaded, samples, flows=flows, window=window, engine=engine, max_new_tokens=max_new_tokens,
-                        per_task=per_task)
+        plan = plan_run(
+            loaded, samples, flows=flows, window=window, engine=engine, max_new_tokens=max_new_tokens, per_task=per_task
+        )
     if max_batch != "auto":
         max_batch = count_setting("max_batch", max_batch)
     output, config = Path(output), plan.config
-    record = {"format": FORMAT, "identity": plan.identity, "fingerprint": plan.fingerprint,
-              "provenance": loaded.provenance(), "config": plan.fingerprint["settings"], "data": data, **written_by()}
+    record = {
+        "format": FORMAT,
+        "identity": plan.identity,
+        "fingerprint": plan.fingerprint,
+        "provenance": loaded.provenance(),
+        "config": plan.fingerprint["settings"],
+        "data": data,
+        **written_by(),
+    }
     meta = {k: v for k, v in record.items() if k != "fingerprint"}
     with claim(output, record, plan.records, resume):
         done = {s["question_id"]: s for s in load_statuses(output)}
@@ -373,15 +439,24 @@ def run_experiment(loaded, samples: Iterable, output, *, flows: Sequence[str] = 
         statuses = load_statuses(output)
         counts = {name: sum(1 for s in statuses if s["status"] == name) for name in STATUSES}
         reasons = exclusion_reasons(statuses)
-        log.info("%d samples seen: %s", len(statuses),
-                 ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
+        log.info(
+            "%d samples seen: %s", len(statuses), ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items())
+        )
         for reason, count in reasons.items():
             log.info("left out %d x: %s", count, reason)
         table = load_results(output)
         write_parquet(output / "results.parquet", table, meta)
         excluded = [s for s in statuses if s["status"] in ("zero_base", "excluded") or s.get("excluded_flows")]
-        write_json(output / "summary.json", {"counts": counts, "samples": len(statuses), "rows": len(table),
-                                             "exclusion_reasons": reasons, "excluded": excluded})
+        write_json(
+            output / "summary.json",
+            {
+                "counts": counts,
+                "samples": len(statuses),
+                "rows": len(table),
+                "exclusion_reasons": reasons,
+                "excluded": excluded,
+            },
+        )
     summary = RunSummary(output, table, statuses)
     if table.empty:
         raise _nothing_analysed(summary)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, Optional
 
 from PIL import Image, UnidentifiedImageError
 
@@ -49,7 +48,7 @@ class Box:
     def y1(self) -> float:
         return self.y + self.h
 
-    def clip(self, width: int, height: int) -> Optional["Box"]:
+    def clip(self, width: int, height: int) -> Box | None:
         """The part of this box on a `width` x `height` image (as painting it would cover), None if nothing."""
         x0, y0 = max(self.x, 0.0), max(self.y, 0.0)
         x1, y1 = min(self.x1, float(width)), min(self.y1, float(height))
@@ -59,7 +58,7 @@ class Box:
             return self
         return Box(x0, y0, x1 - x0, y1 - y0, self.label)
 
-    def validated(self, width: int, height: int, sample_id: str = "?") -> "Box":
+    def validated(self, width: int, height: int, sample_id: str = "?") -> Box:
         """Check this box against an image of `width` x `height` pixels.
 
         A box with non-positive size, or wholly outside the image, raises `SampleError`.
@@ -116,13 +115,13 @@ class Sample:
     task: str
     image: object = None
     type_detailed: str = ""
-    true_option: Optional[str] = None
-    false_option: Optional[str] = None
-    central_object: Optional[str] = None
+    true_option: str | None = None
+    false_option: str | None = None
+    central_object: str | None = None
     boxes: tuple[Box, ...] = ()
     source: str = ""
     #: (width, height) the dataset states for the image, which its boxes are measured in; checked on load.
-    image_size: Optional[tuple[int, int]] = None
+    image_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         self.question_id = str(self.question_id)
@@ -164,7 +163,8 @@ class Sample:
             raise SampleError(
                 f"sample {self.question_id}: {where} is {loaded.width}x{loaded.height} but the data gives "
                 f"{self.image_size[0]}x{self.image_size[1]}, the size its boxes are measured in; "
-                "use the dataset's original images")
+                "use the dataset's original images"
+            )
         loaded = loaded.convert("RGB")
         if not isinstance(image, (str, os.PathLike)):
             self.image = loaded  # generated in memory: keep it, it cannot be read back

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import pandas as pd
 
@@ -46,7 +46,7 @@ class Study:
     window: int
     #: The fast engine's windows per batch (memory only; numbers are unchanged): None or "auto" sizes them
     #: to the device's free memory; a number caps them.
-    max_batch: Optional[int] = None
+    max_batch: int | None = None
     #: question id -> answered correctly (greedy, with the image, the knockout filter's rule); filled once,
     #: read by every later filter and by the accuracy table.
     verdicts: dict = dataclasses.field(default_factory=dict)
@@ -61,18 +61,18 @@ class Study:
         *,
         tasks: Sequence[str] = TASKS,
         samples_per_task: int = 40,
-        window: Optional[int] = None,
+        window: int | None = None,
         device: str = "cpu",
         dtype: str = "float32",
-        image_mode: Optional[str] = None,
+        image_mode: str | None = None,
         seed: int = 0,
-        csv_dir: Optional[str] = None,
-        image_dir: Optional[str] = None,
-        questions: Optional[str] = None,
-        scene_graphs: Optional[str] = None,
-        candidates_per_task: Optional[int] = None,
-        max_batch: Optional[int] = None,
-    ) -> "Study":
+        csv_dir: str | None = None,
+        image_dir: str | None = None,
+        questions: str | None = None,
+        scene_graphs: str | None = None,
+        candidates_per_task: int | None = None,
+        max_batch: int | None = None,
+    ) -> Study:
         """Load the model and the samples the notebook parameters name.
 
         `samples_per_task` correctly answered samples are analysed per task; up to
@@ -85,8 +85,16 @@ class Study:
             tasks = [task.strip() for task in tasks.split(",") if task.strip()]
         loaded = load_model(model, dtype=dtype, device=device, image_mode=image_mode)
         candidates = candidates_per_task or int(samples_per_task * 1.5) + 2
-        samples = load_samples(data, tasks=tasks, per_task=candidates, seed=seed, csv_dir=csv_dir,
-                               image_dir=image_dir, questions=questions, scene_graphs=scene_graphs)
+        samples = load_samples(
+            data,
+            tasks=tasks,
+            per_task=candidates,
+            seed=seed,
+            csv_dir=csv_dir,
+            image_dir=image_dir,
+            questions=questions,
+            scene_graphs=scene_graphs,
+        )
         data_name = f"synthetic world (seed {seed}, test split)" if data == "synthetic" else f"{data} data"
         window = resolve_window(window, loaded.num_layers)  # None: the default; 0 or > depth: refused
         return cls(loaded, samples, data_name, samples_per_task, window, max_batch)
@@ -115,8 +123,13 @@ class Study:
         """The study's knockout run, checked and fingerprinted (`runner.plan_run`)."""
         from .runner import plan_run
 
-        return plan_run(self.loaded, self.all_samples(), flows=self.experiment_flows(flows), window=self.window,
-                        per_task=self.samples_per_task)
+        return plan_run(
+            self.loaded,
+            self.all_samples(),
+            flows=self.experiment_flows(flows),
+            window=self.window,
+            per_task=self.samples_per_task,
+        )
 
     def run_dir(self, flows: Sequence[str] = (), plan=None) -> Path:
         """The folder of the study's knockout run, named by the run's identity (`plan`).
@@ -141,15 +154,23 @@ class Study:
         from .runner import normalise_answer, run_experiment
 
         plan = self.plan(flows)
-        summary = run_experiment(self.loaded, self.all_samples(), self.run_dir(flows, plan), plan=plan,
-                                 flows=self.experiment_flows(flows), window=self.window,
-                                 per_task=self.samples_per_task, data=self.data_name,
-                                 max_batch=self.max_batch or "auto",
-                                 progress=progress)
+        summary = run_experiment(
+            self.loaded,
+            self.all_samples(),
+            self.run_dir(flows, plan),
+            plan=plan,
+            flows=self.experiment_flows(flows),
+            window=self.window,
+            per_task=self.samples_per_task,
+            data=self.data_name,
+            max_batch=self.max_batch or "auto",
+            progress=progress,
+        )
         for status in summary.statuses:  # the run's greedy answers spare later filters (the lens) a generation
             if "greedy_answer" in status:
-                self.verdicts[status["question_id"]] = (normalise_answer(status["greedy_answer"])
-                                                        == normalise_answer(status["answer"]))
+                self.verdicts[status["question_id"]] = normalise_answer(status["greedy_answer"]) == normalise_answer(
+                    status["answer"]
+                )
         table = summary.table
         return table[table["flow"].isin(list(flows))].reset_index(drop=True)
 
@@ -165,9 +186,19 @@ class Study:
 
         samples = self.all_samples()
         seen, blank = score(samples, self.verdicts_with_image()), score(samples, self.verdicts_with_blank_image())
-        return pd.DataFrame([{"task": task, "n": seen["n"][task], "correct": seen["correct"][task],
-                              "accuracy": seen["per_task"][task], "blank_accuracy": blank["per_task"][task],
-                              "chance": CHANCE[task]} for task in seen["per_task"]])
+        return pd.DataFrame(
+            [
+                {
+                    "task": task,
+                    "n": seen["n"][task],
+                    "correct": seen["correct"][task],
+                    "accuracy": seen["per_task"][task],
+                    "blank_accuracy": blank["per_task"][task],
+                    "chance": CHANCE[task],
+                }
+                for task in seen["per_task"]
+            ]
+        )
 
     def accuracy_by_answer(self) -> pd.DataFrame:
         """Accuracy with the image per task and correct answer (`evaluate.score_by_answer`), as `accuracy` counts."""
@@ -193,18 +224,21 @@ class Study:
             self.blank_verdicts.update({s.question_id: v for s, v in zip(missing, answer_verdicts(missing, answers))})
         return [self.blank_verdicts[s.question_id] for s in self.all_samples()]
 
-    def correct(self, per_task: Optional[int] = None) -> dict[str, list[Sample]]:
+    def correct(self, per_task: int | None = None) -> dict[str, list[Sample]]:
         """The samples the model answers correctly (greedy), at most `per_task` per task."""
         from .runner import correct_samples
 
         per_task = per_task or self.samples_per_task
         kept: dict[str, list[Sample]] = {task: [] for task in self.samples}
-        for sample in correct_samples(self.loaded, self.all_samples(), per_task, progress=False,
-                                      verdicts=self.verdicts):
+        for sample in correct_samples(
+            self.loaded, self.all_samples(), per_task, progress=False, verdicts=self.verdicts
+        ):
             kept[sample.task].append(sample)
         if not any(kept.values()):
-            raise ValueError(f"{self.loaded.name} answers none of the {len(self.all_samples())} samples correctly, so "
-                             "there is nothing to analyse; check the model, its prompt style and the data")
+            raise ValueError(
+                f"{self.loaded.name} answers none of the {len(self.all_samples())} samples correctly, so "
+                "there is nothing to analyse; check the model, its prompt style and the data"
+            )
         return kept
 
     def lens(self, lenses: Sequence[str] = ("normed", "raw")) -> pd.DataFrame:
@@ -216,14 +250,18 @@ class Study:
 
     def prepared_examples(self, per_task: int = 1) -> dict:
         """Prepared inputs of the first `per_task` correctly answered samples of each task."""
-        return {task: [self.loaded.prepare(s) for s in samples]
-                for task, samples in self.correct(per_task).items() if samples}
+        return {
+            task: [self.loaded.prepare(s) for s in samples]
+            for task, samples in self.correct(per_task).items()
+            if samples
+        }
 
-    def explorer(self, flows: Sequence[str], table: Optional[pd.DataFrame] = None, per_task: int = 5):
+    def explorer(self, flows: Sequence[str], table: pd.DataFrame | None = None, per_task: int = 5):
         """A `FlowExplorer`: live on a model small enough for the CPU, else over the stored `table`."""
         from .widgets import FlowExplorer
 
         if self.loaded.model.num_parameters() <= LIVE_EXPLORER_MAX_PARAMETERS or table is None:
-            return FlowExplorer.live(self.loaded, self.prepared_examples(per_task), flows=list(flows),
-                                     window=self.window, title=self.label)
+            return FlowExplorer.live(
+                self.loaded, self.prepared_examples(per_task), flows=list(flows), window=self.window, title=self.label
+            )
         return FlowExplorer.stored(table, title=self.label)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,7 +35,7 @@ from transformers.masking_utils import sdpa_mask
 from .config import default_window
 from .knockout import KnockoutAttention, current_backend, cut_matrix, flow_groups, installed, knockout, language_model
 
-Flows = Union[str, Sequence[str]]
+Flows = str | Sequence[str]
 #: The fast engine recomputes at least this many final positions (see `sweep_fast`).
 MIN_SUFFIX = 16
 #: ... and a multiple of this many (see `suffix_start`).
@@ -141,22 +141,24 @@ class SweepResult:
 
     def to_frame(self) -> pd.DataFrame:
         """One row per layer (question_id, flow, layer, window, window_layers, probabilities, change)."""
-        return pd.DataFrame({
-            "question_id": self.question_id,
-            "flow": self.flow,
-            "layer": np.arange(len(self.windows), dtype=np.int64),
-            "window": self.window,
-            "window_layers": [f"{w.start}-{w.stop - 1}" for w in self.windows],
-            "window_first": np.array([w.start for w in self.windows], dtype=np.int64),
-            "window_last": np.array([w.stop - 1 for w in self.windows], dtype=np.int64),
-            "base_prob": self.base_prob,
-            "blocked_prob": self.blocked_probs,
-            "relative_change": self.relative_change,
-            "answer_token": self.answer_token,
-        })
+        return pd.DataFrame(
+            {
+                "question_id": self.question_id,
+                "flow": self.flow,
+                "layer": np.arange(len(self.windows), dtype=np.int64),
+                "window": self.window,
+                "window_layers": [f"{w.start}-{w.stop - 1}" for w in self.windows],
+                "window_first": np.array([w.start for w in self.windows], dtype=np.int64),
+                "window_last": np.array([w.stop - 1 for w in self.windows], dtype=np.int64),
+                "base_prob": self.base_prob,
+                "blocked_prob": self.blocked_probs,
+                "relative_change": self.relative_change,
+                "answer_token": self.answer_token,
+            }
+        )
 
 
-def _setup(loaded, prepared, flow: Flows, window: Optional[int], clean: Optional[CleanPass]):
+def _setup(loaded, prepared, flow: Flows, window: int | None, clean: CleanPass | None):
     flows = [flow] if isinstance(flow, str) else list(flow)
     window = default_window(loaded.num_layers) if window is None else window
     windows = sweep_windows(window, loaded.num_layers)  # 0, or wider than the model: refused
@@ -173,13 +175,22 @@ def _setup(loaded, prepared, flow: Flows, window: Optional[int], clean: Optional
 
 
 def _result(prepared, flows, window, windows, clean, probs, engine) -> SweepResult:
-    return SweepResult(prepared.layout.sample_id, " + ".join(flows), window, windows, clean.answer_token,
-                       clean.base_prob, np.asarray(probs, dtype=np.float64), engine)
+    return SweepResult(
+        prepared.layout.sample_id,
+        " + ".join(flows),
+        window,
+        windows,
+        clean.answer_token,
+        clean.base_prob,
+        np.asarray(probs, dtype=np.float64),
+        engine,
+    )
 
 
 @torch.no_grad()
-def sweep_reference(loaded, prepared, flow: Flows, window: Optional[int] = None, *,
-                    clean: Optional[CleanPass] = None) -> SweepResult:
+def sweep_reference(
+    loaded, prepared, flow: Flows, window: int | None = None, *, clean: CleanPass | None = None
+) -> SweepResult:
     """The paper's method: one full knocked-out forward per window.
 
     Args:
@@ -196,7 +207,6 @@ def sweep_reference(loaded, prepared, flow: Flows, window: Optional[int] = None,
     # One float64 unembedding for all windows: converting the head once per window cost ~1 s each on a CPU.
     probs = answer_probs(loaded.model, torch.stack(normed), clean.answer_token).cpu().numpy()
     return _result(prepared, flows, window, windows, clean, probs, "reference")
-
 
 
 def suffix_start(layout, flows: Sequence[str]) -> int:
@@ -231,7 +241,7 @@ class SweepMemory:
     per_window: dict
     batch: int
 
-    def peak(self, batch: Optional[int] = None) -> int:
+    def peak(self, batch: int | None = None) -> int:
         """Held memory plus the larger of the clean forward and one batch of `batch` windows."""
         batch = self.batch if batch is None else batch
         sweep = sum(self.per_batch.values()) + batch * sum(self.per_window.values())
@@ -277,8 +287,11 @@ def sweep_memory(config, seq_len: int, suffix_len: int, dtype, batch: int = 1) -
     return SweepMemory(
         held={"KV cache": 2 * layers * n * kv_heads * head * b, "hidden states": (layers + 1) * n * d * b},
         clean_forward={"layer activations": n * (3 * inter + 4 * d + 2 * kv_heads * head) * b},
-        per_batch={"cut matrix": n * n, "suffix mask": s * n,
-                   "unembedding chunk (float64)": min(vocab, HEAD_CHUNK) * d * 8},
+        per_batch={
+            "cut matrix": n * n,
+            "suffix mask": s * n,
+            "unembedding chunk (float64)": min(vocab, HEAD_CHUNK) * d * 8,
+        },
         per_window={
             "prefix keys/values": 2 * n * kv_heads * head * b,
             "repeated keys/values": 2 * n * heads * head * b if kv_heads < heads else 0,
@@ -291,7 +304,7 @@ def sweep_memory(config, seq_len: int, suffix_len: int, dtype, batch: int = 1) -
     )
 
 
-def free_memory(device) -> Optional[int]:
+def free_memory(device) -> int | None:
     """Bytes free for new tensors on `device`, or None where it cannot be told.
 
     CUDA: the driver's free memory plus what PyTorch's allocator has reserved but not handed out.
@@ -312,8 +325,7 @@ def free_memory(device) -> Optional[int]:
     return None
 
 
-def auto_max_batch(memory: SweepMemory, windows: int, free: Optional[int], margin: float = MEMORY_MARGIN
-                   ) -> Optional[int]:
+def auto_max_batch(memory: SweepMemory, windows: int, free: int | None, margin: float = MEMORY_MARGIN) -> int | None:
     """The most windows per batch that fit in `free` bytes less `margin`; None when all `windows` fit.
 
     Never less than 1 (a sample whose single window does not fit fails in the forward, as it would
@@ -327,8 +339,15 @@ def auto_max_batch(memory: SweepMemory, windows: int, free: Optional[int], margi
 
 
 @torch.no_grad()
-def sweep_fast(loaded, prepared, flow: Flows, window: Optional[int] = None, *,
-               clean: Optional[CleanPass] = None, max_batch: Union[int, str, None] = "auto") -> SweepResult:
+def sweep_fast(
+    loaded,
+    prepared,
+    flow: Flows,
+    window: int | None = None,
+    *,
+    clean: CleanPass | None = None,
+    max_batch: int | str | None = "auto",
+) -> SweepResult:
     """Same numbers as `sweep_reference`, recomputing only the suffix from the first target on.
 
     Args:
@@ -353,8 +372,7 @@ def sweep_fast(loaded, prepared, flow: Flows, window: Optional[int] = None, *,
     positions = torch.arange(t0, n, device=device)[None]
     # The suffix's causal mask against all n keys, from the library's helper (never sdpa's is_causal,
     # which would align the suffix queries with the first keys).
-    mask = sdpa_mask(batch_size=1, q_length=n - t0, kv_length=n, q_offset=t0, allow_is_causal_skip=False,
-                     device=device)
+    mask = sdpa_mask(batch_size=1, q_length=n - t0, kv_length=n, q_offset=t0, allow_is_causal_skip=False, device=device)
     order = sorted(range(len(windows)), key=lambda i: windows[i].start)
     if max_batch == "auto":
         memory = sweep_memory(model.config, n, n - t0, clean.hidden_states[0].dtype)
@@ -362,11 +380,11 @@ def sweep_fast(loaded, prepared, flow: Flows, window: Optional[int] = None, *,
     step = max_batch or len(order)
     probs = np.empty(len(windows))
     for begin in range(0, len(order), step):
-        chunk = order[begin:begin + step]
+        chunk = order[begin : begin + step]
         rows = [windows[i] for i in chunk]
         schedule = torch.zeros(num_layers, len(rows), dtype=torch.bool, device=device)
         for r, layers in enumerate(rows):
-            schedule[layers.start:layers.stop, r] = True
+            schedule[layers.start : layers.stop, r] = True
         attention = KnockoutAttention(cut, schedule, backend, prefix=prefix)
         first = rows[0].start
         rotary = lm.rotary_emb(clean.hidden_states[first][:, t0:], positions)
@@ -377,8 +395,7 @@ def sweep_fast(loaded, prepared, flow: Flows, window: Optional[int] = None, *,
                 if joining:  # windows starting here enter with the clean state (rows stay sorted by start)
                     state = clean.hidden_states[j][:, t0:].expand(joining, -1, -1)
                     hidden = state if hidden is None else torch.cat([hidden, state])
-                hidden = lm.layers[j](hidden, attention_mask=mask, position_ids=positions,
-                                      position_embeddings=rotary)
+                hidden = lm.layers[j](hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary)
                 hidden = hidden[0] if isinstance(hidden, tuple) else hidden
             attention.verify()
         normed = lm.norm(hidden)[:, -1]  # normed over the whole suffix, as the full forward norms every row
@@ -389,8 +406,9 @@ def sweep_fast(loaded, prepared, flow: Flows, window: Optional[int] = None, *,
 ENGINES = {"reference": sweep_reference, "fast": sweep_fast}
 
 
-def layer_sweep(loaded, prepared, flow: Flows, window: Optional[int] = None, *, engine: str = "fast",
-                **kwargs) -> SweepResult:
+def layer_sweep(
+    loaded, prepared, flow: Flows, window: int | None = None, *, engine: str = "fast", **kwargs
+) -> SweepResult:
     """Run one sweep with the named engine ("fast" or "reference")."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")

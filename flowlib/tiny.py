@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
@@ -169,8 +169,9 @@ def build_llava(
         model = LlavaNextForConditionalGeneration(config)
     else:
         raise ValueError(f"unknown family {family!r}; use 'llava-1.5' or 'llava-next'")
-    model.generation_config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                   pad_token_id=tokenizer.pad_token_id)
+    model.generation_config.update(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     return model.eval()
 
 
@@ -236,11 +237,19 @@ def llava_next_from_llava(loaded, pinpoints=None, name: str = "toy-llava-next"):
     model.generation_config = loaded.model.generation_config
     old = loaded.processor.image_processor
     image_processor = LlavaNextImageProcessorPil(
-        image_grid_pinpoints=pinpoints, size={"shortest_edge": side}, crop_size={"height": side, "width": side},
-        image_mean=old.image_mean, image_std=old.image_std, resample=old.resample, do_convert_rgb=True)
-    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=loaded.tokenizer,
-                                   patch_size=config.vision_config.patch_size,
-                                   vision_feature_select_strategy=config.vision_feature_select_strategy,
-                                   num_additional_image_tokens=1)
+        image_grid_pinpoints=pinpoints,
+        size={"shortest_edge": side},
+        crop_size={"height": side, "width": side},
+        image_mean=old.image_mean,
+        image_std=old.image_std,
+        resample=old.resample,
+        do_convert_rgb=True,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=loaded.tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+    )
     return wrap_model(model.eval(), processor, name=name)
-

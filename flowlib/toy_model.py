@@ -27,10 +27,16 @@ from .data import synthetic
 from .tiny import build_llava, build_processor, word_level_tokenizer
 
 #: Words the synthetic world answers with or offers as options (lowercase).
-ANSWER_WORDS = tuple(sorted(
-    set(synthetic.SHAPES) | set(synthetic.COLORS) | set(synthetic.SIZES) | set(synthetic.TEXTURES)
-    | set(synthetic.ATTRIBUTES) | {"left", "right", "above", "below", "yes", "no"}
-))
+ANSWER_WORDS = tuple(
+    sorted(
+        set(synthetic.SHAPES)
+        | set(synthetic.COLORS)
+        | set(synthetic.SIZES)
+        | set(synthetic.TEXTURES)
+        | set(synthetic.ATTRIBUTES)
+        | {"left", "right", "above", "below", "yes", "no"}
+    )
+)
 
 
 #: The user turn that asks for a scene description, a last turn in training only (`flowlib.train_toy`);
@@ -108,8 +114,9 @@ def build_toy_model(config: ToyConfig = ToyConfig(), seed: int = 0, name: str = 
         embeddings = model.get_input_embeddings().weight
         with torch.no_grad():
             for word in ANSWER_WORDS:
-                embeddings[tokenizer.convert_tokens_to_ids(answer_target(word))] = \
-                    embeddings[tokenizer.convert_tokens_to_ids(word)]
+                embeddings[tokenizer.convert_tokens_to_ids(answer_target(word))] = embeddings[
+                    tokenizer.convert_tokens_to_ids(word)
+                ]
     processor = build_processor("llava-1.5", tokenizer, config.image_size, config.patch_size, pad=True)
     return wrap_model(model, processor, name=name, image_mode="pad")
 

@@ -54,8 +54,16 @@ from .kernels import kernel_kind, use_configured_kernels
 from .models import build_prompt, save_checkpoint
 from .runner import atomic_write, provenance_changes, written_by
 from .sample import TASKS
-from .toy_model import (ATTRIBUTE_QUERY, DESCRIBE_REQUEST, NAMED_QUERY, VERIFY_QUERY, ToyConfig, answer_target,
-                        build_toy_model, count_parameters)
+from .toy_model import (
+    ATTRIBUTE_QUERY,
+    DESCRIBE_REQUEST,
+    NAMED_QUERY,
+    VERIFY_QUERY,
+    ToyConfig,
+    answer_target,
+    build_toy_model,
+    count_parameters,
+)
 
 #: The fixed small held-out set a CI test re-measures (`ci_samples`): 30 per task, validation split, seed 0.
 CI_PER_TASK, CI_SEED, CI_SPLIT = 30, 0, "validation"
@@ -104,8 +112,14 @@ class TrainConfig:
     # samples and one LogicalObj turn per image (below), ChooseRel's share up and CompareAttr's down
     # (1:1:3:2:2:3): 90.5%, the previous committed model (see extra_question_tasks); the same weights with a
     # named-query turn in its place: 93.8%, the committed model (see named_queries).
-    task_weights: tuple = (("ChooseAttr", 1), ("QueryAttr", 1), ("ChooseRel", 3), ("LogicalObj", 2),
-                           ("CompareAttr", 2), ("ChooseCat", 3))
+    task_weights: tuple = (
+        ("ChooseAttr", 1),
+        ("QueryAttr", 1),
+        ("ChooseRel", 3),
+        ("LogicalObj", 2),
+        ("CompareAttr", 2),
+        ("ChooseCat", 3),
+    )
     eval_every: int = 300  # steps between progress evaluations on the monitor set
     monitor_per_task: int = 20  # progress evaluation: 120 samples, a few seconds
     heldout_per_task: int = 200  # final held-out evaluation: 1200 samples of the test split
@@ -211,11 +225,16 @@ class TrainConfig:
 
     def chunk_options(self) -> dict:
         """`encode_chunk`'s options (`CHUNK_OPTIONS`) for this recipe's training stream."""
-        return {"describe": self.describe_weight > 0, "extra_questions": self.extra_questions,
-                "extra_question_tasks": tuple(self.extra_question_tasks),
-                "attribute_queries": self.attribute_queries, "verify_queries": self.verify_queries,
-                "named_queries": self.named_queries,
-                "hard": self.hard_negatives, "hard_tasks": tuple(self.hard_tasks)}
+        return {
+            "describe": self.describe_weight > 0,
+            "extra_questions": self.extra_questions,
+            "extra_question_tasks": tuple(self.extra_question_tasks),
+            "attribute_queries": self.attribute_queries,
+            "verify_queries": self.verify_queries,
+            "named_queries": self.named_queries,
+            "hard": self.hard_negatives,
+            "hard_tasks": tuple(self.hard_tasks),
+        }
 
     def task_counts(self) -> dict:
         """Samples of each task in a chunk of `chunk_per_task * 6`, shared by `task_weights`."""
@@ -226,8 +245,10 @@ class TrainConfig:
         size, total = self.chunk_per_task * len(TASKS), sum(weights.values())
         counts = {task: size * weights.get(task, 0) / total for task in TASKS}
         if any(not c.is_integer() for c in counts.values()):
-            raise ValueError(f"task_weights {weights} do not split a chunk of {size} samples into whole counts "
-                             f"({counts}); choose weights whose shares of {size} are integers")
+            raise ValueError(
+                f"task_weights {weights} do not split a chunk of {size} samples into whole counts "
+                f"({counts}); choose weights whose shares of {size} are integers"
+            )
         return {task: int(c) for task, c in counts.items() if c}
 
 
@@ -270,8 +291,14 @@ def patch_word_values() -> dict:
     """The words each `PATCH_WORDS` kind can take, in label order (label 0 = no object)."""
     from .data import synthetic
 
-    return {"shape": synthetic.SHAPES, "color": tuple(synthetic.COLORS), "size": tuple(synthetic.SIZES),
-            "texture": synthetic.TEXTURES, "side": SIDES, "level": LEVELS}
+    return {
+        "shape": synthetic.SHAPES,
+        "color": tuple(synthetic.COLORS),
+        "size": tuple(synthetic.SIZES),
+        "texture": synthetic.TEXTURES,
+        "side": SIDES,
+        "level": LEVELS,
+    }
 
 
 @functools.lru_cache(maxsize=8)
@@ -294,8 +321,14 @@ def object_level(obj: dict, scene: dict) -> str:
 
 def object_words(obj: dict, scene: dict) -> dict:
     """A scene-graph object's word of each `PATCH_WORDS` kind, in that order: its patch targets and description."""
-    return {"shape": obj["name"], "color": obj["color"], "size": obj["size"], "texture": obj["texture"],
-            "side": object_side(obj, scene), "level": object_level(obj, scene)}
+    return {
+        "shape": obj["name"],
+        "color": obj["color"],
+        "size": obj["size"],
+        "texture": obj["texture"],
+        "side": object_side(obj, scene),
+        "level": object_level(obj, scene),
+    }
 
 
 def patch_labels(scene: dict, model_config: ToyConfig) -> torch.Tensor:
@@ -311,8 +344,9 @@ def patch_labels(scene: dict, model_config: ToyConfig) -> torch.Tensor:
     labels[..., -2] = np.arange(grid)[:, None]
     labels[..., -1] = np.arange(grid)[None, :]
     for obj in scene["objects"].values():
-        inside = (((rows >= obj["y"]) & (rows < obj["y"] + obj["h"]))[:, None]
-                  & ((cols >= obj["x"]) & (cols < obj["x"] + obj["w"]))[None, :])
+        inside = ((rows >= obj["y"]) & (rows < obj["y"] + obj["h"]))[:, None] & (
+            (cols >= obj["x"]) & (cols < obj["x"] + obj["w"])
+        )[None, :]
         words = object_words(obj, scene)
         for i, kind in enumerate(PATCH_WORDS):
             labels[inside, i] = 1 + values[kind].index(words[kind])
@@ -336,22 +370,27 @@ class PatchLoss(torch.nn.Module):
         # label (1 + index) of each kind -> column in `words`; label 0 (no object) -> a dummy last column
         table = torch.full((len(PATCH_WORDS), 1 + max(len(v) for v in values.values())), len(words))
         for i, kind in enumerate(PATCH_WORDS):
-            table[i, 1:1 + len(values[kind])] = torch.tensor([words.index(w) for w in values[kind]])
+            table[i, 1 : 1 + len(values[kind])] = torch.tensor([words.index(w) for w in values[kind]])
         self.register_buffer("column", table)
         grid = model_config.image_size // model_config.patch_size
         self.position_heads = torch.nn.ModuleDict(
-            {name: torch.nn.Linear(model_config.hidden, grid) for name in PATCH_POSITIONS})
+            {name: torch.nn.Linear(model_config.hidden, grid) for name in PATCH_POSITIONS}
+        )
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         scores = features @ self.embeddings.weight[self.word_ids].T  # (batch, patches, words)
-        columns = self.column[torch.arange(len(PATCH_WORDS), device=labels.device), labels[..., :len(PATCH_WORDS)]]
+        columns = self.column[torch.arange(len(PATCH_WORDS), device=labels.device), labels[..., : len(PATCH_WORDS)]]
         targets = torch.zeros(*scores.shape[:-1], scores.shape[-1] + 1, dtype=scores.dtype, device=scores.device)
         targets.scatter_(-1, columns, 1.0)
-        words = torch.nn.functional.binary_cross_entropy_with_logits(
-            scores, targets[..., :-1], reduction="none").sum(-1).mean() / len(PATCH_WORDS)
-        positions = sum(torch.nn.functional.cross_entropy(self.position_heads[name](features).flatten(0, 1),
-                                                          labels[..., len(PATCH_WORDS) + i].flatten())
-                        for i, name in enumerate(PATCH_POSITIONS)) / len(PATCH_POSITIONS)
+        words = torch.nn.functional.binary_cross_entropy_with_logits(scores, targets[..., :-1], reduction="none").sum(
+            -1
+        ).mean() / len(PATCH_WORDS)
+        positions = sum(
+            torch.nn.functional.cross_entropy(
+                self.position_heads[name](features).flatten(0, 1), labels[..., len(PATCH_WORDS) + i].flatten()
+            )
+            for i, name in enumerate(PATCH_POSITIONS)
+        ) / len(PATCH_POSITIONS)
         return words + positions
 
 
@@ -465,11 +504,22 @@ def distractor_caps(per_task: int | Mapping[str, int], batch_size: int, curricul
     return tuple(caps)
 
 
-def encode_chunk(processor, seed: int, k: int, per_task: int | Mapping[str, int], model_config: ToyConfig = ToyConfig(),
-                 describe: bool = True, max_distractors: int | None = None, extra_questions: int = 0,
-                 extra_question_tasks: tuple = TASKS,
-                 attribute_queries: int = 0, verify_queries: int = 0, named_queries: int = 0, hard: float = 0.0,
-                 hard_tasks: tuple = HARD_TASKS) -> dict:
+def encode_chunk(
+    processor,
+    seed: int,
+    k: int,
+    per_task: int | Mapping[str, int],
+    model_config: ToyConfig | None = None,
+    describe: bool = True,
+    max_distractors: int | None = None,
+    extra_questions: int = 0,
+    extra_question_tasks: tuple = TASKS,
+    attribute_queries: int = 0,
+    verify_queries: int = 0,
+    named_queries: int = 0,
+    hard: float = 0.0,
+    hard_tasks: tuple = HARD_TASKS,
+) -> dict:
     """Chunk k of the training stream as token id lists and pixel values.
 
     `hard` is the share of `hard_tasks` samples drawn as hard cases (`generate_split`).
@@ -489,11 +539,18 @@ def encode_chunk(processor, seed: int, k: int, per_task: int | Mapping[str, int]
     `answers` holds each sample's (start, end) spans of the answer tokens, the first turn's first;
     `queries` the spans of the attribute, verify and named queries' answers, `descriptions` the description's span.
     """
+    model_config = ToyConfig() if model_config is None else model_config
     from .data.synthetic import generate_rows, scene_questions
 
     # Rows with in-memory images, not generate_split's Dataset: the same pixels without a PNG round trip.
-    samples = generate_rows(per_task, seed=chunk_seed(seed, k), split="train", max_distractors=max_distractors,
-                            hard=hard, hard_tasks=hard_tasks)
+    samples = generate_rows(
+        per_task,
+        seed=chunk_seed(seed, k),
+        split="train",
+        max_distractors=max_distractors,
+        hard=hard,
+        hard_tasks=hard_tasks,
+    )
     scenes = [json.loads(sample["scene_graph"]) for sample in samples]
     order = np.random.default_rng([seed, k]).permutation(len(samples))
     describe_rng = np.random.default_rng([seed, k, 1])
@@ -504,8 +561,10 @@ def encode_chunk(processor, seed: int, k: int, per_task: int | Mapping[str, int]
     tokenizer = processor.tokenizer
     request = tokenizer(f"USER: {DESCRIBE_REQUEST} ASSISTANT:", add_special_tokens=False)["input_ids"]
     # One processor call for the chunk: per-call overhead was a fifth of a chunk's time.
-    encoded = processor(images=[samples[int(i)]["image"] for i in order],
-                        text=[build_prompt(samples[int(i)]["question"])[0] for i in order])
+    encoded = processor(
+        images=[samples[int(i)]["image"] for i in order],
+        text=[build_prompt(samples[int(i)]["question"])[0] for i in order],
+    )
     ids, tasks, labels, questions, answers, queries, descriptions = [], [], [], [], [], [], []
     for position, i in enumerate(order):
         sample = samples[int(i)]
@@ -513,15 +572,17 @@ def encode_chunk(processor, seed: int, k: int, per_task: int | Mapping[str, int]
         prompt_ids = list(encoded["input_ids"][position])
         row = prompt_ids + [_answer_id(tokenizer, sample["answer"]), tokenizer.eos_token_id]
         spans = [(len(prompt_ids), len(row))]
-        for question, answer in scene_questions(scenes[int(i)], questions_rng, extra_questions,
-                                            extra_question_tasks):
+        for question, answer in scene_questions(scenes[int(i)], questions_rng, extra_questions, extra_question_tasks):
             row += tokenizer(f"USER: {question} \n{cfg.INSTRUCTION} ASSISTANT:", add_special_tokens=False)["input_ids"]
             row += [_answer_id(tokenizer, answer), tokenizer.eos_token_id]
             spans.append((len(row) - 2, len(row)))
         answers.append(tuple(spans))
         spans = []
-        for count, ask, rng in ((attribute_queries, attribute_query, queries_rng),
-                                (verify_queries, verify_query, verify_rng), (named_queries, named_query, named_rng)):
+        for count, ask, rng in (
+            (attribute_queries, attribute_query, queries_rng),
+            (verify_queries, verify_query, verify_rng),
+            (named_queries, named_query, named_rng),
+        ):
             for _ in range(count):
                 question, answer = ask(scenes[int(i)], rng)
                 row += tokenizer(f"USER: {question} ASSISTANT:", add_special_tokens=False)["input_ids"]
@@ -540,9 +601,16 @@ def encode_chunk(processor, seed: int, k: int, per_task: int | Mapping[str, int]
         ids.append(row)
         questions.append(_find_last(prompt_ids, tokenizer(sample["question"], add_special_tokens=False)["input_ids"]))
         tasks.append(sample["task"])
-    return {"ids": ids, "pixel_values": torch.as_tensor(np.stack(encoded["pixel_values"])), "tasks": tasks,
-            "patch_labels": torch.stack(labels),
-            "questions": questions, "answers": answers, "queries": queries, "descriptions": descriptions}
+    return {
+        "ids": ids,
+        "pixel_values": torch.as_tensor(np.stack(encoded["pixel_values"])),
+        "tasks": tasks,
+        "patch_labels": torch.stack(labels),
+        "questions": questions,
+        "answers": answers,
+        "queries": queries,
+        "descriptions": descriptions,
+    }
 
 
 def _answer_id(tokenizer, answer: str) -> int:
@@ -555,13 +623,21 @@ def _answer_id(tokenizer, answer: str) -> int:
 def _find_last(ids: list[int], part: list[int]) -> tuple[int, int]:
     """(start, end) of the last occurrence of `part` in `ids`."""
     for start in range(len(ids) - len(part), -1, -1):
-        if ids[start:start + len(part)] == part:
+        if ids[start : start + len(part)] == part:
             return start, start + len(part)
     raise ValueError("the question's tokens are not in the prompt")
 
 
-def _producer(queue, model_config: dict, seed: int, per_task: int | Mapping[str, int], start: int, stride: int,
-              caps: tuple, chunk_options: dict):
+def _producer(
+    queue,
+    model_config: dict,
+    seed: int,
+    per_task: int | Mapping[str, int],
+    start: int,
+    stride: int,
+    caps: tuple,
+    chunk_options: dict,
+):
     """Put chunks start, start + stride, ... into `queue` (a worker process of `ChunkStream`).
 
     Runs until the trainer is gone: a trainer killed without cleanup (SIGKILL, SIGTERM) would
@@ -572,8 +648,15 @@ def _producer(queue, model_config: dict, seed: int, per_task: int | Mapping[str,
     loaded = build_toy_model(ToyConfig(**model_config), seed=0)  # only its processor is used
     for k in itertools.count(start, stride):
         try:
-            chunk = encode_chunk(loaded.processor, seed, k, per_task, ToyConfig(**model_config),
-                                 max_distractors=_cap(caps, k), **chunk_options)
+            chunk = encode_chunk(
+                loaded.processor,
+                seed,
+                k,
+                per_task,
+                ToyConfig(**model_config),
+                max_distractors=_cap(caps, k),
+                **chunk_options,
+            )
         except Exception as error:  # sent on, so that the trainer fails now, not after a 10-minute wait
             chunk = RuntimeError(f"data worker failed on chunk {k}: {error!r}")
         while True:
@@ -588,8 +671,16 @@ def _producer(queue, model_config: dict, seed: int, per_task: int | Mapping[str,
 
 
 #: The keyword options of `encode_chunk` that a `ChunkStream` passes to every chunk.
-CHUNK_OPTIONS = ("describe", "extra_questions", "extra_question_tasks", "attribute_queries", "verify_queries",
-                 "named_queries", "hard", "hard_tasks")
+CHUNK_OPTIONS = (
+    "describe",
+    "extra_questions",
+    "extra_question_tasks",
+    "attribute_queries",
+    "verify_queries",
+    "named_queries",
+    "hard",
+    "hard_tasks",
+)
 
 
 def _cap(caps: tuple, k: int) -> int | None:
@@ -608,9 +699,18 @@ class ChunkStream:
     turns, the share of hard samples and their tasks), the same for every chunk.
     """
 
-    def __init__(self, processor, model_config: ToyConfig, seed: int, per_task: int | Mapping[str, int],
-                 workers: int = 1, curriculum: tuple = (), batch_size: int = TrainConfig.batch_size,
-                 first_chunk: int = 0, **chunk_options):
+    def __init__(
+        self,
+        processor,
+        model_config: ToyConfig,
+        seed: int,
+        per_task: int | Mapping[str, int],
+        workers: int = 1,
+        curriculum: tuple = (),
+        batch_size: int = TrainConfig.batch_size,
+        first_chunk: int = 0,
+        **chunk_options,
+    ):
         unknown = sorted(set(chunk_options) - set(CHUNK_OPTIONS))
         if unknown:  # checked here: in a worker process the error would only show as a stalled stream
             raise TypeError(f"ChunkStream got unknown chunk options {unknown}; they are {list(CHUNK_OPTIONS)}")
@@ -622,15 +722,35 @@ class ChunkStream:
         ctx = mp.get_context("spawn")
         for w in range(workers):
             self.queues.append(ctx.Queue(maxsize=3))
-            self.processes.append(ctx.Process(target=_producer, daemon=True, args=(
-                self.queues[-1], model_config.to_dict(), seed, per_task, first_chunk + w, workers, self.caps,
-                chunk_options)))
+            self.processes.append(
+                ctx.Process(
+                    target=_producer,
+                    daemon=True,
+                    args=(
+                        self.queues[-1],
+                        model_config.to_dict(),
+                        seed,
+                        per_task,
+                        first_chunk + w,
+                        workers,
+                        self.caps,
+                        chunk_options,
+                    ),
+                )
+            )
             self.processes[-1].start()
 
     def next(self) -> dict:
         if not self.processes:
-            chunk = encode_chunk(self.processor, self.seed, self.k, self.per_task, self.model_config,
-                                 max_distractors=_cap(self.caps, self.k), **self.chunk_options)
+            chunk = encode_chunk(
+                self.processor,
+                self.seed,
+                self.k,
+                self.per_task,
+                self.model_config,
+                max_distractors=_cap(self.caps, self.k),
+                **self.chunk_options,
+            )
         else:
             k, chunk = self.queues[(self.k - self.first_chunk) % len(self.queues)].get(timeout=600)
             if isinstance(chunk, Exception):
@@ -656,7 +776,7 @@ def batches(stream: ChunkStream, batch_size: int, pad_id: int, skip: int = 0):
     while True:
         chunk = stream.next()
         for start in range(skip * batch_size, len(chunk["ids"]) - batch_size + 1, batch_size):
-            rows = chunk["ids"][start:start + batch_size]
+            rows = chunk["ids"][start : start + batch_size]
             length = max(len(r) for r in rows)
             input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
             attention_mask = torch.zeros_like(input_ids)
@@ -665,19 +785,26 @@ def batches(stream: ChunkStream, batch_size: int, pad_id: int, skip: int = 0):
             query_labels = torch.full_like(input_ids, -100)
             describe_labels = torch.full_like(input_ids, -100)
             for i, r in enumerate(rows):
-                input_ids[i, :len(r)] = torch.tensor(r)
-                attention_mask[i, :len(r)] = 1
+                input_ids[i, : len(r)] = torch.tensor(r)
+                attention_mask[i, : len(r)] = 1
                 spans = [(labels, span) for span in chunk["answers"][start + i]]
                 spans += [(query_labels, span) for span in chunk["queries"][start + i]]
-                spans += [(question_labels, chunk["questions"][start + i]),
-                          (describe_labels, chunk["descriptions"][start + i])]
+                spans += [
+                    (question_labels, chunk["questions"][start + i]),
+                    (describe_labels, chunk["descriptions"][start + i]),
+                ]
                 for target, (span_start, span_end) in spans:
                     target[i, span_start:span_end] = input_ids[i, span_start:span_end]
-            yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                   "question_labels": question_labels, "query_labels": query_labels,
-                   "describe_labels": describe_labels,
-                   "pixel_values": chunk["pixel_values"][start:start + batch_size],
-                   "patch_labels": chunk["patch_labels"][start:start + batch_size]}
+            yield {
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                "labels": labels,
+                "question_labels": question_labels,
+                "query_labels": query_labels,
+                "describe_labels": describe_labels,
+                "pixel_values": chunk["pixel_values"][start : start + batch_size],
+                "patch_labels": chunk["patch_labels"][start : start + batch_size],
+            }
         skip = 0
 
 
@@ -703,8 +830,7 @@ def forward_shared_prefix(model, batch: dict) -> tuple[torch.Tensor, int]:
     cache = model(input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix], use_cache=True).past_key_values
     cache.batch_repeat_interleave(len(ids))
     rest = {key: value for key, value in batch.items() if key not in ("input_ids", "attention_mask")}
-    logits = model(input_ids=ids[:, prefix:], attention_mask=mask, past_key_values=cache, use_cache=True,
-                   **rest).logits
+    logits = model(input_ids=ids[:, prefix:], attention_mask=mask, past_key_values=cache, use_cache=True, **rest).logits
     return logits, prefix
 
 
@@ -723,8 +849,9 @@ def lr_at(step: int, train: TrainConfig) -> float:
 PRETRAIN_FIRST_CHUNK = 1_000_000
 
 
-def pretrain_vision(loaded, model_config: ToyConfig, train_config: TrainConfig, seed: int,
-                    device: torch.device = torch.device("cpu")) -> dict:
+def pretrain_vision(
+    loaded, model_config: ToyConfig, train_config: TrainConfig, seed: int, device: torch.device | None = None
+) -> dict:
     """Train the vision tower and projector alone to name each patch's object words; return their accuracy.
 
     One linear head per `PATCH_WORDS` kind and per `PATCH_POSITIONS` coordinate (dropped afterwards) reads
@@ -733,6 +860,7 @@ def pretrain_vision(loaded, model_config: ToyConfig, train_config: TrainConfig, 
     per-kind accuracy on object patches of a held-out chunk, the mean loss of the first and the last
     tenth of the steps, the steps and the seconds taken.
     """
+    device = torch.device("cpu") if device is None else device
     from tqdm import tqdm
 
     started = time.time()
@@ -740,15 +868,26 @@ def pretrain_vision(loaded, model_config: ToyConfig, train_config: TrainConfig, 
     values = patch_word_values()
     grid = model_config.image_size // model_config.patch_size
     kinds = PATCH_WORDS + PATCH_POSITIONS  # the columns of `patch_labels`, in order
-    heads = torch.nn.ModuleList([torch.nn.Linear(model_config.hidden, grid if kind in PATCH_POSITIONS
-                                                 else 1 + len(values[kind])) for kind in kinds]).to(device)
-    chunks = [encode_chunk(loaded.processor, seed, PRETRAIN_FIRST_CHUNK + i, train_config.chunk_per_task,
-                           model_config, describe=False) for i in range(train_config.vision_pretrain_chunks + 1)]
+    heads = torch.nn.ModuleList(
+        [
+            torch.nn.Linear(model_config.hidden, grid if kind in PATCH_POSITIONS else 1 + len(values[kind]))
+            for kind in kinds
+        ]
+    ).to(device)
+    chunks = [
+        encode_chunk(
+            loaded.processor, seed, PRETRAIN_FIRST_CHUNK + i, train_config.chunk_per_task, model_config, describe=False
+        )
+        for i in range(train_config.vision_pretrain_chunks + 1)
+    ]
     held_out = chunks.pop()
     pixels = torch.cat([c["pixel_values"] for c in chunks])
     labels = torch.cat([c["patch_labels"] for c in chunks])
-    params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
-              *heads.parameters()]
+    params = [
+        *model.model.vision_tower.parameters(),
+        *model.model.multi_modal_projector.parameters(),
+        *heads.parameters(),
+    ]
     optimizer = torch.optim.AdamW(params, lr=train_config.vision_lr, weight_decay=train_config.weight_decay)
     order = torch.Generator().manual_seed(seed)
     batch = train_config.vision_pretrain_batch
@@ -758,11 +897,13 @@ def pretrain_vision(loaded, model_config: ToyConfig, train_config: TrainConfig, 
         position = step % batches_per_epoch
         if position == 0:
             permutation = torch.randperm(len(pixels), generator=order)
-        index = permutation[position * batch:(position + 1) * batch]
+        index = permutation[position * batch : (position + 1) * batch]
         features = image_features(model, pixels[index].to(device))
         target = labels[index].to(device)
-        loss = sum(torch.nn.functional.cross_entropy(head(features).flatten(0, 1), target[..., i].flatten())
-                   for i, head in enumerate(heads)) / len(heads)
+        loss = sum(
+            torch.nn.functional.cross_entropy(head(features).flatten(0, 1), target[..., i].flatten())
+            for i, head in enumerate(heads)
+        ) / len(heads)
         loss.backward()
         losses.append(loss.item())
         torch.nn.utils.clip_grad_norm_(params, train_config.grad_clip)
@@ -772,26 +913,42 @@ def pretrain_vision(loaded, model_config: ToyConfig, train_config: TrainConfig, 
         features = image_features(model, held_out["pixel_values"].to(device))
         target = held_out["patch_labels"].to(device)
         on_object = target[..., 0] > 0
-        accuracy = {kind: round(float((head(features).argmax(-1) == target[..., i])[on_object].float().mean()), 4)
-                    for i, (kind, head) in enumerate(zip(kinds, heads))}
+        accuracy = {
+            kind: round(float((head(features).argmax(-1) == target[..., i])[on_object].float().mean()), 4)
+            for i, (kind, head) in enumerate(zip(kinds, heads))
+        }
     tenth = max(1, len(losses) // 10)
-    return {"steps": train_config.vision_pretrain_steps, "seconds": round(time.time() - started, 1),
-            "loss_first_tenth": round(float(np.mean(losses[:tenth])), 4) if losses else None,
-            "loss_last_tenth": round(float(np.mean(losses[-tenth:])), 4) if losses else None,
-            "held_out_patch_accuracy": accuracy}
+    return {
+        "steps": train_config.vision_pretrain_steps,
+        "seconds": round(time.time() - started, 1),
+        "loss_first_tenth": round(float(np.mean(losses[:tenth])), 4) if losses else None,
+        "loss_last_tenth": round(float(np.mean(losses[-tenth:])), 4) if losses else None,
+        "held_out_patch_accuracy": accuracy,
+    }
 
 
 def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """(batch, patches, hidden): the projector output, i.e. the language model's image embeddings."""
     features = model.model.get_image_features(
-        pixel_values=pixel_values, vision_feature_layer=model.config.vision_feature_layer,
-        vision_feature_select_strategy=model.config.vision_feature_select_strategy).pooler_output
+        pixel_values=pixel_values,
+        vision_feature_layer=model.config.vision_feature_layer,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+    ).pooler_output
     return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
 
 
-def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out: Path | None = None,
-          minutes: float | None = None, workers: int = 1, final_eval: bool = True, device: str = "cpu",
-          save_every: int = 250, fresh: bool = False) -> dict:
+def train(
+    model_config: ToyConfig,
+    train_config: TrainConfig,
+    seed: int = 0,
+    out: Path | None = None,
+    minutes: float | None = None,
+    workers: int = 1,
+    final_eval: bool = True,
+    device: str = "cpu",
+    save_every: int = 250,
+    fresh: bool = False,
+) -> dict:
     """Train a toy LLaVA from `seed`; save it with its card into `out` (if given); return the card.
 
     `device` ("cpu", "cuda", "cuda:1", ...) runs the model there; the data stream stays on the CPU
@@ -827,17 +984,24 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
         model.load_state_dict(state["model"])
         patch_loss.position_heads.load_state_dict(state["position_heads"])
         pretrained = state["pretrained"]
-        print(f"resuming from {state_path} at step {state['steps_done']} of {train_config.steps} "
-              f"({state['seconds'] / 60:.1f} min trained so far)", flush=True)
+        print(
+            f"resuming from {state_path} at step {state['steps_done']} of {train_config.steps} "
+            f"({state['seconds'] / 60:.1f} min trained so far)",
+            flush=True,
+        )
     started = time.time() - (state["seconds"] if state is not None else 0.0)
     if state is None:
-        pretrained = pretrain_vision(loaded, model_config, train_config, seed, device) \
-            if train_config.vision_pretrain_steps else None
+        pretrained = (
+            pretrain_vision(loaded, model_config, train_config, seed, device)
+            if train_config.vision_pretrain_steps
+            else None
+        )
         if pretrained:
             print(f"vision pretraining: {pretrained}", flush=True)
     projected = {}
     hook = model.model.multi_modal_projector.register_forward_hook(
-        lambda module, args, output: projected.__setitem__("features", output))
+        lambda module, args, output: projected.__setitem__("features", output)
+    )
     named = list(model.named_parameters())
     named += [(f"aux.{n}", p) for n, p in patch_loss.position_heads.named_parameters()]
     language_params = [p for n, p in named if n.startswith(("model.language_model", "lm_head"))]
@@ -847,31 +1011,66 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
         ids = {id(p) for p in params}
         for decays in (True, False):
             chosen = [p for n, p in named if id(p) in ids and (p.ndim >= 2 and "embed" not in n) == decays]
-            groups.append({"params": chosen, "weight_decay": train_config.weight_decay if decays else 0.0,
-                           "base_lr": base_lr})
+            groups.append(
+                {"params": chosen, "weight_decay": train_config.weight_decay if decays else 0.0, "base_lr": base_lr}
+            )
     optimizer = torch.optim.AdamW(groups, lr=train_config.lr, betas=(0.9, 0.98), eps=1e-8)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
     monitor = to_samples(generate_split(train_config.monitor_per_task, seed=seed + 1, split="validation"))
     steps_done = state["steps_done"] if state is not None else 0
     per_chunk = chunk_size(train_config.task_counts()) // train_config.batch_size
-    stream = ChunkStream(loaded.processor, model_config, seed, train_config.task_counts(), workers,
-                         curriculum=train_config.distractor_curriculum, batch_size=train_config.batch_size,
-                         first_chunk=steps_done // per_chunk, **train_config.chunk_options())
-    log = state["log"] if state is not None else {
-        "step": [], "loss": [], "aux_loss": [], "question_loss": [], "query_loss": [], "describe_loss": [],
-        "lr": [], "eval": []}
+    stream = ChunkStream(
+        loaded.processor,
+        model_config,
+        seed,
+        train_config.task_counts(),
+        workers,
+        curriculum=train_config.distractor_curriculum,
+        batch_size=train_config.batch_size,
+        first_chunk=steps_done // per_chunk,
+        **train_config.chunk_options(),
+    )
+    log = (
+        state["log"]
+        if state is not None
+        else {
+            "step": [],
+            "loss": [],
+            "aux_loss": [],
+            "question_loss": [],
+            "query_loss": [],
+            "describe_loss": [],
+            "lr": [],
+            "eval": [],
+        }
+    )
     stopped_early = False
     writer = written_by()  # the code and kernels, recorded in every saved state
 
     def save_state():
-        save_training_state(state_path, identity, writer, steps_done, time.time() - started, pretrained, log,
-                            model, patch_loss, optimizer)
+        save_training_state(
+            state_path,
+            identity,
+            writer,
+            steps_done,
+            time.time() - started,
+            pretrained,
+            log,
+            model,
+            patch_loss,
+            optimizer,
+        )
 
     try:
         data = batches(stream, train_config.batch_size, tokenizer.pad_token_id, skip=steps_done % per_chunk)
-        bar = tqdm(range(steps_done, train_config.steps), desc="train", mininterval=10, initial=steps_done,
-                   total=train_config.steps)
+        bar = tqdm(
+            range(steps_done, train_config.steps),
+            desc="train",
+            mininterval=10,
+            initial=steps_done,
+            total=train_config.steps,
+        )
         for step in bar:
             if minutes is not None and time.time() - started > 60 * minutes:
                 stopped_early = True
@@ -890,7 +1089,8 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
             logits = logits[:, :-1].flatten(0, 1)
             # Targets of the positions after the shared prefix, each predicting the next token.
             labels, question_labels, query_labels, describe_labels = (
-                target[:, prefix + 1:] for target in (labels, question_labels, query_labels, describe_labels))
+                target[:, prefix + 1 :] for target in (labels, question_labels, query_labels, describe_labels)
+            )
             loss = torch.nn.functional.cross_entropy(logits, labels.flatten())
             question_loss = torch.nn.functional.cross_entropy(logits, question_labels.flatten())
             total = loss + train_config.question_weight * question_loss
@@ -919,23 +1119,35 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
             log["query_loss"].append(query_loss.item())
             log["describe_loss"].append(describe_loss.item())
             log["lr"].append(optimizer.param_groups[0]["lr"])
-            bar.set_postfix(loss=f"{np.mean(log['loss'][-50:]):.3f}", aux=f"{np.mean(log['aux_loss'][-50:]):.3f}",
-                            question=f"{np.mean(log['question_loss'][-50:]):.3f}",
-                            query=f"{np.mean(log['query_loss'][-50:]):.3f}",
-                            describe=f"{np.mean(log['describe_loss'][-50:]):.3f}", refresh=False)
+            bar.set_postfix(
+                loss=f"{np.mean(log['loss'][-50:]):.3f}",
+                aux=f"{np.mean(log['aux_loss'][-50:]):.3f}",
+                question=f"{np.mean(log['question_loss'][-50:]):.3f}",
+                query=f"{np.mean(log['query_loss'][-50:]):.3f}",
+                describe=f"{np.mean(log['describe_loss'][-50:]):.3f}",
+                refresh=False,
+            )
             if steps_done % train_config.eval_every == 0 or steps_done == train_config.steps:
                 scores = evaluate(loaded, monitor, mode="first_token")  # one forward: the toy's answers are one word
                 log["eval"].append({"step": steps_done, "mean": scores["mean"], "per_task": scores["per_task"]})
                 elapsed = time.time() - started
-                recent = {key: np.mean(log[key][-50:])
-                          for key in ("loss", "aux_loss", "question_loss", "query_loss", "describe_loss")}
-                print(f"step {steps_done} ({elapsed / 60:.1f} min, {steps_done * train_config.batch_size / elapsed:.1f}"
-                      f" samples/s) loss {recent['loss']:.3f} aux {recent['aux_loss']:.3f} question "
-                      f"{recent['question_loss']:.3f} query {recent['query_loss']:.3f} "
-                      f"describe {recent['describe_loss']:.3f} "
-                      + format_scores(scores, "monitor"), flush=True)
-            if state_path is not None and save_every and steps_done % save_every == 0 \
-                    and steps_done < train_config.steps:
+                recent = {
+                    key: np.mean(log[key][-50:])
+                    for key in ("loss", "aux_loss", "question_loss", "query_loss", "describe_loss")
+                }
+                print(
+                    f"step {steps_done} ({elapsed / 60:.1f} min, {steps_done * train_config.batch_size / elapsed:.1f}"
+                    f" samples/s) loss {recent['loss']:.3f} aux {recent['aux_loss']:.3f} question "
+                    f"{recent['question_loss']:.3f} query {recent['query_loss']:.3f} "
+                    f"describe {recent['describe_loss']:.3f} " + format_scores(scores, "monitor"),
+                    flush=True,
+                )
+            if (
+                state_path is not None
+                and save_every
+                and steps_done % save_every == 0
+                and steps_done < train_config.steps
+            ):
                 save_state()
     finally:
         hook.remove()
@@ -955,19 +1167,26 @@ def train(model_config: ToyConfig, train_config: TrainConfig, seed: int = 0, out
         "parameters": count_parameters(model),
         "train_config": train_config.to_dict(),
         "seed": seed,
-        "data": {"world": "flowlib.data.synthetic", "train_stream": f"generate_split({train_config.task_counts()}, "
-                 "seed=seed*1000003+k, split='train') for chunk k = 0, 1, ...",
-                 "heldout": f"generate_split({train_config.heldout_per_task}, seed={train_config.heldout_seed}, "
-                 "split='test')",
-                 "ci_subset": f"generate_split({CI_PER_TASK}, seed={CI_SEED}, split='{CI_SPLIT}')"},
-        "training": {"steps": steps_done, "samples": steps_done * train_config.batch_size,
-                     "seconds": round(train_seconds, 1),
-                     "samples_per_second": round(steps_done * train_config.batch_size
-                                                 / (train_seconds - (pretrained or {}).get("seconds", 0)), 2),
-                     "device": where,
-                     "torch": torch.__version__,
-                     "final_loss_mean_last_50": float(np.mean(log["loss"][-50:])) if log["loss"] else None,
-                     **({"vision_pretraining": pretrained} if pretrained else {})},
+        "data": {
+            "world": "flowlib.data.synthetic",
+            "train_stream": f"generate_split({train_config.task_counts()}, "
+            "seed=seed*1000003+k, split='train') for chunk k = 0, 1, ...",
+            "heldout": f"generate_split({train_config.heldout_per_task}, seed={train_config.heldout_seed}, "
+            "split='test')",
+            "ci_subset": f"generate_split({CI_PER_TASK}, seed={CI_SEED}, split='{CI_SPLIT}')",
+        },
+        "training": {
+            "steps": steps_done,
+            "samples": steps_done * train_config.batch_size,
+            "seconds": round(train_seconds, 1),
+            "samples_per_second": round(
+                steps_done * train_config.batch_size / (train_seconds - (pretrained or {}).get("seconds", 0)), 2
+            ),
+            "device": where,
+            "torch": torch.__version__,
+            "final_loss_mean_last_50": float(np.mean(log["loss"][-50:])) if log["loss"] else None,
+            **({"vision_pretraining": pretrained} if pretrained else {}),
+        },
     }
     if final_eval:
         card["evaluation"] = final_evaluation(loaded, train_config)
@@ -989,17 +1208,36 @@ class TrainingStateMismatch(ValueError):
 
 def run_identity(model_config: ToyConfig, train_config: TrainConfig, seed: int) -> dict:
     """What a saved state must match to be resumed: the seed and both configs, as JSON stores them."""
-    return json.loads(json.dumps({"seed": seed, "model_config": model_config.to_dict(),
-                                  "train_config": train_config.to_dict()}))
+    return json.loads(
+        json.dumps({"seed": seed, "model_config": model_config.to_dict(), "train_config": train_config.to_dict()})
+    )
 
 
-def save_training_state(path: Path, identity: dict, writer: dict, steps_done: int, seconds: float,
-                        pretrained: dict | None, log: dict, model, patch_loss: PatchLoss, optimizer) -> None:
+def save_training_state(
+    path: Path,
+    identity: dict,
+    writer: dict,
+    steps_done: int,
+    seconds: float,
+    pretrained: dict | None,
+    log: dict,
+    model,
+    patch_loss: PatchLoss,
+    optimizer,
+) -> None:
     """Everything a resumed run needs to continue bit for bit (training draws nothing from torch's global
     generator, tested); written whole or not at all. `writer` is `written_by()`."""
-    state = {"identity": identity, "written_by": writer, "steps_done": steps_done, "seconds": seconds,
-             "pretrained": pretrained, "log": log, "model": model.state_dict(),
-             "position_heads": patch_loss.position_heads.state_dict(), "optimizer": optimizer.state_dict()}
+    state = {
+        "identity": identity,
+        "written_by": writer,
+        "steps_done": steps_done,
+        "seconds": seconds,
+        "pretrained": pretrained,
+        "log": log,
+        "model": model.state_dict(),
+        "position_heads": patch_loss.position_heads.state_dict(),
+        "optimizer": optimizer.state_dict(),
+    }
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -1011,13 +1249,17 @@ def load_training_state(path: Path, identity: dict, device: torch.device) -> dic
     if state["identity"] != identity:
         stored = state["identity"]
         diffs = [f"seed {stored['seed']} (now {identity['seed']})"] if stored["seed"] != identity["seed"] else []
-        diffs += [f"{section}.{key} {stored[section].get(key)!r} (now {value!r})"
-                  for section in ("model_config", "train_config") for key, value in identity[section].items()
-                  if stored[section].get(key) != value]
+        diffs += [
+            f"{section}.{key} {stored[section].get(key)!r} (now {value!r})"
+            for section in ("model_config", "train_config")
+            for key, value in identity[section].items()
+            if stored[section].get(key) != value
+        ]
         raise TrainingStateMismatch(
             f"{path} holds the saved state of a run with other settings: {'; '.join(diffs) or 'other fields'}. "
             "Run the same command to continue that run, pass --fresh (train(fresh=True)) to delete it and "
-            "start over, or choose another --out folder")
+            "start over, or choose another --out folder"
+        )
     for change in provenance_changes(state["written_by"]):  # allowed, but the continued run may round differently
         print(f"warning: resuming a run saved with {change}", flush=True)
     return state
@@ -1030,8 +1272,9 @@ def cpu_description(threads: int) -> str:
     model = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
         model = names[0] if names else model
     return f"cpu ({model}, {kernel_kind()} kernels, {threads} threads)"
 
@@ -1052,8 +1295,9 @@ def final_evaluation(loaded, train_config: TrainConfig) -> dict:
             "image": evaluate(loaded, samples, mode="first_token"),
             "blank_image": evaluate(loaded, samples, blank=True, mode="first_token"),
             "image_blocked": evaluate(loaded, samples, block_image=True, mode="first_token"),
-            "image_blocked_forced_choice": evaluate(loaded, samples, block_image=True, forced_choice=True,
-                                                    mode="first_token"),
+            "image_blocked_forced_choice": evaluate(
+                loaded, samples, block_image=True, forced_choice=True, mode="first_token"
+            ),
             "chance": chance_accuracy(s.task for s in samples),
         }
         for key in ("image", "blank_image", "image_blocked", "image_blocked_forced_choice"):
@@ -1064,6 +1308,7 @@ def final_evaluation(loaded, train_config: TrainConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- outputs
+
 
 def save_run(loaded, card: dict, log: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
@@ -1087,7 +1332,7 @@ def plot_loss(log: dict, path: Path) -> None:
         ax1.plot(log["step"][49:], np.convolve(loss, np.ones(50) / 50, mode="valid"), label="mean of 50")
     ax1.set(xlabel="step", ylabel="answer-token loss", yscale="log", title="training loss")
     ax1.legend()
-    for task in (log["eval"][0]["per_task"] if log["eval"] else []):
+    for task in log["eval"][0]["per_task"] if log["eval"] else []:
         ax2.plot([e["step"] for e in log["eval"]], [e["per_task"][task] for e in log["eval"]], label=task)
     ax2.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02), title="monitor accuracy per task")
     if log["eval"]:
@@ -1100,15 +1345,21 @@ def plot_loss(log: dict, path: Path) -> None:
 def _table(evaluation: dict) -> str:
     tasks = list(evaluation["image"]["per_task"])
     rows = ["| condition | mean | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 2) + "|"]
-    for key, label in (("image", "with the image"), ("blank_image", "blank image"),
-                       ("image_blocked", "image -> later edges cut, all layers"),
-                       ("image_blocked_forced_choice", "the same, forced choice among the candidate answers"),
-                       ("chance", "chance")):
+    for key, label in (
+        ("image", "with the image"),
+        ("blank_image", "blank image"),
+        ("image_blocked", "image -> later edges cut, all layers"),
+        ("image_blocked_forced_choice", "the same, forced choice among the candidate answers"),
+        ("chance", "chance"),
+    ):
         if key not in evaluation:  # cards written before forced choice was recorded
             continue
         scores = evaluation[key]
-        rows.append(f"| {label} | {100 * scores['mean']:.1f} | "
-                    + " | ".join(f"{100 * scores['per_task'][t]:.1f}" for t in tasks) + " |")
+        rows.append(
+            f"| {label} | {100 * scores['mean']:.1f} | "
+            + " | ".join(f"{100 * scores['per_task'][t]:.1f}" for t in tasks)
+            + " |"
+        )
     return "\n".join(rows)
 
 
@@ -1121,15 +1372,15 @@ def target_status(heldout: dict) -> str:
     """One sentence: whether the held-out numbers meet the targets, with the numbers."""
     image, blank, chance = heldout["image"], heldout["blank_image"], heldout["chance"]["mean"]
     worst = min(image["per_task"].values())
-    met = (image["mean"] >= TARGET_MEAN and worst >= TARGET_PER_TASK
-           and abs(blank["mean"] - chance) <= BLANK_WITHIN)
-    numbers = (f"held-out mean {100 * image['mean']:.1f}% (target >= {100 * TARGET_MEAN:.0f}%), worst task "
-               f"{100 * worst:.1f}% (target >= {100 * TARGET_PER_TASK:.0f}%), blank image {100 * blank['mean']:.1f}% "
-               f"against chance {100 * chance:.1f}%")
+    met = image["mean"] >= TARGET_MEAN and worst >= TARGET_PER_TASK and abs(blank["mean"] - chance) <= BLANK_WITHIN
+    numbers = (
+        f"held-out mean {100 * image['mean']:.1f}% (target >= {100 * TARGET_MEAN:.0f}%), worst task "
+        f"{100 * worst:.1f}% (target >= {100 * TARGET_PER_TASK:.0f}%), blank image {100 * blank['mean']:.1f}% "
+        f"against chance {100 * chance:.1f}%"
+    )
     if met:
         return f"Meets the targets: {numbers}."
-    return (f"**Below the targets: {numbers}. Analyses run on this model show the pipeline, not the paper's "
-            "findings.**")
+    return f"**Below the targets: {numbers}. Analyses run on this model show the pipeline, not the paper's findings.**"
 
 
 def model_card_markdown(card: dict) -> str:
@@ -1159,41 +1410,78 @@ def model_card_markdown(card: dict) -> str:
         + "cosine to "
         f"{t['min_lr_ratio']} x), weight decay {t['weight_decay']}, clip {t['grad_clip']} (language model and "
         "vision side apart); loss on the answer tokens"
-        + (f" plus {t['question_weight']} x the loss of predicting the question's words"
-           if t.get("question_weight") else "")
-        + (f"; each image also gets up to {t['extra_questions']} further training-only question turns about the "
-           "same scene (`scene_questions`"
-           + (f", tasks {', '.join(t['extra_question_tasks'])}"
-              if tuple(t.get("extra_question_tasks", TASKS)) != TASKS else "")
-           + "), their answers in the same loss" if t.get("extra_questions") else "")
-        + (f" plus {t['query_weight']} x the loss of {t['attribute_queries']} training-only turn(s) asking which "
-           "shapes have a colour, size or texture (`USER: which shape is large ? ASSISTANT: circle , star`, or "
-           "`no`)" if t.get("attribute_queries") else "")
-        + (f" plus {t['query_weight']} x the loss of {t['verify_queries']} training-only turn(s) checking one "
-           "shape (`USER: is there a star that is large ? ASSISTANT: Yes`, or `No`, half each)"
-           if t.get("verify_queries") else "")
-        + (f" plus {t['query_weight']} x the loss of {t['named_queries']} training-only turn(s) asking LogicalObj's "
-           "question for the shapes (`USER: which of a star or a circle is large ? ASSISTANT: Star`, or `No`)"
-           if t.get("named_queries") else "")
-        + (f" plus {t['describe_weight']} x the loss of a last, training-only turn that describes every object "
-           "(`USER: what is in the image ? ASSISTANT: star red large striped left above , ...`)"
-           if t.get("describe_weight") else "")
-        + (f" plus {t['aux_weight']} x a per-patch loss on the projector output (each image token scores, against "
-           "the tied word embeddings, the shape, colour, size, texture and image halves (left or right, above or "
-           "below) of the object it covers; "
-           "linear heads read its row and column and are dropped after training), standing in for the "
-           "pretrained, word-aligned image features real LLaVA starts from." if t.get("aux_weight") else "."),
+        + (
+            f" plus {t['question_weight']} x the loss of predicting the question's words"
+            if t.get("question_weight")
+            else ""
+        )
+        + (
+            f"; each image also gets up to {t['extra_questions']} further training-only question turns about the "
+            "same scene (`scene_questions`"
+            + (
+                f", tasks {', '.join(t['extra_question_tasks'])}"
+                if tuple(t.get("extra_question_tasks", TASKS)) != TASKS
+                else ""
+            )
+            + "), their answers in the same loss"
+            if t.get("extra_questions")
+            else ""
+        )
+        + (
+            f" plus {t['query_weight']} x the loss of {t['attribute_queries']} training-only turn(s) asking which "
+            "shapes have a colour, size or texture (`USER: which shape is large ? ASSISTANT: circle , star`, or "
+            "`no`)"
+            if t.get("attribute_queries")
+            else ""
+        )
+        + (
+            f" plus {t['query_weight']} x the loss of {t['verify_queries']} training-only turn(s) checking one "
+            "shape (`USER: is there a star that is large ? ASSISTANT: Yes`, or `No`, half each)"
+            if t.get("verify_queries")
+            else ""
+        )
+        + (
+            f" plus {t['query_weight']} x the loss of {t['named_queries']} training-only turn(s) asking LogicalObj's "
+            "question for the shapes (`USER: which of a star or a circle is large ? ASSISTANT: Star`, or `No`)"
+            if t.get("named_queries")
+            else ""
+        )
+        + (
+            f" plus {t['describe_weight']} x the loss of a last, training-only turn that describes every object "
+            "(`USER: what is in the image ? ASSISTANT: star red large striped left above , ...`)"
+            if t.get("describe_weight")
+            else ""
+        )
+        + (
+            f" plus {t['aux_weight']} x a per-patch loss on the projector output (each image token scores, against "
+            "the tied word embeddings, the shape, colour, size, texture and image halves (left or right, above or "
+            "below) of the object it covers; "
+            "linear heads read its row and column and are dropped after training), standing in for the "
+            "pretrained, word-aligned image features real LLaVA starts from."
+            if t.get("aux_weight")
+            else "."
+        ),
         f"- {tr['seconds'] / 60:.1f} min on {tr['device']} in all, {tr['samples_per_second']} samples/s in the main "
         f"steps; torch {tr['torch']}."
-        + (" Deterministic from the seed on the same processor and kernels; another processor rounds floats "
-           "differently, the run drifts from the first steps and its accuracies can differ by many points "
-           "(README, retraining)." if tr["device"].startswith("cpu") else ""),
+        + (
+            " Deterministic from the seed on the same processor and kernels; another processor rounds floats "
+            "differently, the run drifts from the first steps and its accuracies can differ by many points "
+            "(README, retraining)."
+            if tr["device"].startswith("cpu")
+            else ""
+        ),
         f"- data: {card['data']['train_stream']}"
-        + "".join(f"; until step {until}, scenes with at most {cap} distractor object{'s' * (cap != 1)} "
-                  "(max_distractors)" for until, cap in t.get("distractor_curriculum", ()))
-        + (f"; {t['hard_negatives']:.0%} of {' and '.join(t.get('hard_tasks', HARD_TASKS))} training samples hard "
-           f"({', '.join(HARD_CASES[task] for task in t.get('hard_tasks', HARD_TASKS))}; `generate_split(hard=...)`), the held-out split "
-           "as generated" if t.get("hard_negatives") else "")
+        + "".join(
+            f"; until step {until}, scenes with at most {cap} distractor object{'s' * (cap != 1)} (max_distractors)"
+            for until, cap in t.get("distractor_curriculum", ())
+        )
+        + (
+            f"; {t['hard_negatives']:.0%} of {' and '.join(t.get('hard_tasks', HARD_TASKS))} training samples hard "
+            f"({', '.join(HARD_CASES[task] for task in t.get('hard_tasks', HARD_TASKS))}; "
+            "`generate_split(hard=...)`), the held-out split as generated"
+            if t.get("hard_negatives")
+            else ""
+        )
         + ".",
     ]
     if "vision_pretraining" in tr:
@@ -1205,19 +1493,30 @@ def model_card_markdown(card: dict) -> str:
             "learning each patch's object words, row and column through linear heads (dropped afterwards); "
             "held-out accuracy on object patches: "
             + ", ".join(f"{kind} {100 * value:.1f}%" for kind, value in pre["held_out_patch_accuracy"].items())
-            + ".")
+            + "."
+        )
     lines.append("")
     if "evaluation" in card:
         lines += ["## Status", "", target_status(card["evaluation"]["heldout"]), ""]
-        for name, title in (("heldout", f"Held-out accuracy (%), {card['data']['heldout']}"),
-                            ("ci_subset", f"CI subset accuracy (%), {card['data']['ci_subset']}; "
-                             "re-measured by tests/test_toy_model.py")):
+        for name, title in (
+            ("heldout", f"Held-out accuracy (%), {card['data']['heldout']}"),
+            (
+                "ci_subset",
+                f"CI subset accuracy (%), {card['data']['ci_subset']}; re-measured by tests/test_toy_model.py",
+            ),
+        ):
             ev = card["evaluation"][name]
-            lines += [f"## {title}", "", f"{ev['n']} samples; accuracy = the first generated word, lowercased, "
-                      "equals the answer (forced choice: the candidate answer, options or the task's answer set, "
-                      "with the highest logit). Blank image: a uniform image of the scene's background colour, same "
-                      "size.",
-                      "", _table(ev), ""]
+            lines += [
+                f"## {title}",
+                "",
+                f"{ev['n']} samples; accuracy = the first generated word, lowercased, "
+                "equals the answer (forced choice: the candidate answer, options or the task's answer set, "
+                "with the highest logit). Blank image: a uniform image of the scene's background colour, same "
+                "size.",
+                "",
+                _table(ev),
+                "",
+            ]
     lines += ["![loss](loss.png)", ""]
     return "\n".join(lines)
 
@@ -1242,14 +1541,21 @@ def parse_task_weights(text: str) -> tuple:
 
 
 #: TrainConfig fields the command line sets, with their flags (`build_parser`, `command_line`).
-CLI_FIELDS = {"steps": "--steps", "threads": "--threads", "lr": "--lr", "decay_start": "--decay-start",
-              "extra_questions": "--extra-questions",
-              "extra_question_tasks": "--extra-question-tasks",
-              "attribute_queries": "--attribute-queries",
-              "verify_queries": "--verify-queries", "named_queries": "--named-queries",
-              "hard_negatives": "--hard-negatives",
-              "hard_tasks": "--hard-tasks", "vision_pretrain_steps": "--vision-pretrain-steps",
-              "task_weights": "--task-weights"}
+CLI_FIELDS = {
+    "steps": "--steps",
+    "threads": "--threads",
+    "lr": "--lr",
+    "decay_start": "--decay-start",
+    "extra_questions": "--extra-questions",
+    "extra_question_tasks": "--extra-question-tasks",
+    "attribute_queries": "--attribute-queries",
+    "verify_queries": "--verify-queries",
+    "named_queries": "--named-queries",
+    "hard_negatives": "--hard-negatives",
+    "hard_tasks": "--hard-tasks",
+    "vision_pretrain_steps": "--vision-pretrain-steps",
+    "task_weights": "--task-weights",
+}
 
 
 def command_line(train_config: Mapping, seed: int) -> str:
@@ -1268,8 +1574,13 @@ def command_line(train_config: Mapping, seed: int) -> str:
         return f"flowlib.train_toy.train(ToyConfig(), TrainConfig({settings}), seed={seed})"
     parts = ["python -m flowlib.train_toy", f"--seed {seed}"]
     for field, value in changed.items():
-        text = (",".join(f"{task}={weight}" for task, weight in value) if field == "task_weights"
-                else ",".join(value) if field in ("hard_tasks", "extra_question_tasks") else value)
+        text = (
+            ",".join(f"{task}={weight}" for task, weight in value)
+            if field == "task_weights"
+            else ",".join(value)
+            if field in ("hard_tasks", "extra_question_tasks")
+            else value
+        )
         parts.append(f"{CLI_FIELDS[field]} {text}")
     return " ".join(parts)
 
@@ -1284,61 +1595,117 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=cfg.SHORT_NAMES[cfg.OFFLINE_MODEL])
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
-    parser.add_argument("--minutes", type=float, default=None,
-                        help="stop after this many minutes of training in all, saving the state so that the same "
-                             "command continues the run")
-    parser.add_argument("--save-every", type=int, default=250, metavar="STEPS",
-                        help=f"save the training state ({STATE_FILE} in --out) every STEPS steps, so that an "
-                             "interrupted run continues where it stopped when the same command is run again "
-                             "(0: only when --minutes run out; default: 250)")
-    parser.add_argument("--fresh", action="store_true",
-                        help="delete a saved training state in --out and start over")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="stop after this many minutes of training in all, saving the state so that the same "
+        "command continues the run",
+    )
+    parser.add_argument(
+        "--save-every",
+        type=int,
+        default=250,
+        metavar="STEPS",
+        help=f"save the training state ({STATE_FILE} in --out) every STEPS steps, so that an "
+        "interrupted run continues where it stopped when the same command is run again "
+        "(0: only when --minutes run out; default: 250)",
+    )
+    parser.add_argument("--fresh", action="store_true", help="delete a saved training state in --out and start over")
     parser.add_argument("--threads", type=int, default=TrainConfig.threads)
-    parser.add_argument("--workers", type=int, default=1,
-                        help="data worker processes (0: inline; one keeps up with 2 CPU cores, a GPU needs more)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="data worker processes (0: inline; one keeps up with 2 CPU cores, a GPU needs more)",
+    )
     parser.add_argument("--device", default="cpu", help="where the model trains: cpu, cuda, cuda:1, ...")
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
-    parser.add_argument("--decay-start", type=float, default=TrainConfig.decay_start, metavar="SHARE",
-                        help="share of the steps after the warmup at the peak learning rate before the cosine "
-                             "decay (0 to below 1; default: 0, decay at once)")
-    parser.add_argument("--extra-questions", type=int, default=TrainConfig.extra_questions,
-                        help="further question turns per training image (scene_questions)")
-    parser.add_argument("--extra-question-tasks", default=",".join(TrainConfig.extra_question_tasks),
-                        metavar="TASK,...", help="the tasks those turns ask (default: "
-                        f"{','.join(TrainConfig.extra_question_tasks)})")
-    parser.add_argument("--attribute-queries", type=int, default=TrainConfig.attribute_queries,
-                        help="attribute-query turns per training image (attribute_query)")
-    parser.add_argument("--verify-queries", type=int, default=TrainConfig.verify_queries,
-                        help="turns per training image checking one shape's value (verify_query)")
-    parser.add_argument("--named-queries", type=int, default=TrainConfig.named_queries,
-                        help="turns per training image asking which of two named shapes has a value (named_query)")
-    parser.add_argument("--hard-negatives", type=float, default=TrainConfig.hard_negatives,
-                        help="share of training ChooseCat and LogicalObj samples drawn as hard cases (0 to 1)")
-    parser.add_argument("--hard-tasks", default=",".join(TrainConfig.hard_tasks), metavar="TASK,...",
-                        help=f"which of {', '.join(HARD_TASKS)} draw hard samples (default: both)")
-    parser.add_argument("--vision-pretrain-steps", type=int, default=TrainConfig.vision_pretrain_steps,
-                        help="steps of vision pretraining before the main steps (pretrain_vision)")
-    parser.add_argument("--task-weights", default=None, metavar="TASK=W,...",
-                        help="each task's share of the training mix, e.g. 'ChooseAttr=1,QueryAttr=1,ChooseRel=3,"
-                             "LogicalObj=3,CompareAttr=3,ChooseCat=1' (a task left out gets none; default: "
-                             "TrainConfig.task_weights)")
+    parser.add_argument(
+        "--decay-start",
+        type=float,
+        default=TrainConfig.decay_start,
+        metavar="SHARE",
+        help="share of the steps after the warmup at the peak learning rate before the cosine "
+        "decay (0 to below 1; default: 0, decay at once)",
+    )
+    parser.add_argument(
+        "--extra-questions",
+        type=int,
+        default=TrainConfig.extra_questions,
+        help="further question turns per training image (scene_questions)",
+    )
+    parser.add_argument(
+        "--extra-question-tasks",
+        default=",".join(TrainConfig.extra_question_tasks),
+        metavar="TASK,...",
+        help=f"the tasks those turns ask (default: {','.join(TrainConfig.extra_question_tasks)})",
+    )
+    parser.add_argument(
+        "--attribute-queries",
+        type=int,
+        default=TrainConfig.attribute_queries,
+        help="attribute-query turns per training image (attribute_query)",
+    )
+    parser.add_argument(
+        "--verify-queries",
+        type=int,
+        default=TrainConfig.verify_queries,
+        help="turns per training image checking one shape's value (verify_query)",
+    )
+    parser.add_argument(
+        "--named-queries",
+        type=int,
+        default=TrainConfig.named_queries,
+        help="turns per training image asking which of two named shapes has a value (named_query)",
+    )
+    parser.add_argument(
+        "--hard-negatives",
+        type=float,
+        default=TrainConfig.hard_negatives,
+        help="share of training ChooseCat and LogicalObj samples drawn as hard cases (0 to 1)",
+    )
+    parser.add_argument(
+        "--hard-tasks",
+        default=",".join(TrainConfig.hard_tasks),
+        metavar="TASK,...",
+        help=f"which of {', '.join(HARD_TASKS)} draw hard samples (default: both)",
+    )
+    parser.add_argument(
+        "--vision-pretrain-steps",
+        type=int,
+        default=TrainConfig.vision_pretrain_steps,
+        help="steps of vision pretraining before the main steps (pretrain_vision)",
+    )
+    parser.add_argument(
+        "--task-weights",
+        default=None,
+        metavar="TASK=W,...",
+        help="each task's share of the training mix, e.g. 'ChooseAttr=1,QueryAttr=1,ChooseRel=3,"
+        "LogicalObj=3,CompareAttr=3,ChooseCat=1' (a task left out gets none; default: "
+        "TrainConfig.task_weights)",
+    )
     parser.add_argument("--no-eval", action="store_true", help="skip the final held-out evaluation")
     return parser
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig a parsed command line asks for; ValueError for task weights that cannot be used."""
-    train_config = dataclasses.replace(TrainConfig(), steps=args.steps, threads=args.threads, lr=args.lr,
-                                       decay_start=args.decay_start,
-                                       extra_questions=args.extra_questions,
-                                       extra_question_tasks=parse_tasks(args.extra_question_tasks,
-                                                                        "--extra-question-tasks", TASKS),
-                                       attribute_queries=args.attribute_queries,
-                                       verify_queries=args.verify_queries,
-                                       named_queries=args.named_queries,
-                                       hard_negatives=args.hard_negatives,
-                                       hard_tasks=parse_tasks(args.hard_tasks, "--hard-tasks", HARD_TASKS),
-                                       vision_pretrain_steps=args.vision_pretrain_steps)
+    train_config = dataclasses.replace(
+        TrainConfig(),
+        steps=args.steps,
+        threads=args.threads,
+        lr=args.lr,
+        decay_start=args.decay_start,
+        extra_questions=args.extra_questions,
+        extra_question_tasks=parse_tasks(args.extra_question_tasks, "--extra-question-tasks", TASKS),
+        attribute_queries=args.attribute_queries,
+        verify_queries=args.verify_queries,
+        named_queries=args.named_queries,
+        hard_negatives=args.hard_negatives,
+        hard_tasks=parse_tasks(args.hard_tasks, "--hard-tasks", HARD_TASKS),
+        vision_pretrain_steps=args.vision_pretrain_steps,
+    )
     if args.task_weights is not None:
         train_config = dataclasses.replace(train_config, task_weights=parse_task_weights(args.task_weights))
     train_config.task_counts()  # bad weights fail now, not after minutes of vision pretraining
@@ -1355,9 +1722,18 @@ def main(argv=None) -> None:
     if args.save_every < 0:
         parser.error(f"--save-every {args.save_every}: give a number of steps, or 0")
     try:
-        card = train(ToyConfig(), train_config, seed=args.seed, out=args.out, minutes=args.minutes,
-                     workers=args.workers, final_eval=not args.no_eval, device=args.device,
-                     save_every=args.save_every, fresh=args.fresh)
+        card = train(
+            ToyConfig(),
+            train_config,
+            seed=args.seed,
+            out=args.out,
+            minutes=args.minutes,
+            workers=args.workers,
+            final_eval=not args.no_eval,
+            device=args.device,
+            save_every=args.save_every,
+            fresh=args.fresh,
+        )
     except TrainingStateMismatch as err:
         parser.exit(2, f"error: {err}\n")
     print(json.dumps(card.get("evaluation", {}).get("heldout", {}).get("image", {}), indent=1))

@@ -56,20 +56,25 @@ class Verdict:
         return "supported" if met == len(self.per_task) and met else "partly" if met else "not supported"
 
     def __str__(self) -> str:
-        lines = [f"{self.finding}: {self.supported.upper()} ({len(self.tasks_meeting)} of {len(self.per_task)} "
-                 f"tasks). Rule: {self.rule}."]
+        lines = [
+            f"{self.finding}: {self.supported.upper()} ({len(self.tasks_meeting)} of {len(self.per_task)} "
+            f"tasks). Rule: {self.rule}."
+        ]
         lines += [f"  {'yes' if meets else 'no ':3} {task}: {seen}" for task, (meets, seen) in self.per_task.items()]
         return "\n".join(lines)
 
     def _repr_markdown_(self) -> str:
-        rows = "\n".join(f"| {task} | {'yes' if meets else 'no'} | {seen} |"
-                         for task, (meets, seen) in self.per_task.items())
-        return (f"**{self.finding}: {self.supported}** ({len(self.tasks_meeting)} of {len(self.per_task)} tasks)  \n"
-                f"Rule: {self.rule}.\n\n| task | meets the rule | seen |\n|---|---|---|\n{rows}\n")
+        rows = "\n".join(
+            f"| {task} | {'yes' if meets else 'no'} | {seen} |" for task, (meets, seen) in self.per_task.items()
+        )
+        return (
+            f"**{self.finding}: {self.supported}** ({len(self.tasks_meeting)} of {len(self.per_task)} tasks)  \n"
+            f"Rule: {self.rule}.\n\n| task | meets the rule | seen |\n|---|---|---|\n{rows}\n"
+        )
 
 
 def third(layer: int, num_layers: int) -> str:
-    """"lower", "middle" or "upper": which third of `num_layers` layers `layer` lies in."""
+    """ "lower", "middle" or "upper": which third of `num_layers` layers `layer` lies in."""
     return THIRDS[min(2, 3 * int(layer) // int(num_layers))]
 
 
@@ -99,9 +104,11 @@ def _tasks(summary: pd.DataFrame) -> list[str]:
 
 def image_to_question(summary: pd.DataFrame, num_layers: int) -> Verdict:
     """Finding 1: the whole image reaches the question in the lower layers."""
-    return Verdict("Finding 1, general image information flows into the question in the lower layers",
-                   f"Image->Question's largest drop (at least {MIN_DROP:g}%) lies in the lower third",
-                   {t: _peak_in(summary, t, "Image->Question", num_layers, ("lower",)) for t in _tasks(summary)})
+    return Verdict(
+        "Finding 1, general image information flows into the question in the lower layers",
+        f"Image->Question's largest drop (at least {MIN_DROP:g}%) lies in the lower third",
+        {t: _peak_in(summary, t, "Image->Question", num_layers, ("lower",)) for t in _tasks(summary)},
+    )
 
 
 def related_vs_other(summary: pd.DataFrame, num_layers: int) -> Verdict:
@@ -111,9 +118,12 @@ def related_vs_other(summary: pd.DataFrame, num_layers: int) -> Verdict:
         related, seen_related = _peak_in(summary, task, "Related Image Patches->Question", num_layers, ("middle",))
         other, seen_other = _peak_in(summary, task, "Other Image Patches->Question", num_layers, ("lower",))
         per_task[task] = (related and other, f"related: {seen_related}; other: {seen_other}")
-    return Verdict("Finding 2, object-specific image information flows into the question in the middle layers",
-                   f"Related Image Patches->Question's largest drop (at least {MIN_DROP:g}%) lies in the middle "
-                   "third and Other Image Patches->Question's in the lower third", per_task)
+    return Verdict(
+        "Finding 2, object-specific image information flows into the question in the middle layers",
+        f"Related Image Patches->Question's largest drop (at least {MIN_DROP:g}%) lies in the middle "
+        "third and Other Image Patches->Question's in the lower third",
+        per_task,
+    )
 
 
 def last_position(summary: pd.DataFrame, num_layers: int) -> Verdict:
@@ -123,13 +133,23 @@ def last_position(summary: pd.DataFrame, num_layers: int) -> Verdict:
         q_change, q_layer = largest_drop(summary, task, "Question->Last")
         i_change, i_layer = largest_drop(summary, task, "Image->Last")
         l_change, _ = largest_drop(summary, task, "Last->Last")
-        meets = (-q_change >= LARGE_DROP and third(q_layer, num_layers) != "lower" and -i_change < LARGE_DROP
-                 and -l_change < MIN_DROP)
-        per_task[task] = (meets, f"question: {_describe(q_change, q_layer, num_layers)}; image: largest drop "
-                                 f"{i_change:.1f}% at layer {i_layer}; last->last {l_change:.1f}%")
-    return Verdict("Finding 3, the question reaches the last position in the middle-to-higher layers",
-                   f"Question->Last removes at least {LARGE_DROP:g}% outside the lower third, Image->Last removes "
-                   f"less than {LARGE_DROP:g}% everywhere and Last->Last less than {MIN_DROP:g}%", per_task)
+        meets = (
+            -q_change >= LARGE_DROP
+            and third(q_layer, num_layers) != "lower"
+            and -i_change < LARGE_DROP
+            and -l_change < MIN_DROP
+        )
+        per_task[task] = (
+            meets,
+            f"question: {_describe(q_change, q_layer, num_layers)}; image: largest drop "
+            f"{i_change:.1f}% at layer {i_layer}; last->last {l_change:.1f}%",
+        )
+    return Verdict(
+        "Finding 3, the question reaches the last position in the middle-to-higher layers",
+        f"Question->Last removes at least {LARGE_DROP:g}% outside the lower third, Image->Last removes "
+        f"less than {LARGE_DROP:g}% everywhere and Last->Last less than {MIN_DROP:g}%",
+        per_task,
+    )
 
 
 def answer_lens(lens_summary: pd.DataFrame) -> Verdict:
@@ -137,8 +157,9 @@ def answer_lens(lens_summary: pd.DataFrame) -> Verdict:
     per_task = {}
     for task in _tasks(lens_summary):
         rows = lens_summary[lens_summary["task"] == task]
-        curves = {form: rows[rows["form"] == form].set_index("layer")["mean"].sort_index()
-                  for form in ("answer", "Answer")}
+        curves = {
+            form: rows[rows["form"] == form].set_index("layer")["mean"].sort_index() for form in ("answer", "Answer")
+        }
         first = {form: next((int(l) for l, p in curve.items() if p >= APPEARS), None) for form, curve in curves.items()}
         lower, upper = first["answer"], first["Answer"]
         meets = lower is not None and (upper is None or lower < upper)
@@ -147,6 +168,8 @@ def answer_lens(lens_summary: pd.DataFrame) -> Verdict:
             when = f"never reaches {APPEARS:g}" if first[form] is None else f"from layer {first[form]}"
             seen.append(f"{name} {when} (peak {curves[form].max():.2f})")
         per_task[task] = (meets, ", ".join(seen))
-    return Verdict("Finding 4, the answer appears at the last position lowercase first",
-                   f"the lowercase answer's probability reaches {APPEARS:g} at an earlier layer than the "
-                   "capitalised answer's", per_task)
+    return Verdict(
+        "Finding 4, the answer appears at the last position lowercase first",
+        f"the lowercase answer's probability reaches {APPEARS:g} at an earlier layer than the capitalised answer's",
+        per_task,
+    )

@@ -13,7 +13,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
@@ -31,12 +31,21 @@ class FlowExplorer:
     `FlowExplorer.stored(table)` to browse a results table written by the runner.
     """
 
-    def __init__(self, *, flows: Sequence[str], tasks: Sequence[str], windows: Sequence[int], window: int,
-                 samples_per_task: dict[str, int], title: str, compute):
+    def __init__(
+        self,
+        *,
+        flows: Sequence[str],
+        tasks: Sequence[str],
+        windows: Sequence[int],
+        window: int,
+        samples_per_task: dict[str, int],
+        title: str,
+        compute,
+    ):
         self._compute = compute
         self.title = title
         self.draws = 0
-        self.current: Optional[pd.DataFrame] = None
+        self.current: pd.DataFrame | None = None
         self.window = widgets.SelectionSlider(options=list(windows), value=window, description="window")
         self.flow = widgets.Dropdown(options=list(flows), description="flow")
         self.task = widgets.Dropdown(options=list(tasks), description="task")
@@ -47,8 +56,9 @@ class FlowExplorer:
         self.task.observe(self._on_task, names="value")
         for control in (self.window, self.flow, self.sample):
             control.observe(lambda change: self.refresh(), names="value")
-        self.widget = widgets.VBox([widgets.HBox([self.window, self.flow]), widgets.HBox([self.task, self.sample]),
-                                    self.output])
+        self.widget = widgets.VBox(
+            [widgets.HBox([self.window, self.flow]), widgets.HBox([self.task, self.sample]), self.output]
+        )
         self.refresh()
 
     def _set_sample_options(self):
@@ -90,23 +100,37 @@ class FlowExplorer:
             return pd.concat(frames, ignore_index=True)
 
         windows = sorted(set(range(1, loaded.num_layers + 1, 2)) | {int(window)})
-        return cls(flows=flows, tasks=list(prepared_by_task), windows=windows, window=window,
-                   samples_per_task={t: len(p) for t, p in prepared_by_task.items()},
-                   title=title or f"{loaded.name} (live)", compute=compute)
+        return cls(
+            flows=flows,
+            tasks=list(prepared_by_task),
+            windows=windows,
+            window=window,
+            samples_per_task={t: len(p) for t, p in prepared_by_task.items()},
+            title=title or f"{loaded.name} (live)",
+            compute=compute,
+        )
 
     @classmethod
     def stored(cls, table: pd.DataFrame, *, title: str = ""):
         """Browse a results table (one row per sample x flow x layer, as the runner writes)."""
-        ids = {task: sorted(table.loc[table["task"] == task, "question_id"].unique()) for task in table["task"].unique()}
+        ids = {
+            task: sorted(table.loc[table["task"] == task, "question_id"].unique()) for task in table["task"].unique()
+        }
 
         def compute(task, flow, window, index):
             rows = table[(table["task"] == task) & (table["flow"] == flow) & (table["window"] == window)]
             return rows if index < 0 else rows[rows["question_id"] == ids[task][index]]
 
         windows = sorted(int(w) for w in table["window"].unique())
-        return cls(flows=list(table["flow"].unique()), tasks=list(ids), windows=windows, window=windows[0],
-                   samples_per_task={t: len(v) for t, v in ids.items()},
-                   title=title or f"{table['model'].iloc[0]} (stored results)", compute=compute)
+        return cls(
+            flows=list(table["flow"].unique()),
+            tasks=list(ids),
+            windows=windows,
+            window=windows[0],
+            samples_per_task={t: len(v) for t, v in ids.items()},
+            title=title or f"{table['model'].iloc[0]} (stored results)",
+            compute=compute,
+        )
 
 
 class SampleBrowser:
@@ -117,8 +141,9 @@ class SampleBrowser:
         self.image_processor = image_processor
         self.draws = 0
         self.task = widgets.Dropdown(options=list(prepared_by_task), description="task")
-        self.sample = widgets.IntSlider(min=0, max=max(0, len(prepared_by_task[self.task.value]) - 1),
-                                        description="sample")
+        self.sample = widgets.IntSlider(
+            min=0, max=max(0, len(prepared_by_task[self.task.value]) - 1), description="sample"
+        )
         self.output = widgets.Output()
         self.task.observe(self._on_task, names="value")
         self.sample.observe(lambda change: self.refresh(), names="value")

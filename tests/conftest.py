@@ -12,6 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from flowlib import models  # noqa: E402
 from flowlib.sample import Box, Sample  # noqa: E402
 from flowlib.tiny import tiny_llava  # noqa: E402
 
@@ -77,11 +78,23 @@ def make_sample(width=320, height=240, boxes=((10, 20, 50, 60),), seed=0, **over
     return Sample(**fields)
 
 
-def white_sample(boxes=(Box(10, 20, 50, 60),), qid="q1"):
+def white_sample(boxes=None, qid="q1"):
     """A small all-white ChooseAttr sample (the knockout and sweep tests' input)."""
+    boxes = (Box(10, 20, 50, 60),) if boxes is None else boxes
     return make_sample(160, 120, boxes, question_id=qid, image=Image.new("RGB", (160, 120), "white"))
 
 
 @pytest.fixture
 def sample():
     return make_sample()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny LLaVA-1.5 (3 layers) saved as a checkpoint folder (the run-folder and CLI tests)."""
+    return models.save_checkpoint(tiny_llava("llava-1.5", layers=3), tmp_path_factory.mktemp("ckpt") / "model")
+
+
+@pytest.fixture(scope="module")
+def disk_model(checkpoint):
+    return models.load_model(str(checkpoint))

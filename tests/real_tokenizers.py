@@ -65,9 +65,13 @@ LLAMA3_PATTERN = (
 )
 #: Llama 3's 256 special tokens, ids 128000-128255 in this order.
 LLAMA3_SPECIAL_TOKENS = (
-    "<|begin_of_text|>", "<|end_of_text|>",
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
     *(f"<|reserved_special_token_{i}|>" for i in range(4)),
-    "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|reserved_special_token_4|>",
+    "<|eot_id|>",
     *(f"<|reserved_special_token_{i}|>" for i in range(5, 251)),
 )
 
@@ -92,15 +96,25 @@ def _special(content: str) -> AddedToken:
     return AddedToken(content, special=True, normalized=False)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build_vicuna(model_path: str):
     with tempfile.TemporaryDirectory() as folder:
         shutil.copy(model_path, Path(folder) / "tokenizer.model")
-        (Path(folder) / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-            "add_bos_token": True, "add_eos_token": False, "legacy": True,  # legacy: see the module docstring
-            "clean_up_tokenization_spaces": False, "padding_side": "left",
-        }))
+        (Path(folder) / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "LlamaTokenizer",
+                    "bos_token": "<s>",
+                    "eos_token": "</s>",
+                    "unk_token": "<unk>",
+                    "add_bos_token": True,
+                    "add_eos_token": False,
+                    "legacy": True,  # legacy: see the module docstring
+                    "clean_up_tokenization_spaces": False,
+                    "padding_side": "left",
+                }
+            )
+        )
         tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.add_tokens([_special("<image>")], special_tokens=True)
     tokenizer.add_special_tokens({"pad_token": _special("<pad>")})
@@ -116,7 +130,7 @@ def vicuna_tokenizer(shared_dir):
     return copy.deepcopy(_build_vicuna(str(tokenizer_file(shared_dir, "llama-2/tokenizer.model"))))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build_llama3(model_path: str):
     backend = TikTokenConverter(model_path, pattern=LLAMA3_PATTERN).converted()
     base = backend.get_vocab_size()
@@ -124,13 +138,21 @@ def _build_llama3(model_path: str):
     backend.add_special_tokens([_special("<image>"), _special("<pad>")])
     bos = LLAMA3_SPECIAL_TOKENS[0]
     # As Meta's tokenizer.json: byte-level offsets, then <|begin_of_text|> in front.
-    backend.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, base)]),
-    ])
+    backend.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, base)]
+            ),
+        ]
+    )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=bos, eos_token="<|eot_id|>", pad_token="<pad>",
-        clean_up_tokenization_spaces=False, model_input_names=["input_ids", "attention_mask"],
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token="<|eot_id|>",
+        pad_token="<pad>",
+        clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],
     )
     assert tokenizer.convert_tokens_to_ids([bos, "<|eot_id|>", "<image>", "<pad>"]) == [128000, 128009, 128256, 128257]
     return tokenizer

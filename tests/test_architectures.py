@@ -59,15 +59,24 @@ def test_full_width_config_has_the_documented_numbers(name):
     assert config.image_token_id == image
     # CLIP ViT-L/14 at 336 px, read at its second-to-last layer without the CLS token.
     assert (vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers, vision.num_attention_heads) == (
-        1024, 4096, 24, 16)
+        1024,
+        4096,
+        24,
+        16,
+    )
     assert (vision.image_size, vision.patch_size, vision.projection_dim, vision.layer_norm_eps) == (336, 14, 768, 1e-5)
     assert (config.vision_feature_layer, config.vision_feature_select_strategy) == (-2, "default")
     assert config.projector_hidden_act == "gelu"
     if family == "llava-1.5":
         assert config.image_seq_length == 576
     else:
-        assert [list(p) for p in config.image_grid_pinpoints] == [[336, 672], [672, 336], [672, 672], [1008, 336],
-                                                                  [336, 1008]]
+        assert [list(p) for p in config.image_grid_pinpoints] == [
+            [336, 672],
+            [672, 336],
+            [672, 672],
+            [1008, 336],
+            [336, 1008],
+        ]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -82,18 +91,32 @@ def test_tiny_width_keeps_everything_that_decides_the_token_layout(name):
     full, tiny = build_config(name), build_config(name, num_layers=3, width="tiny")
     assert type(tiny) is type(full)
     assert (tiny.text_config.hidden_size, tiny.text_config.num_attention_heads, tiny.text_config.num_hidden_layers) == (
-        64, 4, 3)
+        64,
+        4,
+        3,
+    )
     assert tiny.vision_config.hidden_size == 32 and tiny.vision_config.num_hidden_layers == 2
     # Grouped-query attention keeps its ratio (Llama-3: 4 query heads per key-value head).
     ratio = full.text_config.num_attention_heads // full.text_config.num_key_value_heads
     assert tiny.text_config.num_attention_heads // tiny.text_config.num_key_value_heads == ratio
-    for keep in ("vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_parameters", "bos_token_id",
-                 "eos_token_id"):
+    for keep in (
+        "vocab_size",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "rope_parameters",
+        "bos_token_id",
+        "eos_token_id",
+    ):
         assert getattr(tiny.text_config, keep) == getattr(full.text_config, keep), keep
     for keep in ("image_size", "patch_size", "num_channels"):
         assert getattr(tiny.vision_config, keep) == getattr(full.vision_config, keep), keep
-    for keep in ("image_token_id", "vision_feature_layer", "vision_feature_select_strategy", "image_grid_pinpoints",
-                 "image_seq_length"):
+    for keep in (
+        "image_token_id",
+        "vision_feature_layer",
+        "vision_feature_select_strategy",
+        "image_grid_pinpoints",
+        "image_seq_length",
+    ):
         assert getattr(tiny, keep, None) == getattr(full, keep, None), keep
 
 
@@ -109,8 +132,11 @@ def test_bad_arguments_get_clear_errors():
 @pytest.mark.parametrize("name", NAMES)
 def test_tiny_model_is_the_right_class_in_eval_mode(name):
     model = build_model(name)
-    expected = LlavaForConditionalGeneration if PAPER_CHECKPOINTS[name].family == "llava-1.5" else (
-        LlavaNextForConditionalGeneration)
+    expected = (
+        LlavaForConditionalGeneration
+        if PAPER_CHECKPOINTS[name].family == "llava-1.5"
+        else (LlavaNextForConditionalGeneration)
+    )
     assert type(model) is expected and not model.training
     assert model.config.text_config.num_hidden_layers == 2
     assert model.get_input_embeddings().weight.shape[0] == DOCUMENTED[name][7]
@@ -132,10 +158,13 @@ def shared(shared_dir):
 
 
 @pytest.mark.shared
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.slow if arch.tokenizer == "llama-3" else ())
-    for name, arch in PAPER_CHECKPOINTS.items()
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=pytest.mark.slow if arch.tokenizer == "llama-3" else ())
+        for name, arch in PAPER_CHECKPOINTS.items()
+    ],
+)
 def test_checkpoint_folder_loads_as_a_downloaded_checkpoint(name, shared, tmp_path):
     arch = PAPER_CHECKPOINTS[name]
     tokenizer = tokenizer_for(arch.tokenizer, shared)

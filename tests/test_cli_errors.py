@@ -17,11 +17,9 @@ from flowlib import cli, models, runner
 from flowlib.data import gqa_tasks
 from flowlib.run_folder import read_run
 from flowlib.sample import Sample
-from tests.test_run_contract import (  # noqa: F401  (checkpoint, disk_model: fixtures)
+from tests.test_run_contract import (
     FLOWS,
     answer_as_model,
-    checkpoint,
-    disk_model,
     make_paper_data,
     query_row,
     snapshot,
@@ -34,9 +32,29 @@ CSV_NAME = gqa_tasks.TASK_FILES["QueryAttr"]
 
 
 def run_args(checkpoint, csv_dir, image_dir, output, *extra) -> list[str]:
-    return ["run", "--model", str(checkpoint), "--data", "paper", "--csv-dir", str(csv_dir), "--image-dir",
-            str(image_dir), "--tasks", "QueryAttr", "--flows", *FLOWS, "--window", "1", "--max-new-tokens", "3",
-            "--output", str(output), "--quiet", *extra]
+    return [
+        "run",
+        "--model",
+        str(checkpoint),
+        "--data",
+        "paper",
+        "--csv-dir",
+        str(csv_dir),
+        "--image-dir",
+        str(image_dir),
+        "--tasks",
+        "QueryAttr",
+        "--flows",
+        *FLOWS,
+        "--window",
+        "1",
+        "--max-new-tokens",
+        "3",
+        "--output",
+        str(output),
+        "--quiet",
+        *extra,
+    ]
 
 
 def error_lines(capsys) -> list[str]:
@@ -55,15 +73,20 @@ def data(tmp_path_factory, disk_model):
 # --- settings: exit 2, nothing written ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--window", "0"], "flowlib run: error: argument --window: must be a whole number >= 1, not '0'"),
-    (["--samples-per-task", "0"], "argument --samples-per-task: must be a whole number >= 1, not '0'"),
-    (["--max-batch", "-2"], "argument --max-batch: must be a whole number >= 1, not '-2'"),
-    (["--window", "9"], "flowlib run: error: window 9 does not fit a model of 3 layers; use 1..3 (the default, "
-                        "when unset, is k=1)"),
-    (["--flows", "Image->Nowhere"], "flowlib run: error: unknown flow 'Image->Nowhere'"),
-    (["--flows", "Image->Question", "Image->Question"], "flows must be one or more distinct flows"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--window", "0"], "flowlib run: error: argument --window: must be a whole number >= 1, not '0'"),
+        (["--samples-per-task", "0"], "argument --samples-per-task: must be a whole number >= 1, not '0'"),
+        (["--max-batch", "-2"], "argument --max-batch: must be a whole number >= 1, not '-2'"),
+        (
+            ["--window", "9"],
+            "flowlib run: error: window 9 does not fit a model of 3 layers; use 1..3 (the default, when unset, is k=1)",
+        ),
+        (["--flows", "Image->Nowhere"], "flowlib run: error: unknown flow 'Image->Nowhere'"),
+        (["--flows", "Image->Question", "Image->Question"], "flows must be one or more distinct flows"),
+    ],
+)
 def test_a_bad_setting_is_one_line_and_exit_2(checkpoint, data, tmp_path, capsys, extra, message):
     out = tmp_path / "out"
     assert cli.main(run_args(checkpoint, *data, out, *extra)) == 2
@@ -74,10 +97,13 @@ def test_a_bad_setting_is_one_line_and_exit_2(checkpoint, data, tmp_path, capsys
 # --- data: exit 1 naming the file, nothing written -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("content, message", [
-    ("", "is empty (not even a header row); use the released file of QueryAttr"),
-    (",".join(gqa_tasks.required_columns("QueryAttr")) + "\n", "holds no rows (only a header)"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "is empty (not even a header row); use the released file of QueryAttr"),
+        (",".join(gqa_tasks.required_columns("QueryAttr")) + "\n", "holds no rows (only a header)"),
+    ],
+)
 def test_an_empty_csv_is_named(checkpoint, tmp_path, capsys, content, message):
     (tmp_path / "csv").mkdir()
     (tmp_path / "csv" / CSV_NAME).write_text(content)
@@ -120,8 +146,15 @@ def test_an_unknown_name_fails_at_once_offline_or_when_the_hub_is_unreachable(da
     line = error_lines(capsys)[0]
     assert "--model llava-unknown: not in the local Hugging Face cache, and HF_HUB_OFFLINE is set" in line
     assert "give a local checkpoint folder or a short name (toy-llava)" in line
-    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY",
-                     "http_proxy", "ALL_PROXY"):
+    for variable in (
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+    ):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     assert cli.main(run_args("someone/llava-unknown", *data, tmp_path / "out")) == 1
@@ -131,8 +164,11 @@ def test_an_unknown_name_fails_at_once_offline_or_when_the_hub_is_unreachable(da
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail("output_loading_info" not in inspect.getsource(models.load_model), strict=True,
-                   reason="needs flowlib.models.load_model to refuse missing or unexpected weights (requested)")
+@pytest.mark.xfail(
+    "output_loading_info" not in inspect.getsource(models.load_model),
+    strict=True,
+    reason="needs flowlib.models.load_model to refuse missing or unexpected weights (requested)",
+)
 def test_a_checkpoint_whose_weights_do_not_match_its_config_is_refused(checkpoint, data, tmp_path, capsys):
     broken = tmp_path / "model"
     shutil.copytree(checkpoint, broken)
@@ -159,13 +195,16 @@ def bad_images(disk_model, tmp_path):
     (image_dir / "img2.jpg").write_bytes(b"not an image at all")
     write_image(image_dir, "img3", size=(200, 100))
     write_image(image_dir, "img4", size=(400, 300))
-    write_task_csv(csv_dir, good + [query_row("q2", "img2"), query_row("q3", "img3"),
-                                    query_row("q4", "img4", width=400, height=300)])
+    write_task_csv(
+        csv_dir,
+        good + [query_row("q2", "img2"), query_row("q3", "img3"), query_row("q4", "img4", width=400, height=300)],
+    )
     return csv_dir, image_dir
 
 
-def test_bad_images_are_excluded_naming_the_file_and_the_rest_completes(checkpoint, bad_images, tmp_path, capsys,
-                                                                         monkeypatch):
+def test_bad_images_are_excluded_naming_the_file_and_the_rest_completes(
+    checkpoint, bad_images, tmp_path, capsys, monkeypatch
+):
     csv_dir, image_dir = bad_images
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30_000)  # img4 (120,000 pixels) is then a decompression bomb
     out = tmp_path / "out"
@@ -216,9 +255,24 @@ def test_nothing_answered_correctly_is_an_error_saying_so(checkpoint, disk_model
     assert cli.main(run_args(checkpoint, csv_dir, image_dir, tmp_path / "out")) == 1
     line = error_lines(capsys)[0]
     assert "no sample was analysed: the model answered none of the 2 samples it saw correctly" in line
-    lens = ["lens", "--model", str(checkpoint), "--data", "paper", "--csv-dir", str(csv_dir), "--image-dir",
-            str(image_dir), "--tasks", "QueryAttr", "--max-new-tokens", "3", "--output", str(tmp_path / "lens.parquet"),
-            "--quiet"]
+    lens = [
+        "lens",
+        "--model",
+        str(checkpoint),
+        "--data",
+        "paper",
+        "--csv-dir",
+        str(csv_dir),
+        "--image-dir",
+        str(image_dir),
+        "--tasks",
+        "QueryAttr",
+        "--max-new-tokens",
+        "3",
+        "--output",
+        str(tmp_path / "lens.parquet"),
+        "--quiet",
+    ]
     assert cli.main(lens) == 1
     assert f"{checkpoint} answers none of the 2 samples correctly" in error_lines(capsys)[0]
     assert not (tmp_path / "lens.parquet").exists()
@@ -241,8 +295,9 @@ def test_a_changed_csv_on_resume_is_refused_and_nothing_written(checkpoint, disk
     assert snapshot(out) == before
 
 
-def test_ctrl_c_says_where_the_run_stopped_and_the_same_command_resumes(checkpoint, data, tmp_path, capsys,
-                                                                       monkeypatch):
+def test_ctrl_c_says_where_the_run_stopped_and_the_same_command_resumes(
+    checkpoint, data, tmp_path, capsys, monkeypatch
+):
     whole = tmp_path / "whole"
     assert cli.main(run_args(checkpoint, *data, whole)) == 0
     real, calls = runner._analyse, []
@@ -258,8 +313,10 @@ def test_ctrl_c_says_where_the_run_stopped_and_the_same_command_resumes(checkpoi
         patch.setattr(runner, "_analyse", interrupted)
         assert cli.main(run_args(checkpoint, *data, out)) == 130
     line = error_lines(capsys)[0]
-    assert line == f"flowlib run: interrupted: 2 samples done (1 analysed) in {out}; run the same command again to " \
-                   "resume from there"
+    assert (
+        line == f"flowlib run: interrupted: 2 samples done (1 analysed) in {out}; run the same command again to "
+        "resume from there"
+    )
     assert cli.main(run_args(checkpoint, *data, out)) == 0
     pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), pd.read_parquet(whole / "results.parquet"))
 
@@ -274,8 +331,7 @@ def test_ctrl_c_before_the_run_says_nothing_was_written(checkpoint, data, tmp_pa
     assert read_run(tmp_path / "out") is None
 
 
-def test_debug_shows_the_traceback_and_an_unexpected_error_asks_for_it(checkpoint, data, tmp_path, capsys,
-                                                                     monkeypatch):
+def test_debug_shows_the_traceback_and_an_unexpected_error_asks_for_it(checkpoint, data, tmp_path, capsys, monkeypatch):
     with pytest.raises(runner.RunSettingsError, match="window 9"):
         cli.main(run_args(checkpoint, *data, tmp_path / "out", "--window", "9", "--debug"))
 
@@ -284,5 +340,7 @@ def test_debug_shows_the_traceback_and_an_unexpected_error_asks_for_it(checkpoin
 
     monkeypatch.setattr(runner, "run_experiment", boom)
     assert cli.main(run_args(checkpoint, *data, tmp_path / "out")) == 1
-    assert error_lines(capsys) == ["flowlib run: error: unexpected RuntimeError: boom",
-                                   "  (this is a bug: rerun with --debug and report the traceback)"]
+    assert error_lines(capsys) == [
+        "flowlib run: error: unexpected RuntimeError: boom",
+        "  (this is a bug: rerun with --debug and report the traceback)",
+    ]

@@ -45,10 +45,22 @@ def test_fixture_builds_all_six_tasks():
 def test_same_records_as_the_csv_loader(tmp_path):
     # The QueryAttr fixture question written as a released CSV row loads to the same record.
     row = {c: "" for c in gqa_tasks.required_columns("QueryAttr")}
-    row.update({"question_id": "02452198", "img_id": "2366627", "question": "On which side of the photo is the curtain?",
-                "answer": "right", "type_detailed": "positionQuery", "image_w": "300", "image_h": "400",
-                "central object name": "curtain", "central object x": "200", "central object y": "10",
-                "central object w": "90", "central object h": "250"})
+    row.update(
+        {
+            "question_id": "02452198",
+            "img_id": "2366627",
+            "question": "On which side of the photo is the curtain?",
+            "answer": "right",
+            "type_detailed": "positionQuery",
+            "image_w": "300",
+            "image_h": "400",
+            "central object name": "curtain",
+            "central object x": "200",
+            "central object y": "10",
+            "central object w": "90",
+            "central object h": "250",
+        }
+    )
     path = tmp_path / "x_positionQuery_QueryAttr.csv"
     pd.DataFrame([row]).to_csv(path, index=False)
     (from_csv,) = gqa_tasks.load_task_csv(path)

@@ -29,8 +29,13 @@ def paper_samples():
 def test_real_files_counts_and_boxes(paper_samples):
     assert len(paper_samples) == 5525
     assert Counter(s.task for s in paper_samples) == {
-        "ChooseAttr": 1000, "ChooseCat": 1000, "ChooseRel": 964, "CompareAttr": 570, "LogicalObj": 991,
-        "QueryAttr": 1000}
+        "ChooseAttr": 1000,
+        "ChooseCat": 1000,
+        "ChooseRel": 964,
+        "CompareAttr": 570,
+        "LogicalObj": 991,
+        "QueryAttr": 1000,
+    }
     boxes = Counter((s.task, len(s.boxes)) for s in paper_samples)
     assert boxes[("LogicalObj", 1)] == 910 and boxes[("LogicalObj", 2)] == 81  # object2 "-" -> no box
     assert boxes[("ChooseRel", 2)] == 964 and boxes[("CompareAttr", 2)] == 570
@@ -39,7 +44,11 @@ def test_real_files_counts_and_boxes(paper_samples):
     by_id = {s.question_id: s for s in paper_samples}
     first = by_id["171031170"]
     assert (first.question, first.answer, first.true_option, first.false_option) == (
-        "Is the jar full or empty?", "empty", "empty", "full")
+        "Is the jar full or empty?",
+        "empty",
+        "empty",
+        "full",
+    )
     assert first.boxes == (Box(253.0, 291.0, 60.0, 105.0, "jar"),) and first.image == "2390560.jpg"
     assert "00556075" in by_id and by_id["00556075"].central_object == "this"  # leading zeros kept
     grass = by_id["12824169"]
@@ -52,12 +61,28 @@ HEADER = gqa_tasks.required_columns("LogicalObj") + ["captions"]
 
 def _row(qid="0042", img="img1", x2="-", captions="a dog.\nsecond line, with comma", **over):
     row = {c: "" for c in HEADER}
-    row.update({"question_id": qid, "img_id": img, "question": "Is there either a dog or a cat that is brown?",
-                "answer": "yes", "type_detailed": "existThatOr", "image_w": "100", "image_h": "80",
-                "object1 name": "dog", "object1 x": "10", "object1 y": "5", "object1 w": "20", "object1 h": "30",
-                "object2 name": "cat", "object2 x": x2, "object2 y": "-" if x2 == "-" else "0",
-                "object2 w": "-" if x2 == "-" else "10", "object2 h": "-" if x2 == "-" else "10",
-                "captions": captions})
+    row.update(
+        {
+            "question_id": qid,
+            "img_id": img,
+            "question": "Is there either a dog or a cat that is brown?",
+            "answer": "yes",
+            "type_detailed": "existThatOr",
+            "image_w": "100",
+            "image_h": "80",
+            "object1 name": "dog",
+            "object1 x": "10",
+            "object1 y": "5",
+            "object1 w": "20",
+            "object1 h": "30",
+            "object2 name": "cat",
+            "object2 x": x2,
+            "object2 y": "-" if x2 == "-" else "0",
+            "object2 w": "-" if x2 == "-" else "10",
+            "object2 h": "-" if x2 == "-" else "10",
+            "captions": captions,
+        }
+    )
     row.update(over)
     return row
 

@@ -48,8 +48,12 @@ def _solve(question: str, scene: dict) -> str:
         return matches[0]["name"]
     if m := re.fullmatch(r"is the (\w+) (?:to the )?(\w+) or (?:to the )?(\w+) (?:of )?the (\w+)\?", question):
         a, b = objs[m[1]], objs[m[4]]
-        truth = {"left": a["x"] + a["w"] <= b["x"], "right": b["x"] + b["w"] <= a["x"],
-                 "above": a["y"] + a["h"] <= b["y"], "below": b["y"] + b["h"] <= a["y"]}
+        truth = {
+            "left": a["x"] + a["w"] <= b["x"],
+            "right": b["x"] + b["w"] <= a["x"],
+            "above": a["y"] + a["h"] <= b["y"],
+            "below": b["y"] + b["h"] <= a["y"],
+        }
         hits = [v for v in (m[2], m[3]) if truth[v]]
         assert len(hits) == 1
         return hits[0]
@@ -104,11 +108,11 @@ def test_boxes_cover_drawn_pixels_and_survive_downscaling(world):
             assert min(w, h) * config.TOY_IMAGE_SIZE / max(row["image_w"], row["image_h"]) >= 20
             # Every drawn pixel near the object lies in its box, and the box is tight on all four sides.
             x0, y0 = max(0, x - 4), max(0, y - 4)
-            region = drawn[y0:y + h + 4, x0:x + w + 4].copy()
-            inside = drawn[y:y + h, x:x + w]
+            region = drawn[y0 : y + h + 4, x0 : x + w + 4].copy()
+            inside = drawn[y : y + h, x : x + w]
             assert region.sum() == inside.sum()
             assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
-            own = (pixels[y:y + h, x:x + w] == np.array(syn.COLORS[o["color"]])).all(-1)
+            own = (pixels[y : y + h, x : x + w] == np.array(syn.COLORS[o["color"]])).all(-1)
             assert own.sum() > 0.1 * w * h  # stars fill ~40% of their box, stripes half of that
     # Shapes stay readable (over 20 processed px) and every object spans more than one patch.
     assert syn.SMALLEST_OBJECT_PROCESSED_PX >= 20 and syn.SMALLEST_OBJECT_PROCESSED_PX > config.TOY_PATCH_SIZE
@@ -128,8 +132,7 @@ def test_balance_and_coverage(rows):
     for task in ("CompareAttr", "LogicalObj", "QueryAttr"):
         assert max(answers[task].values()) - min(answers[task].values()) <= 1
     for task in ("ChooseAttr", "ChooseCat", "ChooseRel"):
-        firsts = [r["question"].index(r["true_option"]) < r["question"].index(r["false_option"])
-                  for r in by_task[task]]
+        firsts = [r["question"].index(r["true_option"]) < r["question"].index(r["false_option"]) for r in by_task[task]]
         assert sum(firsts) == len(firsts) // 2
     img_sizes = Counter((r["image_w"], r["image_h"]) for r in rows)
     assert set(img_sizes) == {(320, 240), (240, 320)}
@@ -153,8 +156,9 @@ def test_text_only_baseline_is_at_chance(world):
     by_question, by_pattern = defaultdict(Counter), defaultdict(Counter)
     for r in train:
         by_question[r["question"]][r["answer"]] += 1
-        by_pattern[r["pattern"]][r["true_option"] and (r["question"].index(r["true_option"])
-                                                      < r["question"].index(r["false_option"]))] += 1
+        by_pattern[r["pattern"]][
+            r["true_option"] and (r["question"].index(r["true_option"]) < r["question"].index(r["false_option"]))
+        ] += 1
         by_pattern[r["pattern"], "answer"][r["answer"]] += 1
     correct_q = correct_p = chance = 0.0
     for r in test:
@@ -332,7 +336,8 @@ def test_hard_samples_defeat_the_presence_shortcuts_and_leave_other_tasks_alone(
     cat_only = syn.generate_split(40, seed=5, split="train", hard=1.0, hard_tasks=("ChooseCat",))
     cat_only = cat_only.remove_columns("image").to_list()
     assert all(cat(cat_only)) and [r for r in cat_only if r["task"] != "ChooseCat"] == [
-        r for r in plain if r["task"] != "ChooseCat"]
+        r for r in plain if r["task"] != "ChooseCat"
+    ]
     for bad in ("ChooseCat", ("QueryAttr",)):
         with pytest.raises(ValueError, match="hard_tasks"):
             syn.generate_split(3, hard=0.5, hard_tasks=bad)

@@ -58,7 +58,7 @@ def test_hidden_image_keys_give_generation_the_cut_edges(tiny):
         after = range(int((p.input_ids[0] == image_token).nonzero().max()) + 1, p.input_ids.shape[1])
         cut = logits_at(tiny, collate([p], pad), [after], block_image=True)[0]
         with torch.no_grad():
-            hidden = tiny.model(**hide_image(p.inputs, image_token)).logits[0, after.start:].float()
+            hidden = tiny.model(**hide_image(p.inputs, image_token)).logits[0, after.start :].float()
         assert torch.allclose(hidden, cut, atol=1e-5)
 
 
@@ -146,8 +146,10 @@ def test_forced_choice_on_one_token_candidates_picks_what_the_first_token_picked
 
 
 def test_score_counts_verdicts_per_task_and_refuses_answers():
-    samples = [Sample(f"q{i}", "is it red?", answer, task) for i, (task, answer) in
-               enumerate([("ChooseAttr", "red"), ("ChooseAttr", "Blue"), ("LogicalObj", "yes")])]
+    samples = [
+        Sample(f"q{i}", "is it red?", answer, task)
+        for i, (task, answer) in enumerate([("ChooseAttr", "red"), ("ChooseAttr", "Blue"), ("LogicalObj", "yes")])
+    ]
     verdicts = answer_verdicts(samples, ["Red ", "red", "yes"])
     assert verdicts == [True, False, True]
     scores = score(samples, verdicts)

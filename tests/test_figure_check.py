@@ -30,8 +30,11 @@ def test_text_columns_rows_and_missing_values_must_match_exactly():
 
 def test_the_command_compares_a_folder_with_the_committed_figures(tmp_path, capsys):
     # the committed bytes, not the working tree's: a `make figures` not yet committed must not fail this test
-    (tmp_path / COMMITTED).write_bytes(subprocess.run(["git", "show", f"HEAD:figures/{COMMITTED}"], check=True,
-                                                      cwd=cfg.PROJECT_DIR, capture_output=True).stdout)
+    (tmp_path / COMMITTED).write_bytes(
+        subprocess.run(
+            ["git", "show", f"HEAD:figures/{COMMITTED}"], check=True, cwd=cfg.PROJECT_DIR, capture_output=True
+        ).stdout
+    )
     assert main(["--figures", str(tmp_path)]) == 0
     assert f"{COMMITTED}: max |difference| 0  ok" in capsys.readouterr().out
 

@@ -45,11 +45,22 @@ TOLERANCE_PP = {"float32": 1e-3, "bfloat16": 10.0, "float16": 0.5}
 #: The reference runs for the flows into the last position and for one into the question (whose
 #: reference is the base probability exactly in a one-layer model; the test checks it there).
 REFERENCE_FLOWS = ("Image->Question", "Image->Last", "Question->Last", "Last->Last")
-NAMES = ("llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-13b-hf", "llava-hf/llava-v1.6-vicuna-7b-hf",
-         "llava-hf/llama3-llava-next-8b-hf")
+NAMES = (
+    "llava-hf/llava-1.5-7b-hf",
+    "llava-hf/llava-1.5-13b-hf",
+    "llava-hf/llava-v1.6-vicuna-7b-hf",
+    "llava-hf/llama3-llava-next-8b-hf",
+)
 # Grouped by checkpoint, so that each folder (3-6 GB) is written once and deleted before the next.
-CASES = [(NAMES[0], "float32"), (NAMES[0], "bfloat16"), (NAMES[0], "float16"),
-         (NAMES[1], "float16"), (NAMES[2], "float16"), (NAMES[3], "float16"), (NAMES[3], "bfloat16")]
+CASES = [
+    (NAMES[0], "float32"),
+    (NAMES[0], "bfloat16"),
+    (NAMES[0], "float16"),
+    (NAMES[1], "float16"),
+    (NAMES[2], "float16"),
+    (NAMES[3], "float16"),
+    (NAMES[3], "bfloat16"),
+]
 
 
 def test_reference_on_the_clean_input_embeddings_is_the_reference():
@@ -92,8 +103,9 @@ def folders(shared_dir, tmp_path_factory):
             for old in current.values():
                 shutil.rmtree(old.parent, ignore_errors=True)
             current.clear()
-            current[name] = bench.checkpoint_folder(name, tmp_path_factory.mktemp("full-width") / "checkpoint",
-                                                    shared_dir, num_layers=1)
+            current[name] = bench.checkpoint_folder(
+                name, tmp_path_factory.mktemp("full-width") / "checkpoint", shared_dir, num_layers=1
+            )
         return current[name]
 
     yield folder
@@ -105,8 +117,7 @@ def folders(shared_dir, tmp_path_factory):
 @pytest.mark.shared
 @pytest.mark.parametrize("name, dtype", CASES, ids=[f"{n.split('/')[1]}-{d}" for n, d in CASES])
 def test_full_width_sweeps_are_finite_and_the_engines_agree(name, dtype, folders):
-    result = bench.check(folders(name), dtype, name=name, flows=PAPER_FLOWS, window=1,
-                         reference_flows=REFERENCE_FLOWS)
+    result = bench.check(folders(name), dtype, name=name, flows=PAPER_FLOWS, window=1, reference_flows=REFERENCE_FLOWS)
     assert result["loaded_dtypes"] == [str(getattr(torch, dtype))]  # loaded as asked, vision tower included
     assert result["image_tokens"] == (576 if "1.5" in name else 648)
     assert result["clean_finite"] and result["nonfinite_modules"] == []

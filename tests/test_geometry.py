@@ -63,8 +63,15 @@ def _random_case(rng, max_side):
 )
 def test_box_mapping_matches_oracle(family, pad, cases):
     loaded = tiny_llava(
-        family, pad=pad, resample=NEAREST, local_vision=True, image_size=336, patch_size=14,
-        layers=1, hidden=32, heads=2,
+        family,
+        pad=pad,
+        resample=NEAREST,
+        local_vision=True,
+        image_size=336,
+        patch_size=14,
+        layers=1,
+        hidden=32,
+        heads=2,
     )
     rng = np.random.default_rng(1234 if pad else 99)
     grids_seen = set()
@@ -92,7 +99,10 @@ def test_real_scale_token_counts():
     assert len(layout.base_view) + len(layout.high_resolution) + len(layout.image_newlines) == 2340
     assert len(one_five.prepare(sample).layout.image) == 576
     portrait = Sample("q", "is the star red or blue?", "red", "ChooseAttr", image=Image.new("RGB", (375, 500)))
-    assert len(next_model.prepare(portrait).layout.image) == next_model.processor._get_number_of_features(500, 375, 336, 336) - 1
+    assert (
+        len(next_model.prepare(portrait).layout.image)
+        == next_model.processor._get_number_of_features(500, 375, 336, 336) - 1
+    )
 
 
 def test_pil_nearest_replay_matches_pillow():
@@ -108,8 +118,14 @@ def test_pad_mode_keeps_what_crop_loses():
     """A box at the far left of a landscape image is in the padded view but cropped away by llava-hf's default."""
     pad = tiny_llava("llava-1.5", pad=True, image_size=336, patch_size=14, layers=1, hidden=32, heads=2)
     crop = tiny_llava("llava-1.5", pad=False, image_size=336, patch_size=14, layers=1, hidden=32, heads=2)
-    sample = Sample("q", "is the star red or blue?", "red", "ChooseAttr", image=Image.new("RGB", (640, 320)),
-                    boxes=[Box(0, 100, 80, 100)])
+    sample = Sample(
+        "q",
+        "is the star red or blue?",
+        "red",
+        "ChooseAttr",
+        image=Image.new("RGB", (640, 320)),
+        boxes=[Box(0, 100, 80, 100)],
+    )
     assert len(pad.prepare(sample).layout.related_image_patches) > 0
     with pytest.warns(UserWarning, match="covers no image patch"):
         cropped = crop.prepare(sample).layout

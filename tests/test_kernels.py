@@ -102,8 +102,14 @@ def run_python(code: str, portable: bool, *args: str, **extra: str) -> list[str]
     """The last two lines `code` prints, run in a fresh Python (portable or not, `extra` added to its environment)."""
     env = {k: v for k, v in os.environ.items() if k not in (*PORTABLE_ENVIRONMENT, *NARROW, SWITCH)}
     env = {**(portable_environment(env) if portable else env), **extra}
-    done = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout.strip().splitlines()[-2:]
 

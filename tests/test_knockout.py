@@ -7,8 +7,16 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
-from flowlib.knockout import (PAPER_FLOWS, FlowError, KnockoutNotApplied, UnsupportedAttentionError, cut_matrix,
-                              knockout, language_model, parse_flow)
+from flowlib.knockout import (
+    PAPER_FLOWS,
+    FlowError,
+    KnockoutNotApplied,
+    UnsupportedAttentionError,
+    cut_matrix,
+    knockout,
+    language_model,
+    parse_flow,
+)
 from flowlib.tiny import tiny_llava
 from tests.conftest import white_sample
 
@@ -16,8 +24,6 @@ FAMILIES = ("llava-1.5", "llava-next")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -173,8 +179,9 @@ def test_cut_matrix_equals_its_definition_on_random_groups():
     empty = np.zeros(0, dtype=np.int64)
     for trial in range(20):
         n = int(rng.integers(8, 60))
-        image, question = (np.sort(rng.choice(n - 1, size=int(rng.integers(1, n // 2)), replace=False))
-                           for _ in range(2))
+        image, question = (
+            np.sort(rng.choice(n - 1, size=int(rng.integers(1, n // 2)), replace=False)) for _ in range(2)
+        )
         layout = TokenLayout(f"r{trial}", n, image, question, np.array([n - 1]), *[empty] * 11)
         for flow in ("Image->Question", "Question->Last", "Image->Last", "Last->Last", "Question->Question"):
             source, target = (layout.group(g) for g in flow.split("->"))

@@ -15,8 +15,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_sample(task="ChooseAttr", qid="q1"):
-    return Sample(qid, "is the star red or blue?", "red", task, image=Image.new("RGB", (160, 120), "white"),
-                  true_option="red", false_option="blue", central_object="star", boxes=[Box(10, 20, 50, 60)])
+    return Sample(
+        qid,
+        "is the star red or blue?",
+        "red",
+        task,
+        image=Image.new("RGB", (160, 120), "white"),
+        true_option="red",
+        false_option="blue",
+        central_object="star",
+        boxes=[Box(10, 20, 50, 60)],
+    )
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -1,10 +1,9 @@
 """The model layer: family adapters, the paper's prompts, loading from disk, and bad input."""
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaProcessor
+from transformers import CLIPVisionConfig, LlamaConfig
 
 from flowlib import config as cfg
 from flowlib.models import (
@@ -15,7 +14,7 @@ from flowlib.models import (
     load_model,
     save_checkpoint,
 )
-from flowlib.sample import Box, Sample, SampleError
+from flowlib.sample import SampleError
 from flowlib.tiny import tiny_llava
 
 from .conftest import make_sample
@@ -151,15 +150,18 @@ def test_groups_that_cannot_be_located_are_empty_with_their_reason(tiny15):
     assert layout.why_empty("Related Image Patches").startswith("the sample has no box")
 
 
-@pytest.mark.parametrize("question, word, last, found, how", [
-    ("Is the jar full or empty?", "empty", True, "empty", "word"),
-    ("Are there refrigerators or ovens?", "refrigerator", False, "refrigerators", "inflection"),
-    ("Do you see men or women?", "woman", False, "women", "inflection"),
-    ("Is there a bus?", "buses", False, "bus", "inflection"),
-    ("Is the racket to the left or to the right of him?", "he", False, "him", "inflection"),
-    ("Is the man wearing a necktie?", "tie", False, "necktie", "part of word"),
-    ("Is the red car left or right of the car?", "car", True, "car", "word"),
-])
+@pytest.mark.parametrize(
+    "question, word, last, found, how",
+    [
+        ("Is the jar full or empty?", "empty", True, "empty", "word"),
+        ("Are there refrigerators or ovens?", "refrigerator", False, "refrigerators", "inflection"),
+        ("Do you see men or women?", "woman", False, "women", "inflection"),
+        ("Is there a bus?", "buses", False, "bus", "inflection"),
+        ("Is the racket to the left or to the right of him?", "he", False, "him", "inflection"),
+        ("Is the man wearing a necktie?", "tie", False, "necktie", "part of word"),
+        ("Is the red car left or right of the car?", "car", True, "car", "word"),
+    ],
+)
 def test_words_are_located_as_the_official_substring_search_would_with_inflections(question, word, last, found, how):
     from flowlib.layout import locate_word
 
@@ -192,8 +194,15 @@ def test_prompt_without_image_placeholder_is_an_error(tiny15, sample):
     ids = tiny15.tokenizer("is the star red or blue ?", return_tensors="pt")["input_ids"][0]
     geometry = tiny15.adapter.geometry(tiny15.processor, 320, 240)
     with pytest.raises(SampleError, match="no <image> placeholder"):
-        build_layout(sample=sample, input_ids=ids, tokenizer=tiny15.tokenizer, prompt="is the star red or blue ?",
-                     question_start=0, geometry=geometry, image_size=(320, 240))
+        build_layout(
+            sample=sample,
+            input_ids=ids,
+            tokenizer=tiny15.tokenizer,
+            prompt="is the star red or blue ?",
+            question_start=0,
+            geometry=geometry,
+            image_size=(320, 240),
+        )
 
 
 @pytest.mark.parametrize("family", ["llava-1.5", "llava-next"])
@@ -202,5 +211,8 @@ def test_generation_stops_at_the_tokenizers_end_of_sequence(family):
     tokenizer = loaded.tokenizer
     config = loaded.model.generation_config
     assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (
-        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+    )
     assert tokenizer.convert_ids_to_tokens(config.eos_token_id) == "</s>"

@@ -51,21 +51,25 @@ def run_notebook(notebook, output, parameters):
     import papermill
 
     return papermill.execute_notebook(
-        str(notebook), str(output), parameters={**parameters, "WIDGETS": False},
+        str(notebook),
+        str(output),
+        parameters={**parameters, "WIDGETS": False},
         kernel_name="python3",  # ipykernel's native kernel: this very interpreter
         execution_timeout=600,  # a cell that hangs fails the test instead of stalling CI (cells take seconds)
-        cwd=str(notebook.parent), progress_bar=False)
+        cwd=str(notebook.parent),
+        progress_bar=False,
+    )
 
 
 def snapshot(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and
-            p.suffix != ".lock"}
+    return {
+        p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix != ".lock"
+    }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["llava-1.5", "llava-next"])
-def test_every_notebook_runs_shows_and_writes_its_figures_from_one_shared_run(family, tmp_path, monkeypatch,
-                                                                               request):
+def test_every_notebook_runs_shows_and_writes_its_figures_from_one_shared_run(family, tmp_path, monkeypatch, request):
     pytest.importorskip("papermill")
     model = "toy-llava" if family == "llava-1.5" else request.getfixturevalue("next_checkpoint")
     monkeypatch.setenv("FLOWLIB_FIGURES", str(tmp_path / "figures"))
@@ -82,8 +86,9 @@ def test_every_notebook_runs_shows_and_writes_its_figures_from_one_shared_run(fa
                 assert set(numbers["task"]) <= {"ChooseAttr", "QueryAttr"}
         # The notebook shows every figure it saves, as the very image it wrote.
         outputs = [output for cell in executed.cells if cell.cell_type == "code" for output in cell.get("outputs", [])]
-        shown = [base64.b64decode(output["data"]["image/png"]) for output in outputs
-                 if "image/png" in output.get("data", {})]
+        shown = [
+            base64.b64decode(output["data"]["image/png"]) for output in outputs if "image/png" in output.get("data", {})
+        ]
         assert shown == [(tmp_path / "figures" / f"{name}.png").read_bytes() for name in FIGURES[notebook.stem]]
         verdicts = [output["data"]["text/markdown"] for output in outputs if "text/markdown" in output.get("data", {})]
         assert len(verdicts) == {"00": 0, "01": 1, "02": 1, "03": 2}[notebook.stem[:2]]

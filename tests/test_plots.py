@@ -14,8 +14,15 @@ def _table():
         for flow in ("Image->Question", "Question->Last"):
             for qid in range(5):
                 for layer in range(4):
-                    rows.append(dict(task=task, flow=flow, question_id=str(qid), layer=layer,
-                                     relative_change=float(rng.normal(-10 * layer, 3))))
+                    rows.append(
+                        dict(
+                            task=task,
+                            flow=flow,
+                            question_id=str(qid),
+                            layer=layer,
+                            relative_change=float(rng.normal(-10 * layer, 3)),
+                        )
+                    )
     return pd.DataFrame(rows)
 
 
@@ -40,8 +47,9 @@ def test_save_figure_writes_png_pdf_and_numbers(tmp_path):
     back = pd.read_csv(paths["csv"])
     assert np.allclose(back["mean"], summary["mean"], atol=1e-9, rtol=0)
     first_pdf = paths["pdf"].read_bytes()
-    save_figure(plot_flow_curves(summary, "test model on test data"), "curves", summary, directory=tmp_path,
-                caption="toy")
+    save_figure(
+        plot_flow_curves(summary, "test model on test data"), "curves", summary, directory=tmp_path, caption="toy"
+    )
     assert paths["pdf"].read_bytes() == first_pdf, "no timestamps: regenerating gives identical files"
 
 

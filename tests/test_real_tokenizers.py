@@ -28,26 +28,86 @@ QUESTION = "Is the car red or blue?"
 # The Vicuna prompt from "USER:" to the end: the space after "USER:" is a '▁' before the image, and
 # llava-hf's legacy tokenizer puts another '▁' after it, before the newline.
 VICUNA_TAIL = [
-    ("▁US", 3148), ("ER", 1001), (":", 29901), ("▁", 29871), ("<image>", 32000), ("▁", 29871), ("<0x0A>", 13),
-    ("Is", 3624), ("▁the", 278), ("▁car", 1559), ("▁red", 2654), ("▁or", 470), ("▁blue", 7254), ("?", 29973),
-    ("▁", 29871), ("<0x0A>", 13), ("Answer", 22550), ("▁the", 278), ("▁question", 1139), ("▁using", 773),
-    ("▁a", 263), ("▁single", 2323), ("▁word", 1734), ("▁or", 470), ("▁phrase", 16549), (".", 29889),
-    ("▁A", 319), ("SS", 1799), ("IST", 9047), ("ANT", 13566), (":", 29901),
+    ("▁US", 3148),
+    ("ER", 1001),
+    (":", 29901),
+    ("▁", 29871),
+    ("<image>", 32000),
+    ("▁", 29871),
+    ("<0x0A>", 13),
+    ("Is", 3624),
+    ("▁the", 278),
+    ("▁car", 1559),
+    ("▁red", 2654),
+    ("▁or", 470),
+    ("▁blue", 7254),
+    ("?", 29973),
+    ("▁", 29871),
+    ("<0x0A>", 13),
+    ("Answer", 22550),
+    ("▁the", 278),
+    ("▁question", 1139),
+    ("▁using", 773),
+    ("▁a", 263),
+    ("▁single", 2323),
+    ("▁word", 1734),
+    ("▁or", 470),
+    ("▁phrase", 16549),
+    (".", 29889),
+    ("▁A", 319),
+    ("SS", 1799),
+    ("IST", 9047),
+    ("ANT", 13566),
+    (":", 29901),
 ]
 VICUNA_HEAD = [("<s>", 1), ("▁A", 319), ("▁chat", 13563), ("▁between", 1546)]
 
 LLAMA3_HEAD = [
-    ("<|begin_of_text|>", 128000), ("<|start_header_id|>", 128006), ("system", 9125), ("<|end_header_id|>", 128007),
-    ("ĊĊ", 271), ("You", 2675), ("Ġare", 527), ("Ġa", 264), ("Ġhelpful", 11190),
+    ("<|begin_of_text|>", 128000),
+    ("<|start_header_id|>", 128006),
+    ("system", 9125),
+    ("<|end_header_id|>", 128007),
+    ("ĊĊ", 271),
+    ("You", 2675),
+    ("Ġare", 527),
+    ("Ġa", 264),
+    ("Ġhelpful", 11190),
 ]
 # From the end of the system message to the end: "\n\n" is one token, so is the appended " \n".
 LLAMA3_TAIL = [
-    ("Ġlanguage", 4221), (".", 13), ("<|eot_id|>", 128009), ("<|start_header_id|>", 128006), ("user", 882),
-    ("<|end_header_id|>", 128007), ("ĊĊ", 271), ("<image>", 128256), ("Ċ", 198), ("Is", 3957), ("Ġthe", 279),
-    ("Ġcar", 1841), ("Ġred", 2579), ("Ġor", 477), ("Ġblue", 6437), ("?", 30), ("ĠĊ", 720), ("Answer", 16533),
-    ("Ġthe", 279), ("Ġquestion", 3488), ("Ġusing", 1701), ("Ġa", 264), ("Ġsingle", 3254), ("Ġword", 3492),
-    ("Ġor", 477), ("Ġphrase", 17571), (".", 13), ("<|eot_id|>", 128009), ("<|start_header_id|>", 128006),
-    ("assistant", 78191), ("<|end_header_id|>", 128007), ("ĊĊ", 271), ("ĠĊ", 720),
+    ("Ġlanguage", 4221),
+    (".", 13),
+    ("<|eot_id|>", 128009),
+    ("<|start_header_id|>", 128006),
+    ("user", 882),
+    ("<|end_header_id|>", 128007),
+    ("ĊĊ", 271),
+    ("<image>", 128256),
+    ("Ċ", 198),
+    ("Is", 3957),
+    ("Ġthe", 279),
+    ("Ġcar", 1841),
+    ("Ġred", 2579),
+    ("Ġor", 477),
+    ("Ġblue", 6437),
+    ("?", 30),
+    ("ĠĊ", 720),
+    ("Answer", 16533),
+    ("Ġthe", 279),
+    ("Ġquestion", 3488),
+    ("Ġusing", 1701),
+    ("Ġa", 264),
+    ("Ġsingle", 3254),
+    ("Ġword", 3492),
+    ("Ġor", 477),
+    ("Ġphrase", 17571),
+    (".", 13),
+    ("<|eot_id|>", 128009),
+    ("<|start_header_id|>", 128006),
+    ("assistant", 78191),
+    ("<|end_header_id|>", 128007),
+    ("ĊĊ", 271),
+    ("ĠĊ", 720),
 ]
 
 
@@ -74,7 +134,7 @@ def test_vicuna_prompt_ids(shared):
     pairs = _pairs(tokenizer, ids)
     assert len(ids) == 62
     assert pairs[:4] == VICUNA_HEAD
-    assert pairs[-len(VICUNA_TAIL):] == VICUNA_TAIL
+    assert pairs[-len(VICUNA_TAIL) :] == VICUNA_TAIL
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 32001)
 
 
@@ -85,7 +145,7 @@ def test_llama3_prompt_ids(shared):
     pairs = _pairs(tokenizer, ids)
     assert len(ids) == 71
     assert pairs[: len(LLAMA3_HEAD)] == LLAMA3_HEAD
-    assert pairs[-len(LLAMA3_TAIL):] == LLAMA3_TAIL
+    assert pairs[-len(LLAMA3_TAIL) :] == LLAMA3_TAIL
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (128000, 128009, 128257)
     assert len(tokenizer) == 128258
 
@@ -112,10 +172,13 @@ def test_each_call_gets_its_own_copy(shared):
     assert "<only-in-first>" not in second.get_vocab()
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=SLOW_LLAMA3 if arch.tokenizer == "llama-3" else ())
-    for name, arch in PAPER_CHECKPOINTS.items()
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=SLOW_LLAMA3 if arch.tokenizer == "llama-3" else ())
+        for name, arch in PAPER_CHECKPOINTS.items()
+    ],
+)
 def test_layout_of_the_real_prompt(name, shared):
     arch = PAPER_CHECKPOINTS[name]
     tokenizer = tokenizer_for(arch.tokenizer, shared)
@@ -146,8 +209,9 @@ def test_layout_of_the_real_prompt(name, shared):
     assert logits.shape == (1, 1, arch.text["vocab_size"]) and torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("size, tokens", [((640, 480), 2340), ((480, 640), 2352), ((500, 333), 1464),
-                                          ((500, 500), 2928)])
+@pytest.mark.parametrize(
+    "size, tokens", [((640, 480), 2340), ((480, 640), 2352), ((500, 333), 1464), ((500, 500), 2928)]
+)
 def test_llava_next_image_token_counts(size, tokens, shared):
     name = "llava-hf/llava-v1.6-vicuna-7b-hf"
     loaded = wrap_model(build_model(name), build_processor(name, vicuna_tokenizer(shared)), name=name)

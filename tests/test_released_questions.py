@@ -89,16 +89,22 @@ def test_every_released_question_prepares_and_every_exclusion_has_a_reason(name,
                     reasons[f"{flow}: {reason.split('(', 1)[1].split(')')[0]}"] += 1
 
     REPORTS.mkdir(parents=True, exist_ok=True)
-    report = {"model": name, "questions": counted, "flow_exclusions": dict(reasons.most_common()),
-              "empty_groups": dict(empty_groups.most_common())}
+    report = {
+        "model": name,
+        "questions": counted,
+        "flow_exclusions": dict(reasons.most_common()),
+        "empty_groups": dict(empty_groups.most_common()),
+    }
     (REPORTS / f"released_questions_{name.split('/')[-1]}.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 
     assert counted == 5525
     # Only the patch flows can lose a sample, and only for want of patches: the released row whose
     # box lies beyond its image, and boxes that cover every patch.
-    assert {key.split(":")[0] for key in reasons} <= {"Related Image Patches->Question",
-                                                     "Other Image Patches->Question"}
+    assert {key.split(":")[0] for key in reasons} <= {
+        "Related Image Patches->Question",
+        "Other Image Patches->Question",
+    }
     assert reasons["Related Image Patches->Question: its boxes lie outside the 500x375 image"] == 1
     # Every option and object name is found in its question, in some form.
     assert not [key for key in empty_groups if key.startswith(("True Option", "False Option", "Central Object"))]

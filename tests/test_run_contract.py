@@ -25,7 +25,7 @@ from PIL import Image
 
 from flowlib import fingerprint, runner
 from flowlib.data import gqa_tasks
-from flowlib.models import load_model, save_checkpoint
+from flowlib.models import load_model
 from flowlib.run_folder import LOCK_FILE, RunMismatchError
 from flowlib.tiny import tiny_llava
 
@@ -34,20 +34,47 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 FLOWS = ("Image->Question", "Related Image Patches->Question")
 QUESTION = "is the star red or blue?"  # words the tiny tokenizer knows
 #: Row 1594913 of the released QueryAttr file, as released: its box starts at x=503 in a 500-px-wide image.
-ROW_1594913 = {"question_id": "1594913", "img_id": "2389006", "question": "Which side of the photo is the pillow on?",
-               "answer": "right", "type_detailed": "positionQuery", "image_w": "500", "image_h": "375",
-               "central object name": "pillow", "central object x": "503", "central object y": "91",
-               "central object w": "163", "central object h": "72"}
+ROW_1594913 = {
+    "question_id": "1594913",
+    "img_id": "2389006",
+    "question": "Which side of the photo is the pillow on?",
+    "answer": "right",
+    "type_detailed": "positionQuery",
+    "image_w": "500",
+    "image_h": "375",
+    "central object name": "pillow",
+    "central object x": "503",
+    "central object y": "91",
+    "central object w": "163",
+    "central object h": "72",
+}
 
 
-def query_row(qid: str, img: str, width: int = 160, height: int = 120, box=(10, 20, 50, 60), answer: str = "?",
-              question: str = QUESTION) -> dict:
+def query_row(
+    qid: str,
+    img: str,
+    width: int = 160,
+    height: int = 120,
+    box=(10, 20, 50, 60),
+    answer: str = "?",
+    question: str = QUESTION,
+) -> dict:
     """One row of a QueryAttr task CSV."""
     x, y, w, h = box
-    return {"question_id": qid, "img_id": img, "question": question, "answer": answer,
-            "type_detailed": "positionQuery", "image_w": str(width), "image_h": str(height),
-            "central object name": "star", "central object x": str(x), "central object y": str(y),
-            "central object w": str(w), "central object h": str(h)}
+    return {
+        "question_id": qid,
+        "img_id": img,
+        "question": question,
+        "answer": answer,
+        "type_detailed": "positionQuery",
+        "image_w": str(width),
+        "image_h": str(height),
+        "central object name": "star",
+        "central object x": str(x),
+        "central object y": str(y),
+        "central object w": str(w),
+        "central object h": str(h),
+    }
 
 
 def write_task_csv(csv_dir: Path, rows: list[dict], task: str = "QueryAttr") -> Path:
@@ -69,14 +96,17 @@ def write_image(image_dir: Path, name: str, size=(160, 120), colour="red") -> Pa
     return path
 
 
-def answer_as_model(loaded, csv_dir: Path, image_dir: Path, rows: list[dict], wrong=(), task: str = "QueryAttr",
-                    max_new_tokens: int = 3):
+def answer_as_model(
+    loaded, csv_dir: Path, image_dir: Path, rows: list[dict], wrong=(), task: str = "QueryAttr", max_new_tokens: int = 3
+):
     """Rewrite the CSV so that each row's answer is the model's greedy answer (except the ids in `wrong`)."""
     write_task_csv(csv_dir, rows, task)
     samples = gqa_tasks.load_task_csv(csv_dir / gqa_tasks.TASK_FILES[task], image_dir)
     answers = {s.question_id: runner.greedy_answer(loaded, loaded.prepare(s), max_new_tokens) for s in samples}
-    rows = [{**row, "answer": "definitely wrong" if row["question_id"] in wrong else answers[row["question_id"]]}
-            for row in rows]
+    rows = [
+        {**row, "answer": "definitely wrong" if row["question_id"] in wrong else answers[row["question_id"]]}
+        for row in rows
+    ]
     write_task_csv(csv_dir, rows, task)
     return rows
 
@@ -92,17 +122,6 @@ def make_paper_data(root: Path, loaded, colours=COLOURS, wrong=("q1",), max_new_
     rows = [query_row(f"q{i}", f"img{i}") for i in range(len(colours))]
     answer_as_model(loaded, csv_dir, image_dir, rows, wrong, max_new_tokens=max_new_tokens)
     return csv_dir, image_dir
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tiny LLaVA-1.5 (3 layers) saved as a checkpoint folder."""
-    return save_checkpoint(tiny_llava("llava-1.5", layers=3), tmp_path_factory.mktemp("ckpt") / "model")
-
-
-@pytest.fixture(scope="module")
-def disk_model(checkpoint):
-    return load_model(str(checkpoint))
 
 
 def paper_samples(csv_dir, image_dir, task="QueryAttr"):
@@ -178,12 +197,18 @@ def test_changed_weights_settings_or_code_are_refused(checkpoint, disk_model, tm
     weights = folder / "model.safetensors"
     original = weights.read_bytes()
     tiny_llava("llava-1.5", layers=3, seed=1).model.save_pretrained(folder)  # same shapes: the file keeps its size
-    with pytest.raises(RunMismatchError, match=r"model file model\.safetensors changed \((\d+) bytes, sha256 \w+… -> "
-                                               r"\1 bytes"):
+    with pytest.raises(
+        RunMismatchError,
+        match=r"model file model\.safetensors changed \((\d+) bytes, sha256 \w+… -> "
+        r"\1 bytes",
+    ):
         run(load_model(str(folder)), samples, out)
     weights.write_bytes(original)
-    with pytest.raises(RunMismatchError, match=r"holds another run: settings\.flows: \['Image->Question', 'Related "
-                                               r"Image Patches->Question'\] -> \['Image->Question'\]\. Nothing"):
+    with pytest.raises(
+        RunMismatchError,
+        match=r"holds another run: settings\.flows: \['Image->Question', 'Related "
+        r"Image Patches->Question'\] -> \['Image->Question'\]\. Nothing",
+    ):
         run(mine, samples, out, flows=["Image->Question"])
     with pytest.raises(RunMismatchError, match=r"holds another run: settings\.per_task: None -> 1\. Nothing"):
         run(mine, samples, out, per_task=1)
@@ -275,12 +300,20 @@ def test_a_notebook_rerun_with_new_data_draws_new_numbers(checkpoint, disk_model
     monkeypatch.setenv("FLOWLIB_RUNS", str(tmp_path / "runs"))
     # Study runs answer with up to 10 new tokens (the runner's default).
     first_csv, first_images = make_paper_data(tmp_path / "a", disk_model, wrong=(), max_new_tokens=10)
-    second_csv, second_images = make_paper_data(tmp_path / "b", disk_model, colours=("black", "white", "blue", "red"),
-                                                wrong=(), max_new_tokens=10)
+    second_csv, second_images = make_paper_data(
+        tmp_path / "b", disk_model, colours=("black", "white", "blue", "red"), wrong=(), max_new_tokens=10
+    )
 
     def knockout(csv_dir, image_dir):
-        study = Study.open(str(checkpoint), "paper", tasks=["QueryAttr"], samples_per_task=4, window=1,
-                           csv_dir=str(csv_dir), image_dir=str(image_dir))
+        study = Study.open(
+            str(checkpoint),
+            "paper",
+            tasks=["QueryAttr"],
+            samples_per_task=4,
+            window=1,
+            csv_dir=str(csv_dir),
+            image_dir=str(image_dir),
+        )
         return study.run_dir(FLOWS), study.knockout(FLOWS, progress=False)
 
     folder_a, table_a = knockout(first_csv, first_images)
@@ -291,8 +324,9 @@ def test_a_notebook_rerun_with_new_data_draws_new_numbers(checkpoint, disk_model
     assert folder_again == folder_a
     pd.testing.assert_frame_equal(table_again, table_a)
     with pytest.raises(runner.RunSettingsError, match="window 0 does not fit"):
-        Study.open(str(checkpoint), "paper", tasks=["QueryAttr"], window=0, csv_dir=str(first_csv),
-                   image_dir=str(first_images))
+        Study.open(
+            str(checkpoint), "paper", tasks=["QueryAttr"], window=0, csv_dir=str(first_csv), image_dir=str(first_images)
+        )
 
 
 # --- concurrency ----------------------------------------------------------------------------------------------------
@@ -356,8 +390,17 @@ def test_concurrent_runs_into_one_folder_never_mix(tmp_path):
     times: the same run is done once (the other waits and resumes), another run is refused, and every
     folder's table is exactly one run's, matching its run.json."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    workers = [subprocess.Popen([sys.executable, "-c", STRESS_WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True, env=env) for _ in range(2)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", STRESS_WORKER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        for _ in range(2)
+    ]
     try:
         assert [w.stdout.readline().strip() for w in workers] == ["ready", "ready"]
         reference: dict[int, pd.DataFrame] = {}

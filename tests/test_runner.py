@@ -34,8 +34,17 @@ def samples(loaded):
     out = []
     for i, colour in enumerate(COLOURS):
         task = "ChooseAttr" if i % 2 == 0 else "QueryAttr"
-        s = Sample(f"0{i}", "is the star red or blue?", "?", task, image=Image.new("RGB", (160, 120), colour),
-                   true_option="red", false_option="blue", central_object="star", boxes=[Box(10, 20, 50, 60)])
+        s = Sample(
+            f"0{i}",
+            "is the star red or blue?",
+            "?",
+            task,
+            image=Image.new("RGB", (160, 120), colour),
+            true_option="red",
+            false_option="blue",
+            central_object="star",
+            boxes=[Box(10, 20, 50, 60)],
+        )
         greedy = runner.greedy_answer(loaded, loaded.prepare(s), max_new_tokens=3)
         out.append(dataclasses.replace(s, answer=f"  {greedy.upper()} " if i != 2 else "definitely wrong"))
     return out
@@ -56,8 +65,19 @@ def test_run_writes_a_tidy_table_with_provenance(loaded, samples, tmp_path):
     assert summary.count("analysed") == 4 and summary.count("wrong_answer") == 1
     assert len(table) == 4 * len(FLOWS) * loaded.num_layers
     assert "02" not in set(table.question_id)
-    assert {"question_id", "task", "flow", "layer", "window", "window_layers", "base_prob", "blocked_prob",
-            "relative_change", "answer_token", "model"} <= set(table.columns)
+    assert {
+        "question_id",
+        "task",
+        "flow",
+        "layer",
+        "window",
+        "window_layers",
+        "base_prob",
+        "blocked_prob",
+        "relative_change",
+        "answer_token",
+        "model",
+    } <= set(table.columns)
     assert list(table.flow[: loaded.num_layers]) == [FLOWS[0]] * loaded.num_layers
     assert (table.window == 3).all() and set(table.task) == {"ChooseAttr", "QueryAttr"}
     meta = json.loads(pq.read_schema(tmp_path / "run" / "results.parquet").metadata[b"flowlib"])
@@ -157,15 +177,18 @@ def test_bad_input_and_limits(loaded, samples, tmp_path):
     assert sorted(limited.table.question_id.unique()) == ["00", "01"]
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"window": 0}, r"window 0 does not fit a model of 3 layers; use 1..3 \(the default, when unset, is k=1\)"),
-    ({"window": 2.0}, "window 2.0 does not fit"),
-    ({"per_task": 0}, "per_task must be a whole number >= 1"),
-    ({"max_new_tokens": 0}, "max_new_tokens must be a whole number >= 1"),
-    ({"max_batch": 0}, "max_batch must be a whole number >= 1"),
-    ({"engine": "turbo"}, "unknown engine 'turbo'; use one of: reference, fast"),
-    ({"flows": []}, "flows must be one or more distinct flows"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"window": 0}, r"window 0 does not fit a model of 3 layers; use 1..3 \(the default, when unset, is k=1\)"),
+        ({"window": 2.0}, "window 2.0 does not fit"),
+        ({"per_task": 0}, "per_task must be a whole number >= 1"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be a whole number >= 1"),
+        ({"max_batch": 0}, "max_batch must be a whole number >= 1"),
+        ({"engine": "turbo"}, "unknown engine 'turbo'; use one of: reference, fast"),
+        ({"flows": []}, "flows must be one or more distinct flows"),
+    ],
+)
 def test_settings_are_checked_before_anything_is_written(loaded, samples, tmp_path, settings, message):
     with pytest.raises(runner.RunSettingsError, match=message):
         run(loaded, samples, tmp_path / "run", **settings)
@@ -189,21 +212,53 @@ def test_command_line_runs_and_resumes(loaded, tmp_path, monkeypatch):
 
     save_checkpoint(loaded, tmp_path / "model")
     monkeypatch.setattr(cli, "load_samples", lambda args: (list(samples_for_cli(loaded)), "fake"))
-    args = ["run", "--model", str(tmp_path / "model"), "--flows", "Question->Last", "--window", "1",
-            "--max-new-tokens", "3", "--output", str(tmp_path / "out"), "--quiet"]
+    args = [
+        "run",
+        "--model",
+        str(tmp_path / "model"),
+        "--flows",
+        "Question->Last",
+        "--window",
+        "1",
+        "--max-new-tokens",
+        "3",
+        "--output",
+        str(tmp_path / "out"),
+        "--quiet",
+    ]
     assert cli.main(args) == 0
     assert cli.main(args) == 0  # a second start resumes (here: finds everything done)
     table = pd.read_parquet(tmp_path / "out" / "results.parquet")
     assert set(table.flow) == {"Question->Last"} and len(table) == loaded.num_layers
-    lens_args = ["lens", "--model", str(tmp_path / "model"), "--lenses", "normed", "raw", "--max-new-tokens", "3",
-                 "--output", str(tmp_path / "lens.parquet"), "--quiet"]
+    lens_args = [
+        "lens",
+        "--model",
+        str(tmp_path / "model"),
+        "--lenses",
+        "normed",
+        "raw",
+        "--max-new-tokens",
+        "3",
+        "--output",
+        str(tmp_path / "lens.parquet"),
+        "--quiet",
+    ]
     assert cli.main(lens_args) == 0
     assert set(pd.read_parquet(tmp_path / "lens.parquet").lens) == {"normed", "raw"}
 
 
 def samples_for_cli(loaded):
-    s = Sample("cli", "is the star red or blue?", "?", "ChooseAttr", image=Image.new("RGB", (160, 120), "red"),
-               true_option="red", false_option="blue", central_object="star", boxes=[Box(10, 20, 50, 60)])
+    s = Sample(
+        "cli",
+        "is the star red or blue?",
+        "?",
+        "ChooseAttr",
+        image=Image.new("RGB", (160, 120), "red"),
+        true_option="red",
+        false_option="blue",
+        central_object="star",
+        boxes=[Box(10, 20, 50, 60)],
+    )
     answer = runner.greedy_answer(loaded, loaded.prepare(s), max_new_tokens=3)
     yield dataclasses.replace(s, answer=answer)
 
@@ -229,9 +284,27 @@ def test_command_line_on_a_llava_next_checkpoint(next_checkpoint, tmp_path):
     from flowlib import cli
 
     out = tmp_path / "out"
-    args = ["run", "--model", next_checkpoint, "--data", "synthetic", "--synthetic-count", "4", "--tasks", "ChooseAttr",
-            "--samples-per-task", "1", "--window", "3", "--flows", "Image->Question", "Related Image Patches->Question",
-            "--output", str(out), "--quiet"]
+    args = [
+        "run",
+        "--model",
+        next_checkpoint,
+        "--data",
+        "synthetic",
+        "--synthetic-count",
+        "4",
+        "--tasks",
+        "ChooseAttr",
+        "--samples-per-task",
+        "1",
+        "--window",
+        "3",
+        "--flows",
+        "Image->Question",
+        "Related Image Patches->Question",
+        "--output",
+        str(out),
+        "--quiet",
+    ]
     assert cli.main(args) == 0
     table = pd.read_parquet(out / "results.parquet")
     assert set(table.flow) == {"Image->Question", "Related Image Patches->Question"} and len(table) == 2 * 12

@@ -28,8 +28,19 @@ def test_explorer_is_live_on_a_small_model(study):
 
 def test_explorer_rereads_the_stored_table_on_a_large_model(study, monkeypatch):
     monkeypatch.setattr(study_module, "LIVE_EXPLORER_MAX_PARAMETERS", 1_000)
-    rows = [dict(task="ChooseAttr", flow="Image->Question", window=3, question_id=str(q), layer=layer, model="m",
-                 relative_change=float(10 * layer + q)) for q in (1, 3) for layer in range(4)]
+    rows = [
+        dict(
+            task="ChooseAttr",
+            flow="Image->Question",
+            window=3,
+            question_id=str(q),
+            layer=layer,
+            model="m",
+            relative_change=float(10 * layer + q),
+        )
+        for q in (1, 3)
+        for layer in range(4)
+    ]
     explorer = study.explorer(["Image->Question"], pd.DataFrame(rows))
     assert explorer.current["mean"].tolist() == [2.0, 12.0, 22.0, 32.0]
 
@@ -41,12 +52,18 @@ def test_score_by_answer_splits_each_task_by_its_correct_answer():
     def sample(i, task, answer):
         return Sample(f"q{i}", "is there either a star or a circle that is red?", answer, task, image=None)
 
-    samples = [sample(0, "LogicalObj", "yes"), sample(1, "LogicalObj", "No"), sample(2, "LogicalObj", "no"),
-               sample(3, "ChooseAttr", "red")]
+    samples = [
+        sample(0, "LogicalObj", "yes"),
+        sample(1, "LogicalObj", "No"),
+        sample(2, "LogicalObj", "no"),
+        sample(3, "ChooseAttr", "red"),
+    ]
     rows = score_by_answer(samples, answer_verdicts(samples, ["yes", "yes", "No ", "blue"]))
-    assert rows == [{"task": "ChooseAttr", "answer": "red", "n": 1, "correct": 0, "accuracy": 0.0},
-                    {"task": "LogicalObj", "answer": "no", "n": 2, "correct": 1, "accuracy": 0.5},
-                    {"task": "LogicalObj", "answer": "yes", "n": 1, "correct": 1, "accuracy": 1.0}]
+    assert rows == [
+        {"task": "ChooseAttr", "answer": "red", "n": 1, "correct": 0, "accuracy": 0.0},
+        {"task": "LogicalObj", "answer": "no", "n": 2, "correct": 1, "accuracy": 0.5},
+        {"task": "LogicalObj", "answer": "yes", "n": 1, "correct": 1, "accuracy": 1.0},
+    ]
 
 
 def test_accuracy_counts_what_the_knockout_filter_keeps_generating_each_answer_once(study, monkeypatch):

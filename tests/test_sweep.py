@@ -8,9 +8,22 @@ import torch
 
 from flowlib.knockout import PAPER_FLOWS, FlowError, KnockoutAttention, cut_matrix, installed, knockout
 from flowlib.models import wrap_model
-from flowlib.sweep import (MEMORY_MARGIN, SweepMemory, ZeroBaseProbability, auto_max_batch, clean_pass, free_memory,
-                           layer_sweep, relative_change, suffix_start, sweep_fast, sweep_memory, sweep_reference,
-                           sweep_windows, window_layers)
+from flowlib.sweep import (
+    MEMORY_MARGIN,
+    SweepMemory,
+    ZeroBaseProbability,
+    auto_max_batch,
+    clean_pass,
+    free_memory,
+    layer_sweep,
+    relative_change,
+    suffix_start,
+    sweep_fast,
+    sweep_memory,
+    sweep_reference,
+    sweep_windows,
+    window_layers,
+)
 from flowlib.tiny import tiny_llava
 from tests.conftest import white_sample
 
@@ -18,8 +31,6 @@ FAMILIES = ("llava-1.5", "llava-next")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -136,8 +147,13 @@ def test_capped_batches_give_the_uncapped_numbers(tiny):
         whole = sweep_fast(loaded, prepared, flow, 3, clean=clean, max_batch=None)
         for max_batch in (1, 2, 3, "auto"):
             capped = sweep_fast(loaded, prepared, flow, 3, clean=clean, max_batch=max_batch)
-            np.testing.assert_allclose(capped.relative_change, whole.relative_change, rtol=0,
-                                       atol=CAPPED_TOLERANCE_PP, err_msg=f"{flow}, max_batch={max_batch}")
+            np.testing.assert_allclose(
+                capped.relative_change,
+                whole.relative_change,
+                rtol=0,
+                atol=CAPPED_TOLERANCE_PP,
+                err_msg=f"{flow}, max_batch={max_batch}",
+            )
 
 
 CAPPED_SWEEPS = """
@@ -188,20 +204,20 @@ def test_auto_batch_follows_free_memory(tiny, monkeypatch):
     whole = sweep_fast(loaded, prepared, "Image->Question", 3, clean=clean, max_batch=None)
     assert widths == [loaded.num_layers]
     n = prepared.layout.seq_len
-    memory = sweep_memory(loaded.model.config, n, n - suffix_start(prepared.layout, ["Image->Question"]),
-                          loaded.dtype)
+    memory = sweep_memory(loaded.model.config, n, n - suffix_start(prepared.layout, ["Image->Question"]), loaded.dtype)
     room_for_two = (sum(memory.per_batch.values()) + 2.5 * sum(memory.per_window.values())) / (1 - MEMORY_MARGIN)
     for free, batches in ((room_for_two, [2, 2, 1]), (None, [5]), (10**15, [5]), (0, [1] * 5)):
         widths.clear()
-        monkeypatch.setattr(sweep, "free_memory", lambda device: free)
+        monkeypatch.setattr(sweep, "free_memory", lambda device, free=free: free)
         auto = sweep_fast(loaded, prepared, "Image->Question", 3, clean=clean)  # "auto" is the default
         assert widths == batches, free
         np.testing.assert_allclose(auto.relative_change, whole.relative_change, rtol=0, atol=CAPPED_TOLERANCE_PP)
 
 
 def test_auto_max_batch_rule():
-    memory = SweepMemory(held={"a": 10**9}, clean_forward={"b": 10**9}, per_batch={"c": 100}, per_window={"d": 1000},
-                         batch=1)
+    memory = SweepMemory(
+        held={"a": 10**9}, clean_forward={"b": 10**9}, per_batch={"c": 100}, per_window={"d": 1000}, batch=1
+    )
     assert auto_max_batch(memory, 32, None) is None  # unknown free memory: all windows at once
     assert auto_max_batch(memory, 32, 10**9) is None  # all fit
     assert auto_max_batch(memory, 32, (100 + 7 * 1000) / 0.75 + 1, margin=0.25) == 7
@@ -285,7 +301,9 @@ def test_memory_estimate_bounds_the_measured_peak(tiny):
     for flow in ("Image->Question", "Last->Last"):
         suffix = n - suffix_start(prepared.layout, [flow])
         for batch in (1, 3):
-            measured = _measured_peak(lambda: sweep_fast(loaded, prepared, flow, 1, clean=clean, max_batch=batch))
+            measured = _measured_peak(
+                lambda flow=flow, batch=batch: sweep_fast(loaded, prepared, flow, 1, clean=clean, max_batch=batch)
+            )
             memory = sweep_memory(loaded.model.config, n, suffix, loaded.dtype, batch)
             estimate = sum(memory.per_batch.values()) + batch * sum(memory.per_window.values())
             assert measured <= estimate <= 2.5 * measured, (flow, batch, measured, estimate)

@@ -40,6 +40,7 @@ def checkpoint():
 
 # ----------------------------------------------------------------------------- untrained builders
 
+
 def test_vocabulary_has_lower_and_capitalised_answers():
     vocab = set(toy_vocabulary())
     for word in ANSWER_WORDS:
@@ -72,6 +73,7 @@ def test_image_blocked_mask_cuts_exactly_image_to_later_edges():
 
 
 # ----------------------------------------------------------------------------- the committed model
+
 
 @pytest.fixture(scope="module")
 def toy():
@@ -131,8 +133,9 @@ def test_cut_image_edges_leave_no_path_from_the_image(toy, ci_set):
     blank = collate([toy.prepare(s, image=blank_image(s.load_image())) for s in samples], pad)
     assert not torch.equal(real["pixel_values"], blank["pixel_values"])
     assert not torch.allclose(next_token_logits(toy, real), next_token_logits(toy, blank), atol=1e-3)
-    assert torch.allclose(next_token_logits(toy, real, block_image=True),
-                          next_token_logits(toy, blank, block_image=True), atol=1e-5)
+    assert torch.allclose(
+        next_token_logits(toy, real, block_image=True), next_token_logits(toy, blank, block_image=True), atol=1e-5
+    )
 
 
 @needs_checkpoint
@@ -201,8 +204,9 @@ def test_forced_choice_picks_a_candidate_and_keeps_free_answers_that_are_one(toy
 
 
 def test_forced_choice_needs_options_or_a_known_answer_set():
-    assert answer_candidates(Sample("q", "is it red or blue?", "red", "ChooseAttr", true_option="Red",
-                                    false_option="blue")) == ("red", "blue")
+    assert answer_candidates(
+        Sample("q", "is it red or blue?", "red", "ChooseAttr", true_option="Red", false_option="blue")
+    ) == ("red", "blue")
     assert answer_candidates(Sample("q", "what do they share?", "size", "CompareAttr")) == ("color", "size", "texture")
     with pytest.raises(ValueError, match="no options and no known answer set"):
         answer_candidates(Sample("q", "which one?", "red", "ChooseCat"))

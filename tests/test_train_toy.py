@@ -20,18 +20,18 @@ from flowlib.train_toy import (
     TrainConfig,
     _patch_centres,
     attribute_query,
-    named_query,
-    verify_query,
     batches,
-    describe_scene,
-    forward_shared_prefix,
     chunk_size,
+    describe_scene,
     distractor_caps,
+    forward_shared_prefix,
+    named_query,
     parse_task_weights,
     patch_labels,
     patch_word_values,
     pretrain_vision,
     train,
+    verify_query,
 )
 
 #: A toy of the real geometry but two thin layers: builds and steps in well under a second.
@@ -69,15 +69,19 @@ def test_patch_labels_name_the_object_under_each_patch_centre(scenes):
         for obj in scene["objects"].values():
             side = "left" if obj["x"] + obj["w"] / 2 < scene["width"] / 2 else "right"
             level = "above" if obj["y"] + obj["h"] / 2 < scene["height"] / 2 else "below"
-            expected = [1 + values[k].index(v) for k, v in zip(
-                PATCH_WORDS, (obj["name"], obj["color"], obj["size"], obj["texture"], side, level), strict=True)]
+            expected = [
+                1 + values[k].index(v)
+                for k, v in zip(
+                    PATCH_WORDS, (obj["name"], obj["color"], obj["size"], obj["texture"], side, level), strict=True
+                )
+            ]
             for r in range(grid):
                 for c in range(grid):
                     if obj["y"] <= rows[r] < obj["y"] + obj["h"] and obj["x"] <= cols[c] < obj["x"] + obj["w"]:
-                        assert list(labels[r * grid + c, :len(PATCH_WORDS)]) == expected
+                        assert list(labels[r * grid + c, : len(PATCH_WORDS)]) == expected
                         covered[r * grid + c] = True
             assert covered.any(), "every object covers at least one patch centre"
-        assert (labels[~covered, :len(PATCH_WORDS)] == 0).all()  # background and padding: no words
+        assert (labels[~covered, : len(PATCH_WORDS)] == 0).all()  # background and padding: no words
         assert list(labels[:, -2]) == [i // grid for i in range(grid * grid)]
         assert list(labels[:, -1]) == [i % grid for i in range(grid * grid)]
 
@@ -87,8 +91,12 @@ def test_patch_loss_rewards_image_tokens_that_spell_their_object():
     loss = PatchLoss(loaded.model, loaded.tokenizer, SMALL)
     values = patch_word_values()
     labels = torch.zeros(1, 2, len(PATCH_WORDS) + 2, dtype=torch.long)
-    labels[0, 0, :len(PATCH_WORDS)] = torch.tensor([1 + values[k].index(w) for k, w in zip(
-        PATCH_WORDS, ("star", "red", "small", "plain", "left", "below"), strict=True)])
+    labels[0, 0, : len(PATCH_WORDS)] = torch.tensor(
+        [
+            1 + values[k].index(w)
+            for k, w in zip(PATCH_WORDS, ("star", "red", "small", "plain", "left", "below"), strict=True)
+        ]
+    )
     embeddings = loaded.model.get_input_embeddings().weight.detach()
     ids = loaded.tokenizer.convert_tokens_to_ids(["star", "red", "small", "plain", "left", "below"])
     others = [i for i in loss.word_ids.tolist() if i not in ids]
@@ -104,7 +112,8 @@ def test_batches_label_the_answer_the_question_words_and_the_description():
     tokenizer = loaded.tokenizer
     answer_word = tokenizer.convert_tokens_to_ids("ASSISTANT")
     for row, labels, question_labels, describe_labels in zip(
-            batch["input_ids"], batch["labels"], batch["question_labels"], batch["describe_labels"]):
+        batch["input_ids"], batch["labels"], batch["question_labels"], batch["describe_labels"]
+    ):
         # The answer follows the first turn's "ASSISTANT:", exactly where evaluation reads it.
         first_assistant = row.tolist().index(answer_word)
         assert (labels != -100).nonzero().flatten().tolist() == [first_assistant + 2, first_assistant + 3]
@@ -122,8 +131,10 @@ def test_batches_label_the_answer_the_question_words_and_the_description():
     _, batch = first_batch(describe=False)
     assert (batch["describe_labels"] == -100).all()
     lengths = batch["attention_mask"].sum(1)
-    assert all(row[n - 1] == tokenizer.eos_token_id and labels[n - 1] == tokenizer.eos_token_id
-               for row, labels, n in zip(batch["input_ids"], batch["labels"], lengths))
+    assert all(
+        row[n - 1] == tokenizer.eos_token_id and labels[n - 1] == tokenizer.eos_token_id
+        for row, labels, n in zip(batch["input_ids"], batch["labels"], lengths)
+    )
 
 
 def test_extra_question_turns_come_between_the_answer_and_the_description():
@@ -169,8 +180,12 @@ def test_distractor_curriculum_caps_the_first_chunks():
     objects = []
     for _ in range(2):
         chunk = stream.next()
-        objects.append([chunk["ids"][i][start:end].count(loaded.tokenizer.convert_tokens_to_ids(",")) + 1
-                        for i, (start, end) in enumerate(chunk["descriptions"])])
+        objects.append(
+            [
+                chunk["ids"][i][start:end].count(loaded.tokenizer.convert_tokens_to_ids(",")) + 1
+                for i, (start, end) in enumerate(chunk["descriptions"])
+            ]
+        )
     assert max(objects[0]) <= 2  # chunk 0: only the objects the question names (one or two)
     assert max(objects[1]) >= 3  # chunk 1: full scenes
 
@@ -196,7 +211,8 @@ def test_attribute_query_turns_come_after_the_answer_and_before_the_description(
     loaded, batch = first_batch(attribute_queries=2)
     tokenizer = loaded.tokenizer
     for row, labels, query_labels, describe_labels in zip(
-            batch["input_ids"], batch["labels"], batch["query_labels"], batch["describe_labels"]):
+        batch["input_ids"], batch["labels"], batch["query_labels"], batch["describe_labels"]
+    ):
         text = tokenizer.decode(row[row != tokenizer.pad_token_id])
         answers = turn_answers(text, "which shape is ")
         assert len(answers) == 2
@@ -242,8 +258,12 @@ def test_named_queries_answer_with_the_named_shapes_that_have_the_value(scenes):
         first, rest = question.removeprefix("which of a ").removesuffix(" ?").split(" or a ")
         second, value = rest.split(" is ")
         assert first != second and {first, second} <= set(SHAPES)
-        having = [s for s in SHAPES if any(o["name"] == s and value in o["attributes"]
-                                           for o in scene["objects"].values()) and s in (first, second)]
+        having = [
+            s
+            for s in SHAPES
+            if any(o["name"] == s and value in o["attributes"] for o in scene["objects"].values())
+            and s in (first, second)
+        ]
         expected = " , ".join(having) or "no"
         assert answer == expected[:1].upper() + expected[1:]  # capitalised: "No" is LogicalObj's answer word
         no_but_seen += answer == "No" and any(value in o["attributes"] for o in scene["objects"].values())
@@ -262,8 +282,9 @@ def test_named_query_turns_come_after_the_verify_queries_and_before_the_descript
         text = tokenizer.decode(row[row != tokenizer.pad_token_id])
         assert text.index("USER : is there a ") < text.index("USER : which of a ") < text.index("USER : what is in")
         answers = turn_answers(text, "which of a ")
-        assert len(answers) == 2 and all(a == "No" or a.split(" , ")[0] in {s.capitalize() for s in SHAPES}
-                                         for a in answers)
+        assert len(answers) == 2 and all(
+            a == "No" or a.split(" , ")[0] in {s.capitalize() for s in SHAPES} for a in answers
+        )
         assert tokenizer.decode(query_labels[query_labels != -100]).endswith(" </s> ".join(answers) + " </s>")
 
 
@@ -275,7 +296,7 @@ def test_the_shared_prefix_forward_gives_the_plain_logits():
         plain = loaded.model(**inputs, use_cache=False).logits
         shared, prefix = forward_shared_prefix(loaded.model, inputs)
     # The system prompt and "USER :", up to the first image token.
-    assert tokenizer.decode(batch["input_ids"][0, prefix - 2:prefix + 1]) == "USER : <image>"
+    assert tokenizer.decode(batch["input_ids"][0, prefix - 2 : prefix + 1]) == "USER : <image>"
     assert shared.shape[1] == plain.shape[1] - prefix
     torch.testing.assert_close(shared, plain[:, prefix:], atol=1e-5, rtol=1e-4)
 
@@ -301,8 +322,7 @@ def test_the_stream_is_the_same_for_any_number_of_workers():
     loaded = build_toy_model(SMALL, seed=0)
     chunks = {}
     for workers in (0, 2):
-        stream = ChunkStream(loaded.processor, SMALL, seed=3, per_task=1, workers=workers, extra_questions=2,
-                             hard=1.0)
+        stream = ChunkStream(loaded.processor, SMALL, seed=3, per_task=1, workers=workers, extra_questions=2, hard=1.0)
         chunks[workers] = [stream.next() for _ in range(3)]
         stream.close()
     for inline, ahead in zip(chunks[0], chunks[2]):
@@ -314,19 +334,27 @@ def test_the_stream_is_the_same_for_any_number_of_workers():
     assert not torch.equal(plain["pixel_values"], chunks[0][0]["pixel_values"])
 
 
-@pytest.mark.parametrize("k, digest", [
-    (0, "42d29a110f9458630b881b2e714d688ad5473b630e7b0e1a639e118640f804b1"),  # curriculum: named objects only
-    (200, "c13102fb2612f0ccbf3dca7d776c448e67c281fb57c292f5e0e729eda643c7a9"),  # full scenes
-])
+@pytest.mark.parametrize(
+    "k, digest",
+    [
+        (0, "42d29a110f9458630b881b2e714d688ad5473b630e7b0e1a639e118640f804b1"),  # curriculum: named objects only
+        (200, "c13102fb2612f0ccbf3dca7d776c448e67c281fb57c292f5e0e729eda643c7a9"),  # full scenes
+    ],
+)
 def test_the_default_training_stream_is_pinned(k, digest):
     # The model card's command reproduces the committed weights only while the default recipe's stream
     # stays the same, token for token and pixel for pixel; a speed-up of the data path must keep it.
     train_config = TrainConfig()
     assert set(train_config.chunk_options()) == set(train_toy.CHUNK_OPTIONS)  # the whole recipe is pinned
     caps = distractor_caps(train_config.task_counts(), train_config.batch_size, train_config.distractor_curriculum)
-    chunk = train_toy.encode_chunk(build_toy_model(ToyConfig(), seed=0).processor, 0, k, train_config.task_counts(),
-                                   max_distractors=caps[k] if k < len(caps) else None,
-                                   **train_config.chunk_options())
+    chunk = train_toy.encode_chunk(
+        build_toy_model(ToyConfig(), seed=0).processor,
+        0,
+        k,
+        train_config.task_counts(),
+        max_distractors=caps[k] if k < len(caps) else None,
+        **train_config.chunk_options(),
+    )
     digest_of = hashlib.sha256()
     for key in ("ids", "tasks", "questions", "answers", "queries", "descriptions"):
         digest_of.update(repr(chunk[key]).encode())
@@ -346,8 +374,9 @@ def test_a_data_workers_error_stops_the_trainer_at_once():
 
 
 def test_vision_pretraining_trains_the_tower_and_projector_only(one_thread):
-    config = dataclasses.replace(TrainConfig(), chunk_per_task=2, vision_pretrain_steps=100,
-                                 vision_pretrain_chunks=2, vision_pretrain_batch=8)
+    config = dataclasses.replace(
+        TrainConfig(), chunk_per_task=2, vision_pretrain_steps=100, vision_pretrain_chunks=2, vision_pretrain_batch=8
+    )
     loaded = build_toy_model(SMALL, seed=0)
     before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
     result = pretrain_vision(loaded, SMALL, config, seed=0)
@@ -360,9 +389,19 @@ def test_vision_pretraining_trains_the_tower_and_projector_only(one_thread):
 
 
 def test_same_seed_gives_bit_identical_weights(tmp_path, one_thread):
-    config = dataclasses.replace(TrainConfig(), steps=3, batch_size=4, chunk_per_task=2, warmup_steps=1,
-                                 monitor_per_task=1, eval_every=1000, threads=1, vision_pretrain_steps=2,
-                                 vision_pretrain_chunks=1, vision_pretrain_batch=4)
+    config = dataclasses.replace(
+        TrainConfig(),
+        steps=3,
+        batch_size=4,
+        chunk_per_task=2,
+        warmup_steps=1,
+        monitor_per_task=1,
+        eval_every=1000,
+        threads=1,
+        vision_pretrain_steps=2,
+        vision_pretrain_chunks=1,
+        vision_pretrain_batch=4,
+    )
     for run, seed in (("a", 7), ("b", 7), ("c", 8)):
         torch.manual_seed(ord(run))  # training must not depend on the global generator's state
         train(SMALL, config, seed=seed, out=tmp_path / run, workers=0, final_eval=False)
@@ -376,9 +415,19 @@ def test_same_seed_gives_bit_identical_weights(tmp_path, one_thread):
 
 
 #: Three batches of 4 a chunk (chunk_per_task=2: 12 samples), so a resumed run may start mid-chunk.
-RESUMABLE = dataclasses.replace(TrainConfig(), steps=5, batch_size=4, chunk_per_task=2, warmup_steps=1,
-                                monitor_per_task=1, eval_every=2, threads=1, vision_pretrain_steps=2,
-                                vision_pretrain_chunks=1, vision_pretrain_batch=4)
+RESUMABLE = dataclasses.replace(
+    TrainConfig(),
+    steps=5,
+    batch_size=4,
+    chunk_per_task=2,
+    warmup_steps=1,
+    monitor_per_task=1,
+    eval_every=2,
+    threads=1,
+    vision_pretrain_steps=2,
+    vision_pretrain_chunks=1,
+    vision_pretrain_batch=4,
+)
 
 
 @pytest.fixture(scope="module")
@@ -390,8 +439,9 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.parametrize("save_every, fails_at, workers", [(2, 3, 0), (3, 4, 1)])  # mid-chunk; a chunk's start
-def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, one_thread, uninterrupted,
-                                                        save_every, fails_at, workers):
+def test_an_interrupted_run_resumes_to_the_same_weights(
+    tmp_path, monkeypatch, one_thread, uninterrupted, save_every, fails_at, workers
+):
     schedule = train_toy.lr_at
 
     def failing(step, config):
@@ -414,8 +464,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, o
     assert not (tmp_path / train_toy.STATE_FILE).exists()  # a finished run leaves no state behind
 
 
-def test_a_run_out_of_minutes_keeps_its_state_and_the_same_command_finishes_it(tmp_path, one_thread,
-                                                                               uninterrupted):
+def test_a_run_out_of_minutes_keeps_its_state_and_the_same_command_finishes_it(tmp_path, one_thread, uninterrupted):
     card = train(SMALL, RESUMABLE, seed=7, out=tmp_path, workers=0, final_eval=False, minutes=0)
     assert card["training"]["steps"] == 0 and (tmp_path / train_toy.STATE_FILE).exists()
     card = train(SMALL, RESUMABLE, seed=7, out=tmp_path, workers=0, final_eval=False)
@@ -425,21 +474,24 @@ def test_a_run_out_of_minutes_keeps_its_state_and_the_same_command_finishes_it(t
 
 
 def test_fresh_deletes_a_saved_state_and_starts_over(tmp_path, one_thread, uninterrupted):
-    train(SMALL, dataclasses.replace(RESUMABLE, lr=1e-2), seed=7, out=tmp_path, workers=0, final_eval=False,
-          minutes=0)
+    train(SMALL, dataclasses.replace(RESUMABLE, lr=1e-2), seed=7, out=tmp_path, workers=0, final_eval=False, minutes=0)
     train(SMALL, RESUMABLE, seed=7, out=tmp_path, workers=0, final_eval=False, fresh=True)
     assert (tmp_path / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
 
 
 def test_the_command_line_refuses_another_runs_state_in_one_line(monkeypatch, capsys):
     def mismatch(*args, **kwargs):
-        raise train_toy.TrainingStateMismatch("out/training_state.pt holds the saved state of a run with other settings")
+        raise train_toy.TrainingStateMismatch(
+            "out/training_state.pt holds the saved state of a run with other settings"
+        )
 
     monkeypatch.setattr(train_toy, "train", mismatch)
     with pytest.raises(SystemExit) as exit_info:
         train_toy.main(["--out", "out"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == "error: out/training_state.pt holds the saved state of a run with other settings\n"
+    assert (
+        capsys.readouterr().err == "error: out/training_state.pt holds the saved state of a run with other settings\n"
+    )
     with pytest.raises(SystemExit):
         train_toy.main(["--save-every", "-1"])
     assert "--save-every -1: give a number of steps, or 0" in capsys.readouterr().err
@@ -475,8 +527,9 @@ def test_task_weights_share_a_chunk_in_whole_counts():
 def test_stream_follows_the_task_counts_and_their_chunk_size():
     loaded = build_toy_model(SMALL)
     counts = {"ChooseCat": 3, "QueryAttr": 1}
-    stream = ChunkStream(loaded.processor, SMALL, seed=3, per_task=counts, workers=0, curriculum=((1, 0),),
-                         batch_size=2)
+    stream = ChunkStream(
+        loaded.processor, SMALL, seed=3, per_task=counts, workers=0, curriculum=((1, 0),), batch_size=2
+    )
     assert stream.caps == (0,)  # the curriculum's one step is the first chunk's (4 samples, 2 batches)
     chunk = stream.next()
     assert sorted(chunk["tasks"]) == ["ChooseCat"] * 3 + ["QueryAttr"]
@@ -496,8 +549,11 @@ def test_hard_tasks_from_the_command_line():
 
 
 def test_task_weights_from_the_command_line():
-    assert parse_task_weights("ChooseRel=3, LogicalObj=3,ChooseCat=1") == (("ChooseRel", 3), ("LogicalObj", 3),
-                                                                          ("ChooseCat", 1))
+    assert parse_task_weights("ChooseRel=3, LogicalObj=3,ChooseCat=1") == (
+        ("ChooseRel", 3),
+        ("LogicalObj", 3),
+        ("ChooseCat", 1),
+    )
     with pytest.raises(ValueError, match="TASK=INTEGER"):
         parse_task_weights("ChooseRel=3,LogicalObj")
     with pytest.raises(SystemExit):  # unknown task: the parser's error, before any training starts
@@ -506,10 +562,18 @@ def test_task_weights_from_the_command_line():
 
 def test_the_model_card_names_the_command_that_reproduces_the_run():
     assert train_toy.command_line(TrainConfig().to_dict(), seed=3) == "python -m flowlib.train_toy --seed 3"
-    changed = dataclasses.replace(TrainConfig(), steps=1234, lr=1e-3, vision_pretrain_steps=0, hard_negatives=0.25,
-                                  hard_tasks=("ChooseCat",), verify_queries=1, named_queries=2,
-                                  extra_question_tasks=("ChooseRel", "LogicalObj"),
-                                  task_weights=(("ChooseRel", 1), ("LogicalObj", 2)))
+    changed = dataclasses.replace(
+        TrainConfig(),
+        steps=1234,
+        lr=1e-3,
+        vision_pretrain_steps=0,
+        hard_negatives=0.25,
+        hard_tasks=("ChooseCat",),
+        verify_queries=1,
+        named_queries=2,
+        extra_question_tasks=("ChooseRel", "LogicalObj"),
+        task_weights=(("ChooseRel", 1), ("LogicalObj", 2)),
+    )
     as_stored = json.loads(json.dumps(changed.to_dict()))  # card.json holds lists where the config has tuples
     command = train_toy.command_line(as_stored, seed=5)
     assert "--task-weights ChooseRel=1,LogicalObj=2" in command and "--steps 1234" in command

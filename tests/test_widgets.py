@@ -22,9 +22,21 @@ def test_live_explorer_recomputes_when_window_or_flow_changes(tiny15):
 
 
 def test_stored_explorer_rereads_the_table():
-    rows = [dict(task="ChooseAttr", flow=f, window=w, question_id=q, layer=l, model="m",
-                 relative_change=float(l * w * (2 if f == "B->C" else 1) + int(q)))
-            for f in ("A->C", "B->C") for w in (1, 3) for q in ("1", "2") for l in range(3)]
+    rows = [
+        dict(
+            task="ChooseAttr",
+            flow=f,
+            window=w,
+            question_id=q,
+            layer=l,
+            model="m",
+            relative_change=float(l * w * (2 if f == "B->C" else 1) + int(q)),
+        )
+        for f in ("A->C", "B->C")
+        for w in (1, 3)
+        for q in ("1", "2")
+        for l in range(3)
+    ]
     explorer = FlowExplorer.stored(pd.DataFrame(rows))
     assert explorer.current["mean"].tolist() == [1.5, 2.5, 3.5]
     explorer.window.value = 3

@@ -20,7 +20,6 @@ import logging
 import re
 import warnings
 from pathlib import Path
-from typing import Optional
 
 from flowlib.sample import TASKS, Box, Sample, SampleError, check_task, clip_box
 
@@ -96,7 +95,7 @@ def program_objects(program: list) -> list[tuple[str, str]]:
     return refs
 
 
-def choose_options(program: list, answer: str) -> tuple[Optional[str], Optional[str]]:
+def choose_options(program: list, answer: str) -> tuple[str | None, str | None]:
     """True and false option from a program's `choose` operation, or (None, None) if unreadable.
 
     Relation options lose "to the"/"in"/"of" ("to the left of" -> "left"), as GQA's answers do.
@@ -114,8 +113,14 @@ def choose_options(program: list, answer: str) -> tuple[Optional[str], Optional[
     return None, None
 
 
-def build_tasks(questions: dict, scene_graphs: dict, image_dir=None, tasks=TASKS,
-                on_missing_image: str = "error", image_ext: str = ".jpg") -> list[Sample]:
+def build_tasks(
+    questions: dict,
+    scene_graphs: dict,
+    image_dir=None,
+    tasks=TASKS,
+    on_missing_image: str = "error",
+    image_ext: str = ".jpg",
+) -> list[Sample]:
     """Turn loaded GQA questions and scene graphs into `Sample`s of `tasks` (question-file order).
 
     Args:
@@ -141,7 +146,9 @@ def build_tasks(questions: dict, scene_graphs: dict, image_dir=None, tasks=TASKS
         image_id = str(q["imageId"])
         graph = scene_graphs.get(image_id)
         if graph is None:
-            raise SampleError(f"question {qid!r}: image {image_id!r} has no scene graph; pass the matching split's file")
+            raise SampleError(
+                f"question {qid!r}: image {image_id!r} has no scene graph; pass the matching split's file"
+            )
         image: object = image_id + image_ext
         if image_dir is not None:
             image = Path(image_dir) / image
@@ -162,11 +169,22 @@ def build_tasks(questions: dict, scene_graphs: dict, image_dir=None, tasks=TASKS
             boxes.append(clip_box(box, graph["width"], graph["height"], qid, notes))
         true, false = choose_options(q["semantic"], q["answer"]) if task.startswith("Choose") else (None, None)
         central = (refs[-1] if task in _SINGLE_OBJECT else refs[0])[0] if refs else None
-        samples.append(Sample(
-            question_id=qid, question=q["question"], answer=q["answer"], task=task, image=image,
-            type_detailed=q["types"]["detailed"], true_option=true, false_option=false,
-            central_object=central, boxes=tuple(boxes), source="gqa-raw",
-            image_size=(int(graph["width"]), int(graph["height"]))))
+        samples.append(
+            Sample(
+                question_id=qid,
+                question=q["question"],
+                answer=q["answer"],
+                task=task,
+                image=image,
+                type_detailed=q["types"]["detailed"],
+                true_option=true,
+                false_option=false,
+                central_object=central,
+                boxes=tuple(boxes),
+                source="gqa-raw",
+                image_size=(int(graph["width"]), int(graph["height"])),
+            )
+        )
     if notes:
         message = f"{len(notes)} box(es) beyond their image, clipped or left out (first: {notes[0]})"
         warnings.warn(message, stacklevel=2)
@@ -178,8 +196,10 @@ def build_tasks(questions: dict, scene_graphs: dict, image_dir=None, tasks=TASKS
     return samples
 
 
-def load_raw_gqa(questions_path, scene_graphs_path, image_dir=None, tasks=TASKS,
-                 on_missing_image: str = "error") -> list[Sample]:
+def load_raw_gqa(
+    questions_path, scene_graphs_path, image_dir=None, tasks=TASKS, on_missing_image: str = "error"
+) -> list[Sample]:
     """Read GQA's question and scene-graph files and build the six tasks (see `build_tasks`)."""
-    return build_tasks(load_questions(questions_path), load_scene_graphs(scene_graphs_path),
-                       image_dir, tasks, on_missing_image)
+    return build_tasks(
+        load_questions(questions_path), load_scene_graphs(scene_graphs_path), image_dir, tasks, on_missing_image
+    )

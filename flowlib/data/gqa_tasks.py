@@ -21,7 +21,6 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import pandas as pd
 
@@ -44,8 +43,12 @@ ABSENT = "-"
 _BASE_COLUMNS = ("question_id", "img_id", "question", "answer", "type_detailed", "image_w", "image_h")
 #: Objects whose boxes each task's file carries (columns "<prefix> x/y/w/h").
 BOX_PREFIXES = {
-    "ChooseAttr": ("central object",), "ChooseCat": ("central object",), "QueryAttr": ("central object",),
-    "ChooseRel": ("object1", "object2"), "CompareAttr": ("object1", "object2"), "LogicalObj": ("object1", "object2"),
+    "ChooseAttr": ("central object",),
+    "ChooseCat": ("central object",),
+    "QueryAttr": ("central object",),
+    "ChooseRel": ("object1", "object2"),
+    "CompareAttr": ("object1", "object2"),
+    "LogicalObj": ("object1", "object2"),
 }
 _CHOOSE = ("ChooseAttr", "ChooseCat", "ChooseRel")
 
@@ -59,13 +62,15 @@ def required_columns(task: str) -> list[str]:
     """The columns `load_task_csv` needs in the file of `task`."""
     columns = list(_BASE_COLUMNS)
     columns += ["true option", "false option"] if task in _CHOOSE else []
-    columns += ["central object name"] if BOX_PREFIXES[task] == ("central object",) else ["object1 name", "object2 name"]
+    columns += (
+        ["central object name"] if BOX_PREFIXES[task] == ("central object",) else ["object1 name", "object2 name"]
+    )
     for prefix in BOX_PREFIXES[task]:
         columns += [f"{prefix} {c}" for c in ("x", "y", "w", "h")]
     return columns
 
 
-def _box(row: dict, prefix: str, label: str, sample_id: str) -> Optional[Box]:
+def _box(row: dict, prefix: str, label: str, sample_id: str) -> Box | None:
     values = [row[f"{prefix} {c}"].strip() for c in ("x", "y", "w", "h")]
     if all(v in (ABSENT, "") for v in values):
         return None  # the object is absent from the scene
@@ -124,15 +129,27 @@ def load_task_csv(path, image_dir=None, on_missing_image: str = "error", image_e
             width, height = int(float(row["image_w"])), int(float(row["image_h"]))
         except ValueError as err:
             raise SampleError(f"sample {qid} in {path}: image_w/image_h are not numbers") from err
-        names = ["central object name"] if BOX_PREFIXES[task] == ("central object",) else ["object1 name", "object2 name"]
+        names = (
+            ["central object name"] if BOX_PREFIXES[task] == ("central object",) else ["object1 name", "object2 name"]
+        )
         boxes = [_box(row, prefix, row[label].strip(), qid) for prefix, label in zip(BOX_PREFIXES[task], names)]
         boxes = [clip_box(b, width, height, qid, notes) for b in boxes if b is not None]
-        samples.append(Sample(
-            question_id=qid, question=row["question"], answer=row["answer"], task=task, image=image,
-            type_detailed=row["type_detailed"], true_option=row.get("true option") if task in _CHOOSE else None,
-            false_option=row.get("false option") if task in _CHOOSE else None,
-            central_object=row[names[0]].strip(), boxes=tuple(boxes), source=f"paper-csv:{path.name}",
-            image_size=(width, height)))
+        samples.append(
+            Sample(
+                question_id=qid,
+                question=row["question"],
+                answer=row["answer"],
+                task=task,
+                image=image,
+                type_detailed=row["type_detailed"],
+                true_option=row.get("true option") if task in _CHOOSE else None,
+                false_option=row.get("false option") if task in _CHOOSE else None,
+                central_object=row[names[0]].strip(),
+                boxes=tuple(boxes),
+                source=f"paper-csv:{path.name}",
+                image_size=(width, height),
+            )
+        )
     if notes:
         message = f"{path.name}: {len(notes)} box(es) beyond their image, clipped or left out (first: {notes[0]})"
         warnings.warn(message, stacklevel=2)
@@ -162,7 +179,7 @@ def find_task_files(csv_dir, tasks=TASKS) -> dict[str, Path]:
 def load_paper_tasks(csv_dir, image_dir=None, tasks=TASKS, on_missing_image: str = "error") -> list[Sample]:
     """Load the released CSVs of `tasks` from `csv_dir` (see `load_task_csv`), in task order."""
     samples: list[Sample] = []
-    for task, path in find_task_files(csv_dir, tasks).items():
+    for path in find_task_files(csv_dir, tasks).values():
         samples += load_task_csv(path, image_dir, on_missing_image)
     return samples
 
@@ -195,6 +212,7 @@ def fetch_paper_tasks(dest, tasks=TASKS, overwrite: bool = False, timeout: float
             tmp.unlink(missing_ok=True)
             raise ConnectionError(
                 f"could not download {OFFICIAL_URL + name} ({err}); when offline, copy the file by hand "
-                f"into {dest} and pass that folder to load_paper_tasks") from err
+                f"into {dest} and pass that folder to load_paper_tasks"
+            ) from err
         paths[task] = target
     return paths

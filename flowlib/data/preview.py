@@ -36,8 +36,15 @@ def preview(sample: Sample, ax=None, title_width: int = 60):
         color = _COLORS[i % len(_COLORS)]
         ax.add_patch(Rectangle((box.x, box.y), box.w, box.h, fill=False, edgecolor=color, linewidth=2))
         if box.label:
-            ax.text(box.x, box.y, box.label, color="white", fontsize=8, va="bottom",
-                    bbox={"facecolor": color, "edgecolor": "none", "pad": 1})
+            ax.text(
+                box.x,
+                box.y,
+                box.label,
+                color="white",
+                fontsize=8,
+                va="bottom",
+                bbox={"facecolor": color, "edgecolor": "none", "pad": 1},
+            )
     options = f" [{sample.true_option} / {sample.false_option}]" if sample.has_options else ""
     title = f"{sample.task}: {sample.question} -> {sample.answer}{options}"
     ax.set_title("\n".join(textwrap.wrap(title, title_width)), fontsize=9)

@@ -7,14 +7,14 @@ Notebooks and the command line name their data the same way ("synthetic",
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from flowlib.sample import TASKS, Sample, check_task
 
 SOURCES = ("synthetic", "paper", "gqa")
 
 
-def group_by_task(samples, tasks: Sequence[str], per_task: Optional[int]) -> dict[str, list[Sample]]:
+def group_by_task(samples, tasks: Sequence[str], per_task: int | None) -> dict[str, list[Sample]]:
     """Samples grouped by task in `tasks` order, keeping the first `per_task` of each (all when None)."""
     grouped: dict[str, list[Sample]] = defaultdict(list)
     for sample in samples:
@@ -27,13 +27,13 @@ def load_samples(
     source: str = "synthetic",
     *,
     tasks: Sequence[str] = TASKS,
-    per_task: Optional[int] = None,
+    per_task: int | None = None,
     seed: int = 0,
     split: str = "test",
-    csv_dir: Optional[str] = None,
-    image_dir: Optional[str] = None,
-    questions: Optional[str] = None,
-    scene_graphs: Optional[str] = None,
+    csv_dir: str | None = None,
+    image_dir: str | None = None,
+    questions: str | None = None,
+    scene_graphs: str | None = None,
     on_missing_image: str = "error",
 ) -> dict[str, list[Sample]]:
     """Samples of `tasks` from a named source, grouped by task.
@@ -65,7 +65,8 @@ def load_samples(
             raise ValueError("data source 'gqa' needs questions= and scene_graphs= (GQA's JSON files)")
         from flowlib.data.gqa_raw import load_raw_gqa
 
-        samples = load_raw_gqa(questions, scene_graphs, image_dir=image_dir, tasks=tasks,
-                               on_missing_image=on_missing_image)
+        samples = load_raw_gqa(
+            questions, scene_graphs, image_dir=image_dir, tasks=tasks, on_missing_image=on_missing_image
+        )
         return group_by_task(samples, tasks, per_task)
     raise ValueError(f"unknown data source {source!r}; use one of: {', '.join(SOURCES)}")

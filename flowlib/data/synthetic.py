@@ -31,8 +31,8 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -42,8 +42,12 @@ from flowlib.sample import TASKS, Box, Sample, check_task
 
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
 COLORS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
-    "yellow": (235, 205, 40), "purple": (140, 60, 180), "orange": (245, 140, 30),
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 205, 40),
+    "purple": (140, 60, 180),
+    "orange": (245, 140, 30),
 }
 SIZES = {"small": 56, "large": 96}
 TEXTURES = ("plain", "striped", "dotted")
@@ -68,8 +72,14 @@ TEMPLATES = {  # question patterns, all lowercase, words split by spaces
     "LogicalObj": "is there either a {shape} or a {shape2} that is {value}?",
     "QueryAttr": "on which side of the image is the {shape}?",
 }
-TYPE_DETAILED = {"ChooseAttr": "chooseAttr", "ChooseCat": "categoryThatChoose", "ChooseRel": "relChooser",
-                 "CompareAttr": "twoCommon", "LogicalObj": "existThatOr", "QueryAttr": "positionQuery"}
+TYPE_DETAILED = {
+    "ChooseAttr": "chooseAttr",
+    "ChooseCat": "categoryThatChoose",
+    "ChooseRel": "relChooser",
+    "CompareAttr": "twoCommon",
+    "LogicalObj": "existThatOr",
+    "QueryAttr": "positionQuery",
+}
 
 
 def split_words(text: str) -> list[str]:
@@ -94,8 +104,20 @@ def synthetic_vocabulary() -> tuple[str, ...]:
 _POLYGONS = {
     "triangle": [(0.5, 0), (1, 1), (0, 1)],
     "diamond": [(0.5, 0), (1, 0.5), (0.5, 1), (0, 0.5)],
-    "cross": [(0.32, 0), (0.68, 0), (0.68, 0.32), (1, 0.32), (1, 0.68), (0.68, 0.68), (0.68, 1),
-              (0.32, 1), (0.32, 0.68), (0, 0.68), (0, 0.32), (0.32, 0.32)],
+    "cross": [
+        (0.32, 0),
+        (0.68, 0),
+        (0.68, 0.32),
+        (1, 0.32),
+        (1, 0.68),
+        (0.68, 0.68),
+        (0.68, 1),
+        (0.32, 1),
+        (0.32, 0.68),
+        (0, 0.68),
+        (0, 0.32),
+        (0.32, 0.32),
+    ],
 }
 
 
@@ -110,7 +132,7 @@ def _star() -> list[tuple[float, float]]:
 _POLYGONS["star"] = _star()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mask(shape: str, side: int) -> Image.Image:
     mask = Image.new("L", (side, side), 0)
     draw = ImageDraw.Draw(mask)
@@ -123,7 +145,7 @@ def _mask(shape: str, side: int) -> Image.Image:
     return mask
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _patch(color: str, texture: str, side: int) -> Image.Image:
     rgb = np.empty((side, side, 3), np.uint8)
     rgb[:] = COLORS[color]
@@ -152,19 +174,25 @@ def _png(image: Image.Image) -> bytes:
 
 # ----------------------------------------------------------------------------- scenes
 
+
 def _box_of(obj: dict) -> tuple[int, int, int, int]:
     x0, y0, x1, y1 = _mask(obj["name"], SIZES[obj["size"]]).getbbox()  # tight around drawn pixels
     return obj["x"] + x0, obj["y"] + y0, x1 - x0, y1 - y0
 
 
-def _place(rng, width, height, required, distractors, constraint) -> Optional[list[dict]]:
+def _place(rng, width, height, required, distractors, constraint) -> list[dict] | None:
     """Place required objects (with `constraint(index, obj, placed)`) then distractors; None if stuck."""
     placed: list[dict] = []
 
     def free(obj):
         x, y, s = obj["x"], obj["y"], SIZES[obj["size"]]
-        return all(x + s + GAP <= o["x"] or o["x"] + SIZES[o["size"]] + GAP <= x
-                   or y + s + GAP <= o["y"] or o["y"] + SIZES[o["size"]] + GAP <= y for o in placed)
+        return all(
+            x + s + GAP <= o["x"]
+            or o["x"] + SIZES[o["size"]] + GAP <= x
+            or y + s + GAP <= o["y"]
+            or o["y"] + SIZES[o["size"]] + GAP <= y
+            for o in placed
+        )
 
     for index, spec in enumerate(required + distractors):
         side = SIZES[spec["size"]]
@@ -221,8 +249,12 @@ def _plan(task: str, rng, key: int, first: bool, hard: bool = False):
             if i == 0:
                 return True
             ref, s, r = placed[0], SIZES[o["size"]], SIZES[placed[0]["size"]]
-            return {"left": o["x"] + s + GAP <= ref["x"], "right": ref["x"] + r + GAP <= o["x"],
-                    "above": o["y"] + s + GAP <= ref["y"], "below": ref["y"] + r + GAP <= o["y"]}[true]
+            return {
+                "left": o["x"] + s + GAP <= ref["x"],
+                "right": ref["x"] + r + GAP <= o["x"],
+                "above": o["y"] + s + GAP <= ref["y"],
+                "below": ref["y"] + r + GAP <= o["y"],
+            }[true]
 
         # As in GQA's program (and the paper's CSV): the reference object is object1, the subject object2.
         pattern, central = "ChooseRel:v" if vertical else "ChooseRel:h", s2
@@ -246,8 +278,11 @@ def _plan(task: str, rng, key: int, first: bool, hard: bool = False):
         with_value = {int(rng.choice(hits))} if true == "yes" else set()
         if true == "yes" and len(hits) == 2 and rng.integers(2):
             with_value = {0, 1}
-        required = [_random_object(rng, s, **{kind: value if i in with_value else str(rng.choice(others))})
-                    for i, s in enumerate((s1, s2)) if present[i]]
+        required = [
+            _random_object(rng, s, **{kind: value if i in with_value else str(rng.choice(others))})
+            for i, s in enumerate((s1, s2))
+            if present[i]
+        ]
         reserved, fields["value"] = {s1, s2}, value
         pattern, central = "LogicalObj", s1
         if hard and true == "no":
@@ -267,22 +302,26 @@ def _plan(task: str, rng, key: int, first: bool, hard: bool = False):
     return required, free_shapes, avoid_color, constraint, question, true, false, central, pattern, lead
 
 
-def _sample(task: str, rng, key: int, first: bool, max_distractors: Optional[int] = None,
-            hard: bool = False) -> dict:
+def _sample(task: str, rng, key: int, first: bool, max_distractors: int | None = None, hard: bool = False) -> dict:
     while True:
         required, free_shapes, avoid_color, constraint, question, true, false, central, pattern, lead = _plan(
-            task, rng, key, first, hard)
+            task, rng, key, first, hard
+        )
         width, height = IMAGE_SIZES[int(rng.integers(2))]
         if task == "QueryAttr":
+
             def constraint(i, o, placed, side=true, width=width):
                 s = SIZES[o["size"]]
                 return o["x"] + s <= width / 2 - SIDE_MARGIN if side == "left" else o["x"] >= width / 2 + SIDE_MARGIN
+
         n_objects = int(rng.integers(3, 5))
         if max_distractors is not None:  # after the draw, so that the random stream is the same either way
             n_objects = min(n_objects, len(required) + max_distractors)
         colors = [c for c in COLORS if c != avoid_color]
-        distractors = [_random_object(rng, s, color=str(rng.choice(colors)))
-                       for s in free_shapes[: max(0, n_objects - len(required))]]
+        distractors = [
+            _random_object(rng, s, color=str(rng.choice(colors)))
+            for s in free_shapes[: max(0, n_objects - len(required))]
+        ]
         if distractors:  # placed right after the named objects, so that it fits where any distractor does
             distractors[0].update(lead)
         placed = _place(rng, width, height, required, distractors, constraint)
@@ -291,17 +330,38 @@ def _sample(task: str, rng, key: int, first: bool, max_distractors: Optional[int
     objects = {}
     for i, obj in enumerate(placed):
         x, y, w, h = _box_of(obj)
-        objects[f"o{i}"] = {"name": obj["name"], "x": x, "y": y, "w": w, "h": h,
-                            "color": obj["color"], "size": obj["size"], "texture": obj["texture"],
-                            "attributes": [obj["color"], obj["size"], obj["texture"]]}
-    boxes = [{"x": float(o["x"]), "y": float(o["y"]), "w": float(o["w"]), "h": float(o["h"]), "label": o["name"]}
-             for o in list(objects.values())[: len(required)]]
+        objects[f"o{i}"] = {
+            "name": obj["name"],
+            "x": x,
+            "y": y,
+            "w": w,
+            "h": h,
+            "color": obj["color"],
+            "size": obj["size"],
+            "texture": obj["texture"],
+            "attributes": [obj["color"], obj["size"], obj["texture"]],
+        }
+    boxes = [
+        {"x": float(o["x"]), "y": float(o["y"]), "w": float(o["w"]), "h": float(o["h"]), "label": o["name"]}
+        for o in list(objects.values())[: len(required)]
+    ]
     scene = {"width": width, "height": height, "background": list(BACKGROUND), "objects": objects}
-    return {"image": _render(width, height, placed), "question": question,
-            "answer": true, "task": task, "type_detailed": TYPE_DETAILED[task],
-            "true_option": true if false is not None else None, "false_option": false,
-            "central_object": central, "boxes": boxes, "scene_graph": json.dumps(scene, sort_keys=True),
-            "pattern": pattern, "image_w": width, "image_h": height, "source": "synthetic"}
+    return {
+        "image": _render(width, height, placed),
+        "question": question,
+        "answer": true,
+        "task": task,
+        "type_detailed": TYPE_DETAILED[task],
+        "true_option": true if false is not None else None,
+        "false_option": false,
+        "central_object": central,
+        "boxes": boxes,
+        "scene_graph": json.dumps(scene, sort_keys=True),
+        "pattern": pattern,
+        "image_w": width,
+        "image_h": height,
+        "source": "synthetic",
+    }
 
 
 def scene_questions(scene: dict, rng: np.random.Generator, n: int, tasks=TASKS) -> list[tuple[str, str]]:
@@ -329,7 +389,7 @@ def _options(true: str, false: str, rng) -> dict:
     return dict(zip(("opt1", "opt2"), (true, false) if rng.integers(2) else (false, true)))
 
 
-def _scene_question(task: str, objects: list[dict], scene: dict, rng) -> Optional[tuple[str, str]]:
+def _scene_question(task: str, objects: list[dict], scene: dict, rng) -> tuple[str, str] | None:
     pick = lambda items: items[int(rng.integers(len(items)))]  # noqa: E731
     shapes_here = [o["name"] for o in objects]
     if task == "ChooseAttr":
@@ -344,11 +404,16 @@ def _scene_question(task: str, objects: list[dict], scene: dict, rng) -> Optiona
         obj = pick(unique)
         # A false option that is also in the scene, where there is one, so that only binding answers.
         false = pick([s for s in shapes_here if s != obj["name"]] or [s for s in SHAPES if s != obj["name"]])
-        return (TEMPLATES["ChooseCat"].format(color=obj["color"], **_options(obj["name"], false, rng)),
-                obj["name"])
+        return (TEMPLATES["ChooseCat"].format(color=obj["color"], **_options(obj["name"], false, rng)), obj["name"])
     if task == "ChooseRel":
-        relations = [(a, b, rel) for a in objects for b in objects if a is not b
-                     for rel in ("left", "right", "above", "below") if _holds(rel, a, b)]
+        relations = [
+            (a, b, rel)
+            for a in objects
+            for b in objects
+            if a is not b
+            for rel in ("left", "right", "above", "below")
+            if _holds(rel, a, b)
+        ]
         if not relations:
             return None
         a, b, true = pick(relations)
@@ -357,8 +422,12 @@ def _scene_question(task: str, objects: list[dict], scene: dict, rng) -> Optiona
         pattern = "ChooseRel:v" if vertical else "ChooseRel:h"
         return TEMPLATES[pattern].format(shape=a["name"], shape2=b["name"], **_options(true, false, rng)), true
     if task == "CompareAttr":
-        pairs = [(a, b, common[0]) for i, a in enumerate(objects) for b in objects[i + 1:]
-                 if len(common := [k for k in ATTRIBUTES if a[k] == b[k]]) == 1]
+        pairs = [
+            (a, b, common[0])
+            for i, a in enumerate(objects)
+            for b in objects[i + 1 :]
+            if len(common := [k for k in ATTRIBUTES if a[k] == b[k]]) == 1
+        ]
         if not pairs:
             return None
         kind = pick(sorted({k for _, _, k in pairs}))  # answer kind first: a shared colour is rarer than a size
@@ -399,16 +468,22 @@ def _scene_question(task: str, objects: list[dict], scene: dict, rng) -> Optiona
 
 def _holds(relation: str, a: dict, b: dict) -> bool:
     """Whether box `a` lies `relation` of box `b`, at least `GAP` px apart (tight boxes of the scene graph)."""
-    return {"left": a["x"] + a["w"] + GAP <= b["x"], "right": b["x"] + b["w"] + GAP <= a["x"],
-            "above": a["y"] + a["h"] + GAP <= b["y"], "below": b["y"] + b["h"] + GAP <= a["y"]}[relation]
+    return {
+        "left": a["x"] + a["w"] + GAP <= b["x"],
+        "right": b["x"] + b["w"] + GAP <= a["x"],
+        "above": a["y"] + a["h"] + GAP <= b["y"],
+        "below": b["y"] + b["h"] + GAP <= a["y"],
+    }[relation]
 
 
 #: Tasks whose `hard` samples (`generate_split(hard=...)`) defeat a shortcut: ChooseCat's false shape is
 #: always in the scene (in another colour), so that only binding the colour to a shape answers; a LogicalObj
 #: "no" scene always holds the asked value, on a shape the question does not name, so that seeing the value
 #: somewhere is not enough. Without them a model can score 75% on ChooseCat by naming the option it sees.
-HARD_CASES = {"ChooseCat": "ChooseCat's false shape always in the scene",
-              "LogicalObj": "LogicalObj `no` scenes holding the asked value on an unnamed shape"}
+HARD_CASES = {
+    "ChooseCat": "ChooseCat's false shape always in the scene",
+    "LogicalObj": "LogicalObj `no` scenes holding the asked value on an unnamed shape",
+}
 HARD_TASKS = tuple(HARD_CASES)
 
 _N_KEYS = {"ChooseAttr": 1, "ChooseCat": 1, "ChooseRel": 2, "CompareAttr": 3, "LogicalObj": 2, "QueryAttr": 2}
@@ -416,18 +491,41 @@ _N_KEYS = {"ChooseAttr": 1, "ChooseCat": 1, "ChooseRel": 2, "CompareAttr": 3, "L
 
 def features():
     """The `datasets.Features` of a synthetic split."""
-    from datasets import Features, Image as ImageFeature, List, Value
+    from datasets import Features, List, Value
+    from datasets import Image as ImageFeature
 
     text = Value("string")
     box = {"x": Value("float32"), "y": Value("float32"), "w": Value("float32"), "h": Value("float32"), "label": text}
-    return Features({"question_id": text, "image": ImageFeature(), "question": text, "answer": text, "task": text,
-                     "type_detailed": text, "true_option": text, "false_option": text, "central_object": text,
-                     "boxes": List(box), "scene_graph": text, "pattern": text, "image_w": Value("int32"),
-                     "image_h": Value("int32"), "source": text})
+    return Features(
+        {
+            "question_id": text,
+            "image": ImageFeature(),
+            "question": text,
+            "answer": text,
+            "task": text,
+            "type_detailed": text,
+            "true_option": text,
+            "false_option": text,
+            "central_object": text,
+            "boxes": List(box),
+            "scene_graph": text,
+            "pattern": text,
+            "image_w": Value("int32"),
+            "image_h": Value("int32"),
+            "source": text,
+        }
+    )
 
 
-def generate_split(n_per_task: Union[int, Mapping[str, int]], seed: int = 0, split: str = "train", tasks=TASKS,
-                   max_distractors: Optional[int] = None, hard: float = 0.0, hard_tasks=HARD_TASKS):
+def generate_split(
+    n_per_task: int | Mapping[str, int],
+    seed: int = 0,
+    split: str = "train",
+    tasks=TASKS,
+    max_distractors: int | None = None,
+    hard: float = 0.0,
+    hard_tasks=HARD_TASKS,
+):
     """Generate one split as a `Dataset`: `generate_rows` (see its options), each image stored as PNG."""
     from datasets import Dataset
 
@@ -437,8 +535,15 @@ def generate_split(n_per_task: Union[int, Mapping[str, int]], seed: int = 0, spl
     return Dataset.from_dict(columns, features=features())
 
 
-def generate_rows(n_per_task: Union[int, Mapping[str, int]], seed: int = 0, split: str = "train", tasks=TASKS,
-                  max_distractors: Optional[int] = None, hard: float = 0.0, hard_tasks=HARD_TASKS) -> list[dict]:
+def generate_rows(
+    n_per_task: int | Mapping[str, int],
+    seed: int = 0,
+    split: str = "train",
+    tasks=TASKS,
+    max_distractors: int | None = None,
+    hard: float = 0.0,
+    hard_tasks=HARD_TASKS,
+) -> list[dict]:
     """Generate one split's rows: `n_per_task` samples of each task, deterministic in (`seed`, `split`).
 
     Each row holds `features()`'s fields, its image as the rendered `PIL.Image` (pixel for pixel what
@@ -485,8 +590,9 @@ def generate_world(n_per_task: int = 1000, seed: int = 0, splits: dict = SPLITS,
     """
     from datasets import DatasetDict
 
-    return DatasetDict({name: generate_split(max(1, round(n_per_task * frac)), seed, name, tasks)
-                        for name, frac in splits.items()})
+    return DatasetDict(
+        {name: generate_split(max(1, round(n_per_task * frac)), seed, name, tasks) for name, frac in splits.items()}
+    )
 
 
 def save_world(world, path) -> Path:
@@ -536,11 +642,18 @@ def iter_samples(dataset) -> Iterator[Sample]:
     images = dataset.select_columns(["image"])
     for i in range(len(dataset)):
         yield Sample(
-            question_id=columns["question_id"][i], question=columns["question"][i], answer=columns["answer"][i],
-            task=columns["task"][i], image=_RowImage(images, i), type_detailed=columns["type_detailed"][i],
-            true_option=columns["true_option"][i], false_option=columns["false_option"][i],
-            central_object=columns["central_object"][i], source=columns["source"][i],
-            boxes=tuple(Box(b["x"], b["y"], b["w"], b["h"], b["label"]) for b in columns["boxes"][i]))
+            question_id=columns["question_id"][i],
+            question=columns["question"][i],
+            answer=columns["answer"][i],
+            task=columns["task"][i],
+            image=_RowImage(images, i),
+            type_detailed=columns["type_detailed"][i],
+            true_option=columns["true_option"][i],
+            false_option=columns["false_option"][i],
+            central_object=columns["central_object"][i],
+            source=columns["source"][i],
+            boxes=tuple(Box(b["x"], b["y"], b["w"], b["h"], b["label"]) for b in columns["boxes"][i]),
+        )
 
 
 def to_samples(dataset) -> list[Sample]:
