@@ -11,13 +11,12 @@ model's answer is read:
   where every answer is one token and the model stops after it (the toy model's word-level vocabulary),
   and faster: the rule the toy model's card was measured with, and the one to monitor training with.
 
-`block_image=True` cuts, in every decoder layer, every attention edge from an image token to every
-position after the image block (LLaVA-NeXT's base view, tiles and newline tokens form one contiguous
-block too). The image then reaches the answer through no path at all, which is what the paper's
-attention-knockout method assumes. Forwards do it with a 4-D additive mask (`image_blocked_mask`);
-generation only takes a 2-D mask, so it hides the image keys from every query instead (`hide_image`),
-with explicit position ids. The positions after the image see the same either way: what the image
-positions compute reaches them through no other edge.
+`block_image=True` blocks the flow ``"Image->All"`` in every decoder layer through the verified
+knockout (`knockout.knockout`, which proves after each forward that the edges were cut in every layer):
+no position after an image token attends to it, so the image reaches the answer through no path at
+all, which is what the paper's attention-knockout method assumes. Each input then runs alone, at its
+own length (a knockout is built for one layout), and greedy answers are decoded without a cache, one
+full forward per new token, since the knockout checks every forward against the whole sequence.
 
 `forced_choice=True` scores instead the candidate answers (the two options, or the task's answer set):
 each candidate, in lowercase and in capitalised form (the model may emit either), gets the total
@@ -36,12 +35,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterable, Sequence
 
 import torch
 from PIL import Image
 
+from .knockout import ALL, knockout
 from .runner import greedy_answer, normalise_answer
 from .sample import TASKS, Sample
 
@@ -55,6 +56,8 @@ CHANCE = {task: 1 / len(ANSWER_SETS.get(task, ("true option", "false option"))) 
 BLANK_COLOR = (232, 232, 226)
 #: Processor outputs that carry the image (LLaVA-NeXT adds `image_sizes`, which says how many tiles are real).
 IMAGE_INPUTS = ("pixel_values", "image_sizes")
+#: The flow `block_image` blocks in every layer: no later position attends to any image token.
+IMAGE_BLOCKED = f"Image->{ALL}"
 
 
 def blank_image(image: Image.Image, color=BLANK_COLOR) -> Image.Image:
@@ -80,10 +83,23 @@ def answer_candidates(sample: Sample) -> tuple[str, ...]:
     )
 
 
+@contextlib.contextmanager
+def image_blocked(loaded, layout, seq_len: int):
+    """Block `IMAGE_BLOCKED` in every layer for forwards of `seq_len` tokens of the input `layout` describes.
+
+    `seq_len` may exceed the prompt's length (generated or teacher-forced tokens follow it): the image
+    positions are the prompt's, and the tokens after it are cut from the image like the prompt's own.
+    """
+    with knockout(loaded, dataclasses.replace(layout, seq_len=seq_len), [IMAGE_BLOCKED], range(loaded.num_layers)):
+        yield
+
+
 def image_blocked_mask(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int, dtype=torch.float32
 ) -> torch.Tensor:
     """Additive mask (B, 1, T, T): causal + padding, and no edge image -> any position after the image.
+
+    Not used by `evaluate` (see `image_blocked`); kept as the independent reference the tests compare with.
 
     Args:
         input_ids: (B, T) token ids, right-padded.
@@ -104,22 +120,6 @@ def image_blocked_mask(
     return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
 
-def hide_image(inputs: dict, image_token_id: int) -> dict:
-    """`inputs` (batch 1, unpadded) with the image keys masked from every query, for generation under `block_image`.
-
-    `generate` takes only a 2-D mask, so this masks the image positions as keys for all queries (the
-    image positions then attend to the text before the image only) and gives the position ids
-    explicitly (generate would otherwise derive them from the mask and shift the text after the image).
-    """
-    input_ids = inputs["input_ids"]
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-    return {
-        **inputs,
-        "attention_mask": (input_ids != image_token_id).long() * inputs["attention_mask"],
-        "position_ids": positions,
-    }
-
-
 def collate(prepared: Sequence, pad_token_id: int, continuations: Sequence[Sequence[int]] | None = None) -> dict:
     """Right-pad prepared inputs into one batch; each row optionally followed by its `continuations` token ids.
 
@@ -127,8 +127,8 @@ def collate(prepared: Sequence, pad_token_id: int, continuations: Sequence[Seque
     largest tile count: the model reads each row's real tile count from its `image_sizes` and drops the rest.
 
     Returns:
-        input_ids and attention_mask (B, T), the image inputs, `prompt_lengths` (B,) and `last` (B,), each
-        row's last real position.
+        input_ids and attention_mask (B, T), the image inputs, `prompt_lengths` (B,), `last` (B,), each
+        row's last real position, and `layouts`, each row's token layout (what `block_image` needs).
     """
     device = prepared[0].input_ids.device
     continuations = continuations or [()] * len(prepared)
@@ -147,6 +147,7 @@ def collate(prepared: Sequence, pad_token_id: int, continuations: Sequence[Seque
         "attention_mask": attention_mask,
         "prompt_lengths": torch.tensor([p.input_ids.shape[1] for p in prepared], device=device),
         "last": torch.tensor(lengths, device=device) - 1,
+        "layouts": [p.layout for p in prepared],
     }
     for key in IMAGE_INPUTS:
         values = [p.inputs[key] for p in prepared if key in p.inputs]
@@ -164,17 +165,25 @@ def logits_at(loaded, batch: dict, positions: Sequence[Sequence[int]], block_ima
     """Logits (len(positions[r]), vocab), float32, at the given positions of each row r of `batch`.
 
     Only those positions go through the unembedding (`logits_to_keep`), which matters for real vocabularies.
+    With `block_image`, each row runs alone, unpadded, under `image_blocked`.
     """
-    attention_mask = batch["attention_mask"]
     if block_image:
-        attention_mask = image_blocked_mask(
-            batch["input_ids"], attention_mask, loaded.model.config.image_token_id, loaded.dtype
-        )
+        rows = []
+        for r, row_positions in enumerate(positions):
+            n = int(batch["last"][r]) + 1
+            row = {
+                "input_ids": batch["input_ids"][r : r + 1, :n],
+                "attention_mask": batch["attention_mask"][r : r + 1, :n],
+            }
+            row |= {k: batch[k][r : r + 1] for k in IMAGE_INPUTS if k in batch}
+            with image_blocked(loaded, batch["layouts"][r], n):
+                rows += logits_at(loaded, row, [row_positions])
+        return rows
     keep = sorted({int(p) for row in positions for p in row})
     column = {p: i for i, p in enumerate(keep)}
     out = loaded.model(
         input_ids=batch["input_ids"],
-        attention_mask=attention_mask,
+        attention_mask=batch["attention_mask"],
         use_cache=False,
         logits_to_keep=torch.tensor(keep, device=batch["input_ids"].device),
         **{k: batch[k] for k in IMAGE_INPUTS if k in batch},
@@ -259,11 +268,28 @@ def first_word(loaded, prepared, block_image: bool = False) -> str:
     return first_words(loaded, [prepared], 1, block_image)[0]
 
 
+@torch.no_grad()
+def image_blocked_answer(loaded, prepared, max_new_tokens: int = 10) -> str:
+    """`runner.greedy_answer` under `image_blocked`: greedy tokens until a stop token, decoded likewise."""
+    tokens = prepared.input_ids
+    new: list[int] = []
+    image = {k: prepared.inputs[k] for k in IMAGE_INPUTS if k in prepared.inputs}
+    for _ in range(max_new_tokens):
+        with image_blocked(loaded, prepared.layout, tokens.shape[1]):
+            logits = loaded.model(
+                input_ids=tokens, attention_mask=torch.ones_like(tokens), use_cache=False, logits_to_keep=1, **image
+            ).logits
+        token = int(logits[0, -1].argmax())
+        if token in loaded.stop_token_ids:
+            break
+        new.append(token)
+        tokens = torch.cat([tokens, tokens.new_tensor([[token]])], dim=1)
+    return loaded.tokenizer.decode(new, skip_special_tokens=True)
+
+
 def generated_answer(loaded, prepared, block_image: bool = False) -> str:
-    """The normalised greedy answer (`runner.greedy_answer`), with the image's edges cut if `block_image`."""
-    if block_image:
-        prepared = dataclasses.replace(prepared, inputs=hide_image(prepared.inputs, loaded.model.config.image_token_id))
-    return normalise_answer(greedy_answer(loaded, prepared))
+    """The normalised greedy answer (`runner.greedy_answer`), with the image blocked if `block_image`."""
+    return normalise_answer(image_blocked_answer(loaded, prepared) if block_image else greedy_answer(loaded, prepared))
 
 
 def evaluate(
@@ -286,8 +312,8 @@ def evaluate(
         loaded: a `flowlib.models.LoadedModel`.
         samples: the samples to answer.
         blank: replace each image by a blank one of the same size (`blank_image`).
-        block_image: cut every edge image -> later positions in all layers (`image_blocked_mask`; generating,
-            `hide_image`).
+        block_image: block the flow `IMAGE_BLOCKED` in every layer through the verified knockout
+            (`image_blocked`).
         forced_choice: answer the likeliest of the sample's candidate answers (`answer_candidates`,
             `candidate_scores`); `mode` does not apply.
         batch_size: rows per forward pass (first-token and forced-choice; generation runs one sample at a time).

@@ -15,7 +15,8 @@ from flowlib.evaluate import (
     collate,
     evaluate,
     generated_answer,
-    hide_image,
+    image_blocked_answer,
+    image_blocked_mask,
     logits_at,
     next_token_logits,
     score,
@@ -51,15 +52,35 @@ def test_a_batch_gives_each_row_the_logits_it_gets_alone(tiny, block_image):
         assert torch.allclose(rows, alone, atol=1e-5), (p.sample.question_id, (rows - alone).abs().max())
 
 
-def test_hidden_image_keys_give_generation_the_cut_edges(tiny):
-    """What generation sees with the image keys hidden is what the 4-D cut gives every position after the image."""
+def reference_logits(tiny, p, tokens=()):
+    """Logits of every position of `p` (+ `tokens`) under the independent 4-D mask that cuts image -> later edges."""
+    ids = torch.cat([p.input_ids, p.input_ids.new_tensor([list(tokens)])], dim=1) if tokens else p.input_ids
+    mask = image_blocked_mask(ids, torch.ones_like(ids), tiny.model.config.image_token_id)
+    image = {k: v for k, v in p.inputs.items() if k in ("pixel_values", "image_sizes")}
+    with torch.no_grad():
+        return tiny.model(input_ids=ids, attention_mask=mask, use_cache=False, **image).logits[0].float()
+
+
+def test_the_blocked_image_is_the_verified_knockout_and_matches_an_independent_mask(tiny):
+    """After the image, the knockout's logits equal those of a 4-D mask built without flowlib's knockout."""
     pad, image_token = tiny.tokenizer.pad_token_id, tiny.model.config.image_token_id
     for p in [tiny.prepare(s) for s in samples_of_sizes()[:2]]:
         after = range(int((p.input_ids[0] == image_token).nonzero().max()) + 1, p.input_ids.shape[1])
         cut = logits_at(tiny, collate([p], pad), [after], block_image=True)[0]
-        with torch.no_grad():
-            hidden = tiny.model(**hide_image(p.inputs, image_token)).logits[0, after.start :].float()
-        assert torch.allclose(hidden, cut, atol=1e-5)
+        assert torch.allclose(reference_logits(tiny, p)[after.start :], cut, atol=1e-5)
+        clean = logits_at(tiny, collate([p], pad), [after])[0]
+        assert not torch.allclose(clean, cut, atol=1e-3)  # the cut changes the answer positions' logits
+
+
+def test_blocked_generation_is_greedy_decoding_under_the_independent_mask(tiny):
+    for p in [tiny.prepare(s) for s in samples_of_sizes()[:2]]:
+        new = []
+        for _ in range(10):  # the reference decoder: argmax under the 4-D mask, the whole sequence each step
+            token = int(reference_logits(tiny, p, new)[-1].argmax())
+            if token in tiny.stop_token_ids:
+                break
+            new.append(token)
+        assert image_blocked_answer(tiny, p) == tiny.tokenizer.decode(new, skip_special_tokens=True)
 
 
 def test_generation_with_the_image_cut_off_ignores_the_pixels(tiny):
