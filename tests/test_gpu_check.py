@@ -23,5 +23,7 @@ def test_gpu_check_dry_run_measures_both_model_shapes(capsys):
         assert cells[1] == "2" and cells[2] == "float32"
         assert float(cells[6]) < 1e-6  # fast equals reference in float32
         assert float(cells[4]) > 0 and float(cells[7]) > 0
+        measured, estimated = cells[5].rstrip(")").split(" (")
+        assert measured == "nan" and 0 < float(estimated) < 1  # no device peak on a CPU; tiny width: < 1 GiB
     assert rows[1].split(" | ")[3] == "2340"  # 640x480 under anyres: 576 + 36 x (48 + 1)
     assert gpu_check.RESULTS.read_text() == results_before  # a dry run records nothing
