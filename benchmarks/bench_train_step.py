@@ -1,6 +1,6 @@
 """Benchmark: a toy-llava training step with the shared system prompt computed once, against a plain step.
 
-Times forward + backward of the same batches of the training stream (full scenes, the default mix)
+Times forward + backward of the same batches of the recipe's training stream (from chunk 200: full scenes)
 both ways, alternating, in one run, and prints the mean seconds per step, their ratio and the largest
 logit difference between the two forwards.
 
@@ -18,8 +18,10 @@ import time
 import torch
 
 from flowlib.kernels import kernel_description, use_configured_kernels
-from flowlib.toy_model import ToyConfig, build_toy_model
-from flowlib.train_toy import ChunkStream, TrainConfig, batches, forward_shared_prefix
+from flowlib.toy.model import ToyConfig, build_toy_model
+from flowlib.toy.recipe import TrainConfig
+from flowlib.toy.step import forward_shared_prefix
+from flowlib.toy.stream import ChunkStream, batches
 
 
 def main() -> None:
@@ -27,12 +29,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps of each kind")
     parser.add_argument("--threads", type=int, default=TrainConfig.threads)
     args = parser.parse_args()
-    use_configured_kernels(threads=args.threads)  # as train_toy does
+    use_configured_kernels(threads=args.threads)  # as training does
     torch.set_num_threads(args.threads)
     loaded = build_toy_model(ToyConfig(), seed=0)
     model = loaded.model.train()
-    stream = ChunkStream(loaded.processor, ToyConfig(), seed=0, per_task=TrainConfig().task_counts(), workers=0)
-    data = batches(stream, TrainConfig.batch_size, loaded.tokenizer.pad_token_id)
+    stream = ChunkStream(loaded.processor, ToyConfig(), TrainConfig(), seed=0, workers=0, first_chunk=200)
+    data = batches(stream, loaded.tokenizer.pad_token_id)
     keys = ("input_ids", "attention_mask", "pixel_values")
     batch_list = [{key: batch[key] for key in keys} for batch, _ in zip(data, range(args.steps + 1))]
 

@@ -87,7 +87,7 @@ from flowlib import config as cfg
 from flowlib.kernels import kernel_description
 from flowlib.models import load_model
 from flowlib.sweep import layer_sweep
-from flowlib.train_toy import ci_samples
+from flowlib.toy.evaluation import ci_samples
 
 loaded = load_model(cfg.OFFLINE_MODEL)
 result = layer_sweep(loaded, loaded.prepare(ci_samples()[0]), "Image->Question", window=3)
@@ -135,7 +135,7 @@ def test_the_processors_own_kernels_do_depend_on_them():
 TRAIN = """
 import dataclasses, hashlib, sys
 from pathlib import Path
-from flowlib.train_toy import TrainConfig, train
+from flowlib.toy.training import TrainConfig, train
 from tests.test_train_toy import SMALL
 
 config = dataclasses.replace(TrainConfig(), steps=3, batch_size=16, chunk_per_task=4, warmup_steps=1,

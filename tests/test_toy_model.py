@@ -1,7 +1,7 @@
 """The committed offline model: loads by its short name, matches its model card, and really uses the image.
 
 The accuracy tests re-measure the model card's numbers on the fixed CI subset
-(`flowlib.train_toy.ci_samples`, 30 samples per task) as the card measured them, by the first
+(`flowlib.toy.evaluation.ci_samples`, 30 samples per task) as the card measured them, by the first
 generated token (`mode="first_token"`), and check that on this model that is the full greedy answer,
 judged as the knockout filter judges it; together they take well under a minute on two CPU cores.
 """
@@ -25,7 +25,7 @@ from flowlib.evaluate import (
 )
 from flowlib.models import load_model
 from flowlib.sample import Sample
-from flowlib.toy_model import ANSWER_WORDS, ToyConfig, answer_target, build_toy_model, toy_vocabulary
+from flowlib.toy.model import ANSWER_WORDS, ToyConfig, answer_target, build_toy_model, toy_vocabulary
 
 CHECKPOINT = cfg.SHORT_NAMES[cfg.OFFLINE_MODEL]
 # The checkpoint is committed; without it these tests fail (a fresh clone always has it).
@@ -87,9 +87,23 @@ def card():
 
 @pytest.fixture(scope="module")
 def ci_set():
-    from flowlib.train_toy import ci_samples
+    from flowlib.toy.evaluation import ci_samples
 
     return ci_samples()
+
+
+@pytest.fixture(scope="module")
+def ci_scores(toy, ci_set):
+    """`ci_scores(**how)`: `evaluate(toy, ci_set, return_answers=True, **how)`, each `how` computed once per run."""
+    done = {}
+
+    def scores(**how):
+        key = tuple(sorted(how.items()))
+        if key not in done:
+            done[key] = evaluate(toy, ci_set, return_answers=True, **how)
+        return done[key]
+
+    return scores
 
 
 @needs_checkpoint
@@ -138,15 +152,17 @@ def test_cut_image_edges_leave_no_path_from_the_image(toy, ci_set):
     )
 
 
+@pytest.mark.slow
 @needs_checkpoint
-def test_ci_accuracy_matches_model_card(toy, card, ci_set):
+def test_ci_accuracy_matches_model_card(card, ci_scores):
     recorded = card["evaluation"]["ci_subset"]
-    measured = evaluate(toy, ci_set, mode="first_token")
+    measured = ci_scores(mode="first_token")
     assert abs(measured["mean"] - recorded["image"]["mean"]) <= 0.02
     for task, accuracy in recorded["image"]["per_task"].items():
         assert abs(measured["per_task"][task] - accuracy) <= 0.02 + 1e-9, task
 
 
+@pytest.mark.slow
 @needs_checkpoint
 def test_greedy_answers_are_the_knockout_filters_verdicts_and_the_first_token(toy, ci_set):
     """Generated to the end, the toy model's answers get the filter's verdicts; they are one token, so the card's
@@ -162,41 +178,45 @@ def test_greedy_answers_are_the_knockout_filters_verdicts_and_the_first_token(to
     assert generated == evaluate(toy, samples, mode="first_token", return_answers=True)["answers"]
 
 
+@pytest.mark.slow
 @needs_checkpoint
-def test_blank_and_blocked_accuracy_match_model_card(toy, card, ci_set):
+def test_blank_and_blocked_accuracy_match_model_card(card, ci_set, ci_scores):
     recorded = card["evaluation"]["ci_subset"]
-    blank = evaluate(toy, ci_set, blank=True, mode="first_token")
-    blocked = evaluate(toy, ci_set, block_image=True, mode="first_token")
+    blank = ci_scores(blank=True, mode="first_token")
+    blocked = ci_scores(block_image=True, mode="first_token")
     assert abs(blank["mean"] - recorded["blank_image"]["mean"]) <= 0.02
     assert abs(blocked["mean"] - recorded["image_blocked"]["mean"]) <= 0.02
     assert blank_image(ci_set[0].load_image()).getpixel((0, 0)) == BLANK_COLOR
 
 
+@pytest.mark.slow
 @needs_checkpoint
-def test_model_answers_from_the_image(toy, ci_set):
-    measured = evaluate(toy, ci_set, mode="first_token")
+def test_model_answers_from_the_image(ci_scores):
+    measured = ci_scores(mode="first_token")
     assert measured["mean"] >= 0.85 and min(measured["per_task"].values()) >= 0.75
 
 
+@pytest.mark.slow
 @needs_checkpoint
-def test_without_the_image_accuracy_falls_to_chance(toy, ci_set):
+def test_without_the_image_accuracy_falls_to_chance(ci_set, ci_scores):
     # Image cut off or blank, the model often answers no candidate at all (free answers fall below chance:
     # with a blank image the committed model names neither ChooseCat option); forced choice among the
     # candidates measures what it still knows about the answer.
     chance = chance_accuracy(s.task for s in ci_set)["mean"]
-    seen = evaluate(toy, ci_set, mode="first_token")["mean"]
-    blank = evaluate(toy, ci_set, blank=True, mode="first_token")["mean"]
-    blank_choice = evaluate(toy, ci_set, blank=True, forced_choice=True)["mean"]
-    blocked = evaluate(toy, ci_set, block_image=True, forced_choice=True)["mean"]
+    seen = ci_scores(mode="first_token")["mean"]
+    blank = ci_scores(blank=True, mode="first_token")["mean"]
+    blank_choice = ci_scores(blank=True, forced_choice=True)["mean"]
+    blocked = ci_scores(block_image=True, forced_choice=True)["mean"]
     assert seen - chance >= 0.2  # a drop, not a model at chance anyway (the targets: the test above)
     assert blank <= chance + 0.10  # no answering from the question alone
     assert abs(blank_choice - chance) <= 0.10 and abs(blocked - chance) <= 0.10  # the image, only through attention
 
 
+@pytest.mark.slow
 @needs_checkpoint
-def test_forced_choice_picks_a_candidate_and_keeps_free_answers_that_are_one(toy, ci_set):
-    free = evaluate(toy, ci_set, block_image=True, mode="first_token", return_answers=True)["answers"]
-    forced = evaluate(toy, ci_set, block_image=True, forced_choice=True, return_answers=True)["answers"]
+def test_forced_choice_picks_a_candidate_and_keeps_free_answers_that_are_one(ci_set, ci_scores):
+    free = ci_scores(block_image=True, mode="first_token")["answers"]
+    forced = ci_scores(block_image=True, forced_choice=True)["answers"]
     candidates = [answer_candidates(s) for s in ci_set]
     assert all(f in c for f, c in zip(forced, candidates))
     assert all(f == a for a, f, c in zip(free, forced, candidates) if a in c)

@@ -2,7 +2,7 @@
 
 A real `LlavaForConditionalGeneration` (CLIP vision tower, two-layer GELU
 projector, Llama decoder) small enough to train on two CPU cores in under an
-hour (`flowlib.train_toy`), deep enough (12 decoder layers) to speak of lower,
+hour (`python -m flowlib.toy`), deep enough (12 decoder layers) to speak of lower,
 middle and higher layers. It reads the paper's Vicuna prompt and an image padded
 to a square like the original LLaVA-1.5.
 
@@ -22,9 +22,9 @@ import dataclasses
 
 import torch
 
-from . import config as cfg
-from .data import synthetic
-from .tiny import build_llava, build_processor, word_level_tokenizer
+from .. import config as cfg
+from ..data import synthetic
+from ..tiny import build_llava, build_processor, word_level_tokenizer
 
 #: Words the synthetic world answers with or offers as options (lowercase).
 ANSWER_WORDS = tuple(
@@ -37,26 +37,6 @@ ANSWER_WORDS = tuple(
         | {"left", "right", "above", "below", "yes", "no"}
     )
 )
-
-
-#: The user turn that asks for a scene description, a last turn in training only (`flowlib.train_toy`);
-#: its words are already in the vocabulary, so the option leaves the tokenizer unchanged.
-DESCRIBE_REQUEST = "what is in the image ?"
-
-#: The user turn of a training-only attribute query (`flowlib.train_toy.attribute_query`): which shapes of
-#: the scene have a colour, size or texture; answered by those shapes or by "no". Its words too are
-#: already in the vocabulary.
-ATTRIBUTE_QUERY = "which shape is {value} ?"
-
-#: The user turn of a training-only check of one shape (`flowlib.train_toy.verify_query`), LogicalObj's
-#: question with a single shape; answered "Yes" or "No". Its words are in the vocabulary too.
-VERIFY_QUERY = "is there a {shape} that is {value} ?"
-
-#: The user turn of a training-only query naming two shapes (`flowlib.train_toy.named_query`): LogicalObj's
-#: question asked for the shapes, so that its answer is copied (the named shapes that have the value, or
-#: "No", LogicalObj's own answer word) rather than a yes or no to be worked out. Its words are in the
-#: vocabulary too.
-NAMED_QUERY = "which of a {shape} or a {shape2} is {value} ?"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +72,7 @@ def answer_target(answer: str) -> str:
 
 def build_toy_model(config: ToyConfig = ToyConfig(), seed: int = 0, name: str = cfg.OFFLINE_MODEL):
     """An untrained toy LLaVA with its word-level tokenizer and square-padding processor, as a LoadedModel."""
-    from .models import wrap_model
+    from ..models import wrap_model
 
     tokenizer = word_level_tokenizer(toy_vocabulary())
     model = build_llava(
