@@ -6,9 +6,14 @@ Examples:
         --output runs/llava15-7b
     flowlib run --model toy-llava --data synthetic --samples-per-task 20      # offline default model
     flowlib lens --model toy-llava --data synthetic --samples-per-task 20 --lenses normed raw
+    flowlib run ... --shard 3/8          # one of 8 processes (SLURM: --shard slurm); torchrun sets ranks itself
+    flowlib status runs/llava15-7b       # complete shards, missing samples; `flowlib merge` writes the table
 
-A stopped `run` resumes when started again with the same arguments; started with other data, weights
-or settings into the same folder, it is refused, naming what changed.
+The settings are an `ExperimentSettings` (`flowlib.experiment`), as in the notebooks: the same settings
+give the same run folder (under runs/, named by the run's identity, unless --output names one), so a
+notebook and a command reuse each other's rows. A stopped `run` resumes when started again with the same
+arguments; started with other data, weights or settings into the same folder, it is refused, naming what
+changed. Any number of processes can share a run (`flowlib.shards`); the one that completes it merges.
 
 A known error prints one or two lines (what, which file or setting, what to do) and exits with 2 for a
 bad setting, 1 for anything else, 130 for Ctrl-C; `--debug` shows the full traceback instead.
@@ -18,23 +23,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import re
-import socket
 import sys
-import threading
-import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import config as cfg
-from .sample import TASKS, SampleError
+from .arguments import CliError, check_model_argument, load_samples
+from .sample import TASKS
 
-EXIT_ERROR, EXIT_SETTING, EXIT_INTERRUPTED = 1, 2, 130
-
-
-class CliError(Exception):
-    """A problem with the command's input, explained in its message (what, where, what to do)."""
+EXIT_ERROR, EXIT_SETTING, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,214 +52,133 @@ def positive_int(text: str) -> int:
     return value
 
 
+def count_or_all(text: str) -> int | str:
+    """argparse type: a whole number >= 1, or "all"."""
+    return "all" if text.strip().lower() == "all" else positive_int(text)
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=cfg.OFFLINE_MODEL, help="hub id, local folder or short name")
+    # Defaults are None here: `settings_from_args` leaves unset ones to `ExperimentSettings`, where each is resolved.
+    parser.add_argument("--model", default=None, help="hub id, local folder or short name (default: toy-llava)")
     parser.add_argument("--revision", default=None, help="hub revision to pin")
     parser.add_argument("--image-mode", default=None, help="llava-1.5: pad (default) or crop; llava-next: anyres")
-    parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
-    parser.add_argument("--dtype", default="float32", help="float32 (CPU), float16 (the paper, GPU), bfloat16")
-    parser.add_argument("--data", choices=("synthetic", "paper", "gqa"), default="synthetic")
+    parser.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1; under torchrun cuda is per rank")
+    parser.add_argument(
+        "--device-map", default=None, help="e.g. auto: one model across the visible GPUs (needs accelerate)"
+    )
+    parser.add_argument("--dtype", default=None, help="float32 (default, CPU), float16 (the paper, GPU), bfloat16")
+    parser.add_argument("--data", choices=("synthetic", "paper", "gqa"), default=None, help="default: synthetic")
     parser.add_argument("--csv-dir", type=Path, help="paper: folder of the released task CSVs")
     parser.add_argument("--image-dir", type=Path, help="paper, gqa: folder of GQA images")
     parser.add_argument("--questions", type=Path, help="gqa: GQA questions JSON")
     parser.add_argument("--scene-graphs", type=Path, help="gqa: GQA scene graphs JSON")
-    parser.add_argument("--split", default="test", help="synthetic: which split (train, validation, test)")
+    parser.add_argument("--split", default=None, help="synthetic: which split (train, validation, test: the default)")
     parser.add_argument(
-        "--synthetic-count", type=positive_int, default=100, help="synthetic: samples generated per task"
+        "--candidates-per-task",
+        "--synthetic-count",
+        dest="candidates_per_task",
+        type=positive_int,
+        default=None,
+        help="samples read per task to find the analysed ones (default: 1.5 x --samples-per-task + 2; "
+        "synthetic: the samples generated)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="synthetic: generation seed")
+    parser.add_argument("--seed", type=int, default=None, help="synthetic: generation seed (default 0)")
     parser.add_argument(
         "--tasks",
         nargs="+",
-        default=list(TASKS),
+        default=None,
         choices=TASKS,
         metavar="TASK",
         help=f"tasks to use (default all: {' '.join(TASKS)})",
     )
     parser.add_argument(
         "--samples-per-task",
-        type=positive_int,
+        type=count_or_all,
         default=None,
-        help="at most this many correctly answered samples per task (default: all)",
+        help="correctly answered samples analysed per task, or 'all' (default 40, as the notebooks)",
     )
-    parser.add_argument("--max-new-tokens", type=positive_int, default=10, help="greedy answer length for the filter")
+    parser.add_argument(
+        "--max-new-tokens", type=positive_int, default=None, help="greedy answer length for the filter (default 10)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
 
 
-def _load_paper(args) -> list:
-    from .data.gqa_tasks import find_task_files
-    from .data.sources import load_samples as load
-
-    if args.csv_dir is None:
-        raise CliError("--data paper needs --csv-dir (the folder of the released task CSVs), and --image-dir")
-    for flag, folder in (("--csv-dir", args.csv_dir), ("--image-dir", args.image_dir)):
-        if folder is not None and not Path(folder).is_dir():
-            raise CliError(f"{flag} {folder}: no such folder")
-    try:
-        files = find_task_files(args.csv_dir, args.tasks)
-    except FileNotFoundError as err:
-        raise CliError(f"{err}, or leave those tasks out of --tasks") from err
-    samples = []
-    for task in args.tasks:  # one task at a time, so that an error names its file
-        try:
-            grouped = load("paper", tasks=[task], csv_dir=args.csv_dir, image_dir=args.image_dir)
-        except SampleError as err:  # the loader names the file and the fix
-            raise CliError(str(err)) from err
-        if not grouped.get(task):
-            raise CliError(
-                f"{files[task]} holds no rows (only a header); use the released file of {task}, "
-                "or leave the task out of --tasks"
-            )
-        samples += grouped[task]
-    return samples
+#: Command-line options that are settings, by their `ExperimentSettings` name (the rest are the command's own).
+SETTINGS_OPTIONS = (
+    "model",
+    "revision",
+    "image_mode",
+    "device",
+    "device_map",
+    "dtype",
+    "data",
+    "csv_dir",
+    "image_dir",
+    "questions",
+    "scene_graphs",
+    "split",
+    "candidates_per_task",
+    "seed",
+    "tasks",
+    "samples_per_task",
+    "max_new_tokens",
+    "flows",
+    "window",
+    "engine",
+    "max_batch",
+)
 
 
-def load_samples(args) -> tuple[list, str]:
-    """The samples the arguments select (all of them: the runner limits the analysed ones) and a data name.
+def settings_from_args(args):
+    """The `ExperimentSettings` the arguments give: every option left out keeps the settings' default.
 
-    Raises `CliError` naming the file or flag when the data cannot be read or holds no samples.
+    Under torchrun / accelerate launch, ``--device cuda`` becomes this rank's ``cuda:LOCAL_RANK``.
     """
-    from .data.sources import load_samples as load  # imported here: the data stack is slow to import
+    from .experiment import ExperimentSettings
+    from .shards import rank_device
 
-    args.tasks = list(dict.fromkeys(args.tasks))
-    if args.data == "synthetic":
-        grouped = load("synthetic", tasks=args.tasks, per_task=args.synthetic_count, seed=args.seed, split=args.split)
-        name = f"synthetic-n{args.synthetic_count}-seed{args.seed}-{args.split}"
-        return [s for task in grouped for s in grouped[task]], name
-    if args.data == "paper":
-        return _load_paper(args), f"paper-{Path(args.csv_dir).name}"
-    if args.questions is None or args.scene_graphs is None:
-        raise CliError("--data gqa needs --questions and --scene-graphs (GQA's JSON files), and --image-dir")
-    grouped = load(
-        "gqa", tasks=args.tasks, questions=args.questions, scene_graphs=args.scene_graphs, image_dir=args.image_dir
-    )
-    samples = [s for task in grouped for s in grouped[task]]
-    if not samples:
-        raise CliError(f"{args.questions} holds no question of the tasks {', '.join(args.tasks)}")
-    return samples, f"gqa-{Path(args.questions).stem}"
-
-
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _looks_like_path(name: str) -> bool:
-    # A hub id is "org/name" (or a bare legacy "name"); anything else with a slash, or a leading
-    # dot, slash or tilde, is meant as a folder.
-    return (
-        name.startswith((".", "/", "~"))
-        or "\\" in name
-        or name.endswith("/")
-        or name.count("/") > 1
-        or ("/" in name and Path(name.split("/")[0]).is_dir())
-    )
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the Hugging Face hub (`HF_ENDPOINT`) opens within `timeout` seconds.
-
-    Behind a proxy (`HTTPS_PROXY`, ...) no direct connection is expected, so the hub counts as reachable.
-    """
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
-        return True
-    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
-            result.append(True)
-        except OSError:
-            result.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)  # a thread: name resolution ignores socket timeouts
-    thread.start()
-    thread.join(timeout + 1)
-    return bool(result and result[0])
-
-
-def check_model_argument(name: str, revision: str | None = None) -> None:
-    """Fail at once, with one line, on a `--model` value that cannot load.
-
-    A short name passes; a folder must hold config.json; a value that looks like a path and does not
-    exist is named as a missing folder; a hub id must be in the local cache or the hub reachable,
-    and with HF_HUB_OFFLINE set an uncached id fails at once instead of waiting for the network.
-    """
-    from .fingerprint import hub_commit
-
-    if name in cfg.SHORT_NAMES:
-        return
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise CliError(
-                f"--model {name}: the folder holds no config.json; give a checkpoint folder "
-                "(as written by save_pretrained)"
-            )
-        return
-    if path.exists():
-        raise CliError(f"--model {name}: is a file; give the checkpoint's folder")
-    if _looks_like_path(name):
-        raise CliError(
-            f"--model {name}: no such folder ({path.absolute()}); check the path "
-            "(a hub id looks like llava-hf/llava-1.5-7b-hf)"
-        )
-    if hub_commit(name, revision):
-        return
-    local = f"a local checkpoint folder or a short name ({', '.join(cfg.SHORT_NAMES)})"
-    if _flag("HF_HUB_OFFLINE") or _flag("TRANSFORMERS_OFFLINE"):
-        raise CliError(
-            f"--model {name}: not in the local Hugging Face cache, and HF_HUB_OFFLINE is set, so it "
-            f"cannot be downloaded; give {local}, or unset HF_HUB_OFFLINE to download it"
-        )
-    if not hub_reachable():
-        raise CliError(
-            f"--model {name}: not in the local Hugging Face cache, and the hub cannot be reached; give "
-            f"{local}, or set HF_HUB_OFFLINE=1 to work from the cache without waiting for the network"
-        )
+    given = {name: getattr(args, name) for name in SETTINGS_OPTIONS if getattr(args, name, None) is not None}
+    if given.get("samples_per_task") == "all":
+        given["samples_per_task"] = None
+    if "device" in given:
+        given["device"] = rank_device(given["device"])
+    return ExperimentSettings.build(**given)
 
 
 def _load_model(args):
-    from .models import load_model
-
     args.stage = "loading the model"
-    return load_model(
-        args.model, dtype=args.dtype, device=args.device, image_mode=args.image_mode, revision=args.revision
-    )
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+    return args.settings.load_model()
 
 
 def cmd_run(args) -> int:
-    check_model_argument(args.model, args.revision)  # first: cheap checks fail before torch is even imported
+    args.settings = settings_from_args(args)  # bad settings (exit 2) before anything is read or loaded
+    from .shards import resolve_shard
+
+    shard = resolve_shard(args.shard)  # --shard K/N, slurm, and torchrun's RANK / WORLD_SIZE
+    check_model_argument(args.settings.model, args.settings.revision)  # cheap checks fail before a slow load
     args.stage = "reading the data"
-    samples, data_name = load_samples(args)  # then bad data arguments fail before a slow model load
-    from .knockout import PAPER_FLOWS
-    from .runner import STATUSES, exclusion_reasons, resolve_window, run_experiment
+    samples, _ = load_samples(args)  # then bad data arguments fail before a slow model load
+    from .runner import STATUSES, exclusion_reasons
 
     loaded = _load_model(args)
-    window = resolve_window(args.window, loaded.num_layers)
-    output = args.output or cfg.runs_dir() / _slug(f"{Path(args.model).name}-{data_name}-w{window}")
+    args.settings.window_for(loaded.num_layers)  # a window the model cannot take: exit 2 before any fingerprint
+    plan = args.settings.plan(loaded, samples)
+    output = args.output or args.settings.run_dir(loaded, plan)
     args.stage, args.run_output = "running", output
-    flows = args.flows or PAPER_FLOWS
-    summary = run_experiment(
-        loaded,
-        samples,
-        output,
-        flows=flows,
-        window=window,
-        engine=args.engine,
-        max_new_tokens=args.max_new_tokens,
-        per_task=args.samples_per_task,
-        data=data_name,
-        max_batch=args.max_batch or "auto",
-        strict=args.strict,
-        progress=not args.quiet,
+    summary = args.settings.run(
+        loaded, samples, output, plan=plan, shard=shard, strict=args.strict, progress=not args.quiet
     )
+    if summary.process is not None and shard.count > 1:
+        print(summary.process.describe())
+        for reason, count in exclusion_reasons(summary.process.statuses).items():
+            print(f"  left out {count} x: {reason}")
+    if not summary.complete:
+        print(
+            f"{shard.label} done; the run still misses {len(summary.missing)} samples of other shards. The last "
+            f"shard to finish writes {output / 'results.parquet'} (`flowlib status {output}` shows progress)"
+        )
+        return 0
     counts = {name: summary.count(name) for name in STATUSES}
     print(
         f"{counts['analysed']} samples analysed ({counts['wrong_answer']} answered wrongly, {counts['zero_base']} "
@@ -270,26 +186,86 @@ def cmd_run(args) -> int:
     )
     for reason, count in exclusion_reasons(summary.statuses).items():
         print(f"  left out {count} x: {reason}")
+    if summary.process is not None and summary.process.statuses and shard.count == 1:
+        print(f"  {summary.process.describe()}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    """Where a run stands: samples done and missing, complete shards, whether the table is merged."""
+    from .shards import run_progress
+
+    try:
+        progress = run_progress(args.run_dir)
+    except FileNotFoundError as err:
+        raise CliError(f"{err}; give the folder a `flowlib run` wrote") from err
+    config, counts = progress.run["config"], progress.counts()
+    print(
+        f"{args.run_dir}: run {progress.run['identity'][:12]} of {progress.run['provenance']['model']} on "
+        f"{progress.run.get('data') or 'its data'}, window {config['window']}, "
+        f"{config.get('per_task') or 'all'} samples per task"
+    )
+    done = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items())
+    total, missing = len(progress.records), len(progress.missing)
+    print(f"  {total} candidates: {sum(counts.values())} done ({done or 'none'}), {missing} missing")
+    counts_seen = sorted({int(key.split("-of-")[1]) for key in progress.shard_records()} | set(args.shards or ()))
+    for count in counts_seen:
+        if count < 2:
+            continue
+        missing = progress.shards(count)
+        complete = [k for k, ids in missing.items() if not ids]
+        print(
+            f"  shards of {count}: {len(complete)} complete"
+            + (f" ({', '.join(map(str, complete))})" if complete else "")
+        )
+        for k, ids in missing.items():
+            if ids:
+                print(f"    shard {k}/{count}: {len(ids)} missing, e.g. {', '.join(ids[:3])}")
+    for key, record in progress.shard_records().items():
+        rate = record.get("seconds_per_sample")
+        print(f"  {record['shard']} ({key}): {record['samples']} samples" + (f", {rate} s per sample" if rate else ""))
+    merged = (progress.output / "results.parquet").exists()
+    if progress.complete:
+        print(
+            "  complete; " + ("merged table: results.parquet" if merged else f"merge it: flowlib merge {args.run_dir}")
+        )
+        return 0
+    print(f"  incomplete; missing e.g. {', '.join(progress.missing[:5])}")
+    return EXIT_INCOMPLETE
+
+
+def cmd_merge(args) -> int:
+    """Write a complete run's merged table and summary (what its last shard does by itself)."""
+    from .runner import merge
+
+    args.stage = "merging"
+    summary = merge(args.run_dir)
+    print(
+        f"{summary.count('analysed')} samples analysed; {len(summary.table)} rows in {args.run_dir / 'results.parquet'}"
+    )
     return 0
 
 
 def cmd_lens(args) -> int:
-    check_model_argument(args.model, args.revision)
+    args.settings = settings = settings_from_args(args)
+    check_model_argument(settings.model, settings.revision)
     args.stage = "reading the data"
     samples, data_name = load_samples(args)
+    from .experiment import slug
     from .lens import lens_table
     from .runner import correct_samples
 
     loaded = _load_model(args)
     args.stage = "running the lens (its table is written at the end)"
-    chosen = list(correct_samples(loaded, samples, args.samples_per_task, args.max_new_tokens, progress=not args.quiet))
+    per_task, max_new_tokens = settings.samples_per_task, settings.max_new_tokens
+    chosen = list(correct_samples(loaded, samples, per_task, max_new_tokens, progress=not args.quiet))
     if not chosen:
         raise CliError(
             f"{loaded.name} answers none of the {len(samples)} samples correctly, so there is nothing to "
             "read the lens on; check the model, its prompt style and the data's answers"
         )
     table = lens_table(loaded, chosen, lenses=args.lenses, progress=not args.quiet)
-    output = args.output or cfg.runs_dir() / _slug(f"lens-{Path(args.model).name}-{data_name}.parquet")
+    output = args.output or cfg.runs_dir() / slug(f"lens-{Path(settings.model).name}-{data_name}.parquet")
     output.parent.mkdir(parents=True, exist_ok=True)
     table.attrs = {}
     table.to_parquet(output, index=False)
@@ -308,14 +284,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--window", type=positive_int, default=None, help="k layers per window, 1..depth (default: 7 for 32 layers)"
     )
-    run.add_argument("--engine", choices=("fast", "reference"), default="fast")
+    run.add_argument("--engine", choices=("fast", "reference"), default=None, help="default: fast")
     run.add_argument(
         "--max-batch",
         type=positive_int,
         default=None,
         help="fast engine: windows per batch (default: as many as the device's free memory holds)",
     )
-    run.add_argument("--output", type=Path, default=None, help="results folder (default under runs/)")
+    run.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="results folder (default: runs/<model>/<data>/knockout-w<k>-<identity>)",
+    )
+    run.add_argument(
+        "--shard",
+        default=None,
+        metavar="K/N",
+        help="run only shard K of N (0-based) of the samples, split by question id; 'slurm' reads "
+        "SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT. Under torchrun each rank takes its own part",
+    )
     run.add_argument(
         "--strict",
         action="store_true",
@@ -327,6 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
     lens.add_argument("--lenses", nargs="+", default=["normed"], choices=("normed", "raw"))
     lens.add_argument("--output", type=Path, default=None, help="parquet file (default under runs/)")
     lens.set_defaults(func=cmd_lens)
+    status = commands.add_parser(
+        "status", help="a run folder's progress: samples done and missing, complete shards (exit 3 if incomplete)"
+    )
+    status.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    status.add_argument("--shards", type=positive_int, nargs="+", help="also report shards of these N")
+    status.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    status.set_defaults(func=cmd_status)
+    merge = commands.add_parser("merge", help="write a complete run's merged table (its last shard does this itself)")
+    merge.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    merge.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    merge.set_defaults(func=cmd_merge)
     return parser
 
 
@@ -338,7 +337,11 @@ def _error_class(module: str, name: str):
 def explain(err: BaseException) -> tuple[int, str, str | None]:
     """(exit code, message, hint or None) for an error raised by a command."""
     first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    setting = (_error_class("flowlib.runner", "RunSettingsError"), _error_class("flowlib.knockout", "FlowError"))
+    setting = (
+        _error_class("flowlib.runner", "RunSettingsError"),
+        _error_class("flowlib.knockout", "FlowError"),
+        _error_class("flowlib.shards", "ShardSpecError"),
+    )
     if any(isinstance(err, c) for c in setting):
         return EXIT_SETTING, str(err), None
     if isinstance(err, _error_class("flowlib.runner", "SampleExcluded")):
@@ -348,6 +351,7 @@ def explain(err: BaseException) -> tuple[int, str, str | None]:
         _error_class("flowlib.run_folder", "RunMismatchError"),
         _error_class("flowlib.runner", "NothingAnalysedError"),
         _error_class("flowlib.runner", "NoSamplesError"),
+        _error_class("flowlib.merge", "RunIncompleteError"),
         _error_class("flowlib.sample", "SampleError"),
         _error_class("flowlib.models", "UnsupportedModelError"),
         _error_class("flowlib.models", "CheckpointError"),

@@ -146,6 +146,23 @@ def cut_matrix(layout: TokenLayout, flows: Sequence[str], device=None) -> torch.
     return cut
 
 
+def check_cut(cut: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Check a cut matrix made by other means than `cut_matrix`: boolean, square, causal, no empty row.
+
+    Raises:
+        FlowError: wrong shape or dtype, an edge to a later key (causal attention has none), or a
+            row with nothing left to attend to (sdpa and eager disagree on such rows).
+    """
+    if cut.dtype != torch.bool or tuple(cut.shape) != (seq_len, seq_len):
+        raise FlowError(f"a cut matrix must be bool ({seq_len}, {seq_len}), not {cut.dtype} {tuple(cut.shape)}")
+    if bool(torch.triu(cut, diagonal=1).any()):
+        raise FlowError("the cut matrix removes edges to later keys, which causal attention never has")
+    empty = (cut.sum(dim=1) == torch.arange(1, seq_len + 1, device=cut.device)).nonzero().flatten().tolist()
+    if empty:
+        raise FlowError(f"the cut matrix leaves position(s) {empty} nothing to attend to; flowlib refuses such rows")
+    return cut
+
+
 def language_model(model) -> torch.nn.Module:
     """The decoder (e.g. `LlamaModel`) inside a LLaVA-family model."""
     return model.get_decoder()
@@ -171,8 +188,17 @@ class KnockoutAttention:
         # reading a device tensor in an `if` would stall the GPU in every layer. A device copy masks rows.
         self.cut, self.schedule, self.backend, self.prefix = cut, schedule.bool().cpu(), backend, prefix
         self._device_schedule = schedule.bool().to(cut.device) if cut is not None else None
+        # Copies of the cut and the row schedule per device: under a device map each layer's queries live
+        # on its own device, and the mask follows them (copied once per device, not once per layer).
+        self._copies = {} if cut is None else {cut.device: (cut, self._device_schedule)}
         self.num_layers = schedule.shape[0]
         self.reset()
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cut matrix and the device row schedule on `device` (a layer's, under a device map)."""
+        if device not in self._copies:
+            self._copies[device] = (self.cut.to(device), self._device_schedule.to(device))
+        return self._copies[device]
 
     def reset(self) -> None:
         """Forget the counts of the previous forward."""
@@ -183,14 +209,15 @@ class KnockoutAttention:
         layer = module.layer_idx
         self.calls[layer] += 1
         if self.prefix is not None:
-            k0, v0 = self.prefix[layer]
+            k0, v0 = (t.to(key.device) for t in self.prefix[layer])  # no copy unless the layer moved
             batch = query.shape[0]
             key = torch.cat([k0.expand(batch, -1, -1, -1), key], dim=2)
             value = torch.cat([v0.expand(batch, -1, -1, -1), value], dim=2)
         q_len, kv_len = query.shape[2], key.shape[2]
         wide = self.schedule.shape[1] > 1
         if self.cut is not None and bool(self.schedule[layer, : query.shape[0] if wide else 1].any()):
-            rows = self._device_schedule[layer, : query.shape[0]] if wide else self._device_schedule[layer]
+            cut_here, schedule_here = self.on(query.device)
+            rows = schedule_here[layer, : query.shape[0]] if wide else schedule_here[layer]
             if kv_len != self.cut.shape[0]:
                 raise KnockoutNotApplied(
                     f"layer {layer}: attention over {kv_len} keys, but the knockout was built for an input of "
@@ -206,7 +233,7 @@ class KnockoutAttention:
                     allow_is_causal_skip=False,
                     device=query.device,
                 )
-            cut = self.cut[kv_len - q_len :, :kv_len]
+            cut = cut_here[kv_len - q_len :, :kv_len]
             allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
             per_row = (allowed & cut).sum(dim=(1, 2, 3))
             self.removed[layer] = per_row * rows
@@ -322,7 +349,15 @@ def layer_schedule(layers: Iterable[int], num_layers: int, device=None) -> torch
 
 
 @contextlib.contextmanager
-def knockout(loaded, layout: TokenLayout, flows: Sequence[str], layers: Iterable[int], *, backend: str | None = None):
+def knockout(
+    loaded,
+    layout: TokenLayout,
+    flows: Sequence[str],
+    layers: Iterable[int],
+    *,
+    backend: str | None = None,
+    cut: torch.Tensor | None = None,
+):
     """Block `flows` in `layers` for every forward of `loaded.model` inside the block.
 
     Args:
@@ -332,6 +367,9 @@ def knockout(loaded, layout: TokenLayout, flows: Sequence[str], layers: Iterable
         layers: decoder layers (0-based) where the flows are blocked.
         backend: kernel after the cut, "sdpa" or "eager" (returns attention weights);
             defaults to the model's own implementation.
+        cut: instead of `flows` (pass ``[]``), the edges themselves as a ``(seq_len, seq_len)`` bool
+            matrix like `cut_matrix`'s (random controls, keep-only masks; `check_cut`); one with no
+            edge blocks nothing.
 
     Yields:
         The `KnockoutAttention`, whose `removed_edges()` reports the last forward.
@@ -349,7 +387,13 @@ def knockout(loaded, layout: TokenLayout, flows: Sequence[str], layers: Iterable
     backend = backend or current_backend(model)
     device = next(model.parameters()).device
     flows = list(flows)
-    cut = cut_matrix(layout, flows, device) if flows else None
+    if cut is not None:
+        if flows:
+            raise FlowError("give either flows or a cut matrix, not both")
+        cut = check_cut(cut, layout.seq_len)
+        cut = cut.to(device) if bool(cut.any()) else None
+    else:
+        cut = cut_matrix(layout, flows, device) if flows else None
     schedule = layer_schedule(layers, loaded.num_layers, device)
     if cut is None:
         schedule.zero_()

@@ -8,12 +8,16 @@ A run folder holds:
   refused resume can name the sample and the file that changed.
 - ``parts/<sample>.parquet`` then ``samples/<sample>.json``: one analysed sample's rows, then its
   status; each written atomically (temporary file + rename). A sample is done once its status exists.
-- ``results.parquet`` and ``summary.json``: the whole table and the fates of the samples, rewritten
-  at the end of every run.
-- ``.lock``: held (`filelock`, an OS file lock, released by the kernel if the process dies) by the one
-  process working in the folder. A second process with the same identity waits for it, then resumes
-  (finding its samples done); one with another identity is refused at once. So no two processes ever
-  write rows into one folder, and run.json always describes the rows beside it.
+- ``results.parquet`` and ``summary.json``: the whole table and the fates of the samples, written by
+  the process that completes the run (`flowlib.merge`).
+- ``shards/<K>-of-<N>.json``: each process's end summary (its samples, reasons, seconds per sample).
+- ``.lock``: held (`filelock`, an OS file lock, released by the kernel if the process dies) while a
+  process creates or checks run.json, for the whole run by a process that runs every sample, and while
+  the merged table is written. A second process with the same identity waits for it, then resumes
+  (finding its samples done); one with another identity is refused at once, before any write. So
+  run.json always describes the rows beside it.
+- ``.lock-<K>-of-<N>``: held by the process working on shard K of N (`flowlib.shards`). Shards of one
+  run work side by side, each on its own samples; a second process on the same shard waits for the first.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from filelock import FileLock, Timeout
 from .config import PACKAGE_DIR
 from .fingerprint import changes
 from .kernels import kernel_description
+from .shards import select_rows
 
 log = logging.getLogger(__name__)
 FORMAT = 3
@@ -148,11 +153,10 @@ def _stored_records(output: Path) -> list | None:
 
 def _foreign_entries(output: Path) -> list[str]:
     """What in `output` a run did not write while claiming it (its lock, data.json, temporary files)."""
-    ours = (LOCK_FILE, DATA_FILE)
     return [
         p.name
         for p in output.iterdir()
-        if p.name not in ours and not p.name.startswith((f".{RUN_FILE}.tmp", f".{DATA_FILE}.tmp"))
+        if p.name != DATA_FILE and not p.name.startswith((LOCK_FILE, f".{RUN_FILE}.tmp", f".{DATA_FILE}.tmp"))
     ]
 
 
@@ -195,13 +199,31 @@ def _create(output: Path, record: dict, records: list) -> bool:
         tmp.unlink(missing_ok=True)
 
 
+def _acquire(lock: FileLock, what: str, waiting_check=None) -> None:
+    """Take `lock`, waiting (with one warning) while another process holds it; `waiting_check()` runs as it waits."""
+    try:
+        lock.acquire(timeout=0)
+        return
+    except Timeout:
+        log.warning("%s is in use by another process; waiting for it to finish (this run then resumes there)", what)
+    while True:
+        try:
+            lock.acquire(timeout=POLL_SECONDS)
+            return
+        except Timeout:
+            if waiting_check is not None:
+                waiting_check()
+
+
 @contextlib.contextmanager
-def claim(output, record: dict, records: list, resume: bool = True) -> Iterator[None]:
+def claim(output, record: dict, records: list, resume: bool = True, shard_lock: str | None = None) -> Iterator[None]:
     """Hold `output` for the run described by `record` (run.json's content) while the block runs.
 
     A folder holding another run, or files that are not a run's, is refused before anything is
     written (`RunMismatchError`, naming what differs). A folder in use by another process running the
     same run is waited for; in use by another run, it is refused as soon as that run's run.json exists.
+    With `shard_lock` (a shard's key, `shards.Shard.key`) the folder lock is held only while run.json is
+    created or checked; then that shard's own lock is held, so the run's other shards work beside it.
 
     Example:
         >>> with claim(output, record, records):
@@ -219,19 +241,13 @@ def claim(output, record: dict, records: list, resume: bool = True) -> Iterator[
     if stored is not None:
         _check(output, stored, record, records, resume)
     output.mkdir(parents=True, exist_ok=True)
+
+    def check_while_waiting() -> None:
+        if (stored := read_run(output)) is not None:
+            _check(output, stored, record, records, resume)
+
     lock = FileLock(output / LOCK_FILE)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.warning("%s is in use by another process; waiting for it to finish (this run then resumes there)", output)
-        while True:
-            try:
-                lock.acquire(timeout=POLL_SECONDS)
-                break
-            except Timeout:
-                stored = read_run(output)
-                if stored is not None:
-                    _check(output, stored, record, records, resume)
+    _acquire(lock, str(output), check_while_waiting)
     try:
         stored = read_run(output)
         if stored is None:
@@ -241,13 +257,36 @@ def claim(output, record: dict, records: list, resume: bool = True) -> Iterator[
                 stored = read_run(output)
         if stored is not None:
             _check(output, stored, record, records, resume)
+        if shard_lock is not None:
+            lock.release()
+            lock = FileLock(output / f"{LOCK_FILE}-{shard_lock}")
+            _acquire(lock, f"{output} (shard {shard_lock})")
         yield
     finally:
         lock.release()
 
 
+@contextlib.contextmanager
+def folder_lock(output) -> Iterator[bool]:
+    """Try to take the folder's lock without waiting; yields whether it was taken (then it is held in the block)."""
+    lock = FileLock(Path(output) / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
 def load_results(output) -> pd.DataFrame:
-    """The run's rows (from its parts, so also mid-run), in sample order; provenance in `.attrs`."""
+    """The run's rows (from its parts, so also mid-run), in sample order; provenance in `.attrs`.
+
+    With a per-task count, only the first that many analysed samples of each task by sample index
+    (`shards.select_rows`): shards may have analysed more, never the table.
+    """
     output = Path(output)
     run = read_run(output)
     if run is None:
@@ -255,6 +294,7 @@ def load_results(output) -> pd.DataFrame:
     parts = sorted((output / "parts").glob("*.parquet"))
     frames = [pq.read_table(p).to_pandas() for p in parts]
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
+    table = select_rows(table, run["config"].get("per_task"))
     flow_order = {f: i for i, f in enumerate(run["config"]["flows"])}
     table = table.sort_values(
         ["sample_index", "flow", "layer"], key=lambda c: c.map(flow_order) if c.name == "flow" else c, kind="stable"

@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import numbers
 import os
-import re
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -32,6 +32,15 @@ from tqdm.auto import tqdm
 from . import fingerprint
 from .config import default_window
 from .knockout import PAPER_FLOWS, FlowError, parse_flow
+from .merge import (  # noqa: F401  (re-exported: the runner is where callers look for them)
+    STATUSES,
+    ProcessSummary,
+    RunIncompleteError,
+    RunSummary,
+    exclusion_reasons,
+    merge,
+    merge_if_complete,
+)
 from .run_folder import (  # noqa: F401  (re-exported: the runner is where callers look for them)
     COLUMNS,
     FORMAT,
@@ -48,6 +57,7 @@ from .run_folder import (  # noqa: F401  (re-exported: the runner is where calle
     written_by,
 )
 from .sample import TASKS, SampleError, check_task
+from .shards import WHOLE, FolderStatuses, Selection, Shard
 from .sweep import ENGINES, ZeroBaseProbability, clean_pass, layer_sweep
 
 log = logging.getLogger(__name__)
@@ -85,18 +95,6 @@ class RunConfig:
     engine: str = "fast"  # "fast" or "reference": same numbers, the fast one an order of magnitude sooner
     max_new_tokens: int = 10  # greedy answer length for the correctness filter (answers are a word or phrase)
     per_task: int | None = None  # stop after this many analysed samples per task; None: all
-
-
-@dataclasses.dataclass
-class RunSummary:
-    """What a run produced: the table and the fate of every sample seen."""
-
-    output: Path
-    table: pd.DataFrame
-    statuses: list[dict]
-
-    def count(self, status: str) -> int:
-        return sum(1 for s in self.statuses if s["status"] == status)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,28 +311,6 @@ def _analyse(loaded, sample, index: int, config: RunConfig, max_batch) -> tuple[
     return {**status, "status": "analysed"}, rows[COLUMNS]
 
 
-#: The fates of a sample: analysed (in at least one flow), answered wrongly, or excluded for a reason.
-STATUSES = ("analysed", "wrong_answer", "zero_base", "excluded")
-
-
-def exclusion_reasons(statuses: Iterable[dict]) -> dict[str, int]:
-    """How many samples (or sample x flow pairs) were left out, by reason with the sample's id removed."""
-    counts: dict[str, int] = {}
-
-    def add(reason: str, flow: str = "") -> None:
-        reason = re.sub(r"^sample \S+: ", "", reason)
-        key = f"{flow}: {reason}" if flow else reason
-        counts[key] = counts.get(key, 0) + 1
-
-    for status in statuses:
-        if status["status"] in ("excluded", "zero_base"):
-            add(status["reason"])
-        for flow, reason in (status.get("excluded_flows") or {}).items():
-            if status["status"] == "analysed":
-                add(reason, flow)
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
-
-
 def _nothing_analysed(summary: RunSummary) -> NothingAnalysedError:
     seen, wrong = len(summary.statuses), summary.count("wrong_answer")
     reasons = exclusion_reasons(summary.statuses)
@@ -368,6 +344,7 @@ def run_experiment(
     strict: bool = False,
     progress: bool = True,
     plan: RunPlan | None = None,
+    shard: Shard | None = None,
 ) -> RunSummary:
     """Run the knockout experiment over `samples`, saving as it goes; resume a stopped run in `output`.
 
@@ -384,17 +361,23 @@ def run_experiment(
             flows and settings are used; fingerprinting every image twice is what it saves).
         strict: stop at the first sample that cannot be analysed (unreadable image, a flow's group
             empty, ...) instead of recording it as excluded and going on.
-        progress: show a progress bar.
+        progress: show a progress bar (labelled with the shard when there is one).
+        shard: analyse only this part of the samples (`flowlib.shards`: split by question id, any number of
+            processes into one folder, same table); None: all of them.
 
     A sample that cannot be analysed never stops the run: it is recorded with its reason
     (`samples/<sample>.json`, and counted by reason in `summary.json`), and resuming does not retry it.
-    Another process running the same run into `output` is waited for (see `run_folder.claim`).
+    Another process running the same run (or shard) into `output` is waited for (see `run_folder.claim`);
+    other shards of the run work beside it. The process that completes the run writes the merged table and
+    summary.json (`merge`); a shard that leaves the run incomplete returns a summary with `complete` False.
+    Every process that analysed samples leaves its end summary in ``shards/<K>-of-<N>.json``.
 
     Raises:
         RunSettingsError, FlowError, NoSamplesError: bad settings or no samples (see `plan_run`; nothing written).
         RunMismatchError: `output` holds another run, naming what differs (nothing is written).
         SampleExcluded: with `strict`, the first sample left out of a flow or of the run.
         NothingAnalysedError: the run completed but analysed no sample (its folder records why).
+        RunIncompleteError: never from here (an incomplete shard returns); from `merge` on an incomplete run.
     """
     if plan is None:  # a caller that already planned this run (to name its folder) passes the plan instead
         plan = plan_run(
@@ -402,6 +385,7 @@ def run_experiment(
         )
     if max_batch != "auto":
         max_batch = count_setting("max_batch", max_batch)
+    shard = shard or WHOLE
     output, config = Path(output), plan.config
     record = {
         "format": FORMAT,
@@ -413,16 +397,17 @@ def run_experiment(
         **written_by(),
     }
     meta = {k: v for k, v in record.items() if k != "fingerprint"}
-    with claim(output, record, plan.records, resume):
-        done = {s["question_id"]: s for s in load_statuses(output)}
-        analysed: dict[str, int] = {}
-        for s in done.values():
-            analysed[s["task"]] = analysed.get(s["task"], 0) + (s["status"] == "analysed")
-        bar = tqdm(plan.samples, desc=f"knockout {loaded.name}", unit="sample", disable=not progress)
+    with claim(output, record, plan.records, resume, shard_lock=None if shard.count == 1 else shard.key):
+        done = FolderStatuses(output)
+        selection = Selection(config.per_task)
+        mine = [(index, sample) for index, sample in plan.samples if shard.owns(sample.question_id)]
+        label = "" if shard.count == 1 else f" [{shard.label}]"
+        bar = tqdm(mine, desc=f"knockout {loaded.name}{label}", unit="sample", disable=not progress)
+        started, processed = time.monotonic(), []
         for index, sample in bar:
-            if sample.question_id in done:
-                continue
-            if config.per_task is not None and analysed.get(sample.task, 0) >= config.per_task:
+            for status in done.refresh():  # statuses written meanwhile, by this process or another shard
+                selection.add(status)
+            if sample.question_id in done.by_id or selection.enough_before(sample.task, index):
                 continue
             status, rows = _analyse(loaded, sample, index, config, max_batch)
             if strict and (status["status"] in ("excluded", "zero_base") or status.get("excluded_flows")):
@@ -431,33 +416,20 @@ def run_experiment(
             key = file_key(sample.question_id)
             if rows is not None:
                 write_parquet(output / "parts" / f"{key}.parquet", rows, meta)
-                analysed[sample.task] = analysed.get(sample.task, 0) + 1
             write_json(output / "samples" / f"{key}.json", status)  # written last: marks the sample done
-            done[sample.question_id] = status
-            bar.set_postfix(analysed=sum(analysed.values()), seen=len(done))
-
-        statuses = load_statuses(output)
-        counts = {name: sum(1 for s in statuses if s["status"] == name) for name in STATUSES}
-        reasons = exclusion_reasons(statuses)
-        log.info(
-            "%d samples seen: %s", len(statuses), ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items())
-        )
-        for reason, count in reasons.items():
-            log.info("left out %d x: %s", count, reason)
-        table = load_results(output)
-        write_parquet(output / "results.parquet", table, meta)
-        excluded = [s for s in statuses if s["status"] in ("zero_base", "excluded") or s.get("excluded_flows")]
-        write_json(
-            output / "summary.json",
-            {
-                "counts": counts,
-                "samples": len(statuses),
-                "rows": len(table),
-                "exclusion_reasons": reasons,
-                "excluded": excluded,
-            },
-        )
-    summary = RunSummary(output, table, statuses)
-    if table.empty:
+            done.note(f"{key}.json", status)
+            selection.add(status)
+            processed.append(status)
+            bar.set_postfix(analysed=sum(len(v) for v in selection.analysed.values()), seen=len(done.by_id))
+        seconds = time.monotonic() - started
+        work = ProcessSummary(shard.label, processed, seconds, str(loaded.device))
+        if processed:
+            write_json(output / "shards" / f"{shard.key}.json", work.record())
+        if shard.count == 1:  # the whole run, done by this process: it holds the folder and merges
+            summary = merge(output, meta)
+        else:
+            summary = merge_if_complete(output, meta)
+    summary.process = work
+    if summary.complete and summary.table.empty:
         raise _nothing_analysed(summary)
     return summary

@@ -5,48 +5,41 @@ named by the notebook's parameters, runs the knockout experiments and the lens
 into a results folder, and labels every figure with the model and data it
 came from (the offline toy model is always labelled as such).
 
+Its settings are an `ExperimentSettings` (`flowlib.experiment`), the same object the command line
+builds from its flags, so a notebook and `flowlib run` with equal settings share one run folder.
+
 Example:
-    >>> study = Study.open(model="toy-llava", data="synthetic", samples_per_task=40)
+    >>> study = Study.open(ExperimentSettings(model="toy-llava", samples_per_task=40))
+    >>> study = Study.open("toy-llava", "synthetic", samples_per_task=40)  # the same, by keywords
     >>> table = study.knockout(["Image->Question", "Image->Last"])  # from one run of all six paper flows
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from . import config as cfg
-from .data.sources import load_samples
-from .knockout import PAPER_FLOWS
-from .models import LoadedModel, load_model
-from .sample import TASKS, Sample
+from .experiment import ExperimentSettings
+from .models import LoadedModel
+from .sample import Sample
 
 #: Models up to this size get a live explorer (sweeps recomputed on the CPU as the controls move);
 #: larger ones browse the stored knockout table.
 LIVE_EXPLORER_MAX_PARAMETERS = 50_000_000
 
 
-def slug(text: str) -> str:
-    """A filesystem-safe name for `text`."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-")
-
-
 @dataclasses.dataclass
 class Study:
-    """A loaded model, samples by task, and the analysis settings shared by a notebook's cells."""
+    """The experiment's settings, its loaded model and samples by task: what a notebook's cells share."""
 
+    settings: ExperimentSettings
     loaded: LoadedModel
     samples: dict[str, list[Sample]]
-    data_name: str
-    samples_per_task: int
-    window: int
-    #: The fast engine's windows per batch (memory only; numbers are unchanged): None or "auto" sizes them
-    #: to the device's free memory; a number caps them.
-    max_batch: int | None = None
+    window: int  # the settings' window resolved for this model (`ExperimentSettings.window_for`)
     #: question id -> answered correctly (greedy, with the image, the knockout filter's rule); filled once,
     #: read by every later filter and by the accuracy table.
     verdicts: dict = dataclasses.field(default_factory=dict)
@@ -54,50 +47,36 @@ class Study:
     blank_verdicts: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def open(
-        cls,
-        model: str = cfg.OFFLINE_MODEL,
-        data: str = "synthetic",
-        *,
-        tasks: Sequence[str] = TASKS,
-        samples_per_task: int = 40,
-        window: int | None = None,
-        device: str = "cpu",
-        dtype: str = "float32",
-        image_mode: str | None = None,
-        seed: int = 0,
-        csv_dir: str | None = None,
-        image_dir: str | None = None,
-        questions: str | None = None,
-        scene_graphs: str | None = None,
-        candidates_per_task: int | None = None,
-        max_batch: int | None = None,
-    ) -> Study:
-        """Load the model and the samples the notebook parameters name.
+    def open(cls, settings: ExperimentSettings | str | None = None, data: str | None = None, **changes) -> Study:
+        """Load the model and the samples the settings name.
 
-        `samples_per_task` correctly answered samples are analysed per task; up to
-        `candidates_per_task` (default 1.5x as many) are read to find them. `max_batch` bounds the
-        fast engine's windows per batch (a GPU's memory; numbers are unchanged).
+        Args:
+            settings: an `ExperimentSettings` (e.g. `ExperimentSettings.from_parameters(globals())` in a
+                notebook), or a model name, or None for the defaults.
+            data: the data source ("synthetic", "paper", "gqa"), as a shortcut for ``data=``.
+            changes: any setting by name (`ExperimentSettings`: tasks, samples_per_task, window, device,
+                dtype, seed, csv_dir, image_dir, candidates_per_task, max_batch ...), applied on top.
+
+        `samples_per_task` correctly answered samples are analysed per task; `candidates` are read to
+        find them. Bad settings raise `runner.RunSettingsError` before the model loads; a window that
+        does not fit the model raises once it has loaded.
         """
-        from .runner import resolve_window
+        settings = ExperimentSettings.build(settings, data, **changes)
+        loaded = settings.load_model()
+        window = settings.window_for(loaded.num_layers)  # None: the default; 0 or > depth: refused
+        return cls(settings, loaded, settings.load_samples(), window)
 
-        if isinstance(tasks, str):  # e.g. "ChooseAttr,QueryAttr" from `make figures TASKS=...`
-            tasks = [task.strip() for task in tasks.split(",") if task.strip()]
-        loaded = load_model(model, dtype=dtype, device=device, image_mode=image_mode)
-        candidates = candidates_per_task or int(samples_per_task * 1.5) + 2
-        samples = load_samples(
-            data,
-            tasks=tasks,
-            per_task=candidates,
-            seed=seed,
-            csv_dir=csv_dir,
-            image_dir=image_dir,
-            questions=questions,
-            scene_graphs=scene_graphs,
-        )
-        data_name = f"synthetic world (seed {seed}, test split)" if data == "synthetic" else f"{data} data"
-        window = resolve_window(window, loaded.num_layers)  # None: the default; 0 or > depth: refused
-        return cls(loaded, samples, data_name, samples_per_task, window, max_batch)
+    @property
+    def data_name(self) -> str:
+        return self.settings.data_name
+
+    @property
+    def samples_per_task(self) -> int | None:
+        return self.settings.samples_per_task
+
+    @property
+    def max_batch(self) -> int | None:
+        return self.settings.max_batch
 
     @property
     def is_offline_toy(self) -> bool:
@@ -116,31 +95,22 @@ class Study:
         return [s for task in self.samples for s in self.samples[task]]
 
     def experiment_flows(self, flows: Sequence[str] = ()) -> list[str]:
-        """The flows of the study's one knockout run: the paper's six, then any other asked for."""
-        return list(dict.fromkeys([*PAPER_FLOWS, *flows]))
+        """The flows of the study's one knockout run: the settings' (the paper's six), then any other asked for."""
+        return list(self.settings.experiment_flows(flows))
 
     def plan(self, flows: Sequence[str] = ()):
         """The study's knockout run, checked and fingerprinted (`runner.plan_run`)."""
-        from .runner import plan_run
-
-        return plan_run(
-            self.loaded,
-            self.all_samples(),
-            flows=self.experiment_flows(flows),
-            window=self.window,
-            per_task=self.samples_per_task,
-        )
+        return self.settings.plan(self.loaded, self.all_samples(), flows)
 
     def run_dir(self, flows: Sequence[str] = (), plan=None) -> Path:
-        """The folder of the study's knockout run, named by the run's identity (`plan`).
+        """The folder of the study's knockout run (`ExperimentSettings.run_dir`), named by the run's identity.
 
         The identity fingerprints the model's files, the samples and their images, the settings and the
         code, so a notebook rerun with any of them changed gets a fresh folder (never stale numbers),
-        and an unchanged rerun, from this notebook or another, finds and resumes its own.
+        and an unchanged rerun, from this notebook, another one or `flowlib run` with the same settings,
+        finds and resumes its own.
         """
-        plan = plan or self.plan(flows)
-        folder = f"knockout-w{self.window}-{plan.identity[:12]}"
-        return cfg.runs_dir() / slug(self.loaded.name) / slug(self.data_name) / folder
+        return self.settings.run_dir(self.loaded, plan or self.plan(flows))
 
     def knockout(self, flows: Sequence[str], *, progress: bool = True) -> pd.DataFrame:
         """The layer sweeps of `flows` over the study's samples, as a tidy table.
@@ -151,21 +121,9 @@ class Study:
         for a flow (e.g. a box outside its image) is left out of that flow, with its reason recorded in
         the run folder. Raises `runner.NothingAnalysedError`, saying why, when no sample was analysed.
         """
-        from .runner import normalise_answer, run_experiment
+        from .runner import normalise_answer
 
-        plan = self.plan(flows)
-        summary = run_experiment(
-            self.loaded,
-            self.all_samples(),
-            self.run_dir(flows, plan),
-            plan=plan,
-            flows=self.experiment_flows(flows),
-            window=self.window,
-            per_task=self.samples_per_task,
-            data=self.data_name,
-            max_batch=self.max_batch or "auto",
-            progress=progress,
-        )
+        summary = self.settings.run(self.loaded, self.all_samples(), flows=flows, progress=progress)
         for status in summary.statuses:  # the run's greedy answers spare later filters (the lens) a generation
             if "greedy_answer" in status:
                 self.verdicts[status["question_id"]] = normalise_answer(status["greedy_answer"]) == normalise_answer(

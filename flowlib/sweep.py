@@ -33,6 +33,7 @@ import torch
 from transformers.masking_utils import sdpa_mask
 
 from .config import default_window
+from .families.base import suffix_positions
 from .knockout import KnockoutAttention, current_backend, cut_matrix, flow_groups, installed, knockout, language_model
 
 Flows = str | Sequence[str]
@@ -83,7 +84,7 @@ def answer_probs(model, normed: torch.Tensor, token: int) -> torch.Tensor:
     libraries promise no such thing, and one product per chunk saves thousands of launches.
     """
     head = model.get_output_embeddings()
-    states = normed.double().reshape(-1, normed.shape[-1])
+    states = normed.double().reshape(-1, normed.shape[-1]).to(head.weight.device)  # the head's device (device map)
     logits = torch.empty(len(states), head.weight.shape[0], dtype=torch.float64, device=states.device)
     one_by_one = states.device.type == "cpu"
     for start in range(0, head.weight.shape[0], HEAD_CHUNK):
@@ -338,6 +339,25 @@ def auto_max_batch(memory: SweepMemory, windows: int, free: int | None, margin: 
     return None if rows >= windows else max(1, rows)
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's weights are: one decoder layer's device when a device map spreads the model over several."""
+    return next(module.parameters()).device
+
+
+class PerDevice:
+    """Tensors copied once to each device that asks for them (`on`): the fast sweep's shared mask, positions and
+    rotary tables follow each decoder layer's device under a device map, at no cost on one device."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        self._copies = {tensors[0].device: tensors}
+
+    def on(self, device: torch.device) -> tuple:
+        if device not in self._copies:
+            first = next(iter(self._copies.values()))
+            self._copies[device] = tuple(t.to(device) for t in first)
+        return self._copies[device]
+
+
 @torch.no_grad()
 def sweep_fast(
     loaded,
@@ -369,7 +389,8 @@ def sweep_fast(
     t0 = suffix_start(layout, flows)
     cut = cut_matrix(layout, flows, device)
     prefix = [(layer.keys[:, :, :t0], layer.values[:, :, :t0]) for layer in clean.cache.layers]
-    positions = torch.arange(t0, n, device=device)[None]
+    # The suffix's rotary positions as the full forward gives them (Qwen's 3 rows after the image are not t0..n-1).
+    positions = suffix_positions(loaded, prepared, t0, device)
     # The suffix's causal mask against all n keys, from the library's helper (never sdpa's is_causal,
     # which would align the suffix queries with the first keys).
     mask = sdpa_mask(batch_size=1, q_length=n - t0, kv_length=n, q_offset=t0, allow_is_causal_skip=False, device=device)
@@ -388,17 +409,23 @@ def sweep_fast(
         attention = KnockoutAttention(cut, schedule, backend, prefix=prefix)
         first = rows[0].start
         rotary = lm.rotary_emb(clean.hidden_states[first][:, t0:], positions)
+        shared = PerDevice(mask, positions, *rotary)  # each layer's inputs on its own device (a device map)
         hidden = None
         with installed(model, attention):
             for j in range(first, num_layers):
+                here = module_device(lm.layers[j])
                 joining = sum(1 for layers in rows if layers.start == j)
                 if joining:  # windows starting here enter with the clean state (rows stay sorted by start)
-                    state = clean.hidden_states[j][:, t0:].expand(joining, -1, -1)
-                    hidden = state if hidden is None else torch.cat([hidden, state])
-                hidden = lm.layers[j](hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary)
+                    state = clean.hidden_states[j][:, t0:].to(here).expand(joining, -1, -1)
+                    hidden = state if hidden is None else torch.cat([hidden.to(here), state])
+                mask_j, positions_j, cos, sin = shared.on(here)
+                hidden = lm.layers[j](
+                    hidden.to(here), attention_mask=mask_j, position_ids=positions_j, position_embeddings=(cos, sin)
+                )
                 hidden = hidden[0] if isinstance(hidden, tuple) else hidden
             attention.verify()
-        normed = lm.norm(hidden)[:, -1]  # normed over the whole suffix, as the full forward norms every row
+        # Normed over the whole suffix, as the full forward norms every row.
+        normed = lm.norm(hidden.to(module_device(lm.norm)))[:, -1]
         probs[chunk] = answer_probs(model, normed, clean.answer_token).cpu().numpy()
     return _result(prepared, flows, window, windows, clean, probs, "fast")
 

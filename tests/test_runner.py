@@ -28,25 +28,30 @@ def loaded():
     return tiny_llava("llava-1.5", layers=3)
 
 
+def answered_sample(loaded, qid: str, task: str, colour: str, wrong: bool = False) -> Sample:
+    """A star question on a plain `colour` image whose answer is the model's own greedy one (or a wrong one)."""
+    s = Sample(
+        qid,
+        "is the star red or blue?",
+        "?",
+        task,
+        image=Image.new("RGB", (160, 120), colour),
+        true_option="red",
+        false_option="blue",
+        central_object="star",
+        boxes=[Box(10, 20, 50, 60)],
+    )
+    greedy = runner.greedy_answer(loaded, loaded.prepare(s), max_new_tokens=3)
+    return dataclasses.replace(s, answer="definitely wrong" if wrong else greedy)
+
+
 @pytest.fixture(scope="module")
 def samples(loaded):
-    """Five samples over two tasks, answered "correctly" (by construction) except the third."""
+    """Five samples over two tasks, answered "correctly" (by construction, in another case) except the third."""
     out = []
     for i, colour in enumerate(COLOURS):
-        task = "ChooseAttr" if i % 2 == 0 else "QueryAttr"
-        s = Sample(
-            f"0{i}",
-            "is the star red or blue?",
-            "?",
-            task,
-            image=Image.new("RGB", (160, 120), colour),
-            true_option="red",
-            false_option="blue",
-            central_object="star",
-            boxes=[Box(10, 20, 50, 60)],
-        )
-        greedy = runner.greedy_answer(loaded, loaded.prepare(s), max_new_tokens=3)
-        out.append(dataclasses.replace(s, answer=f"  {greedy.upper()} " if i != 2 else "definitely wrong"))
+        s = answered_sample(loaded, f"0{i}", "ChooseAttr" if i % 2 == 0 else "QueryAttr", colour, wrong=i == 2)
+        out.append(s if i == 2 else dataclasses.replace(s, answer=f"  {s.answer.upper()} "))
     return out
 
 
@@ -248,19 +253,7 @@ def test_command_line_runs_and_resumes(loaded, tmp_path, monkeypatch):
 
 
 def samples_for_cli(loaded):
-    s = Sample(
-        "cli",
-        "is the star red or blue?",
-        "?",
-        "ChooseAttr",
-        image=Image.new("RGB", (160, 120), "red"),
-        true_option="red",
-        false_option="blue",
-        central_object="star",
-        boxes=[Box(10, 20, 50, 60)],
-    )
-    answer = runner.greedy_answer(loaded, loaded.prepare(s), max_new_tokens=3)
-    yield dataclasses.replace(s, answer=answer)
+    yield answered_sample(loaded, "cli", "ChooseAttr", "red")
 
 
 def test_answer_filter_reuses_recorded_verdicts(monkeypatch):
