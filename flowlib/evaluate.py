@@ -54,8 +54,6 @@ ANSWER_SETS = {"CompareAttr": ("color", "size", "texture"), "LogicalObj": ("yes"
 CHANCE = {task: 1 / len(ANSWER_SETS.get(task, ("true option", "false option"))) for task in TASKS}
 #: The synthetic world's background: a "blank" image is an empty scene of the same size.
 BLANK_COLOR = (232, 232, 226)
-#: Processor outputs that carry the image (LLaVA-NeXT adds `image_sizes`, which says how many tiles are real).
-IMAGE_INPUTS = ("pixel_values", "image_sizes")
 #: The flow `block_image` blocks in every layer: no later position attends to any image token.
 IMAGE_BLOCKED = f"Image->{ALL}"
 
@@ -123,12 +121,16 @@ def image_blocked_mask(
 def collate(prepared: Sequence, pad_token_id: int, continuations: Sequence[Sequence[int]] | None = None) -> dict:
     """Right-pad prepared inputs into one batch; each row optionally followed by its `continuations` token ids.
 
-    Image inputs are stacked, LLaVA-NeXT's pixel values (1, tiles, C, H, W) zero-padded to the batch's
-    largest tile count: the model reads each row's real tile count from its `image_sizes` and drops the rest.
+    The processor's other outputs go along, whatever the family: those with one value per token (the
+    shape of input_ids, e.g. Qwen's token types) are padded like input_ids, with 0 (text) after the
+    prompt; the image's (pixel values, image sizes or grids) are stacked, LLaVA-NeXT's pixel values
+    (1, tiles, C, H, W) zero-padded to the batch's largest tile count (the model reads each row's real
+    tile count from its `image_sizes`).
 
     Returns:
-        input_ids and attention_mask (B, T), the image inputs, `prompt_lengths` (B,), `last` (B,), each
-        row's last real position, and `layouts`, each row's token layout (what `block_image` needs).
+        input_ids and attention_mask (B, T), the other inputs, `prompt_lengths` (B,), `last` (B,), each
+        row's last real position, `model_inputs` (the keys the model takes), and each row's `prepared`
+        input and `continuations` (what `block_image` needs to run a row alone).
     """
     device = prepared[0].input_ids.device
     continuations = continuations or [()] * len(prepared)
@@ -147,16 +149,25 @@ def collate(prepared: Sequence, pad_token_id: int, continuations: Sequence[Seque
         "attention_mask": attention_mask,
         "prompt_lengths": torch.tensor([p.input_ids.shape[1] for p in prepared], device=device),
         "last": torch.tensor(lengths, device=device) - 1,
-        "layouts": [p.layout for p in prepared],
+        "prepared": list(prepared),
+        "continuations": [list(c) for c in continuations],
+        "model_inputs": ["input_ids", "attention_mask"],
     }
-    for key in IMAGE_INPUTS:
-        values = [p.inputs[key] for p in prepared if key in p.inputs]
-        if not values:
-            continue
+    first = prepared[0]
+    others = [k for k, v in first.inputs.items() if torch.is_tensor(v) and k not in batch["model_inputs"]]
+    per_token = [k for k in others if first.inputs[k].shape == first.input_ids.shape]
+    for key in [k for k in others if k not in per_token]:
+        values = [p.inputs[key] for p in prepared]
         if values[0].dim() == 5:  # (1, tiles, C, H, W): pad the tiles
             tiles = max(v.shape[1] for v in values)
             values = [torch.nn.functional.pad(v, (0, 0, 0, 0, 0, 0, 0, tiles - v.shape[1])) for v in values]
         batch[key] = torch.cat(values)
+        batch["model_inputs"].append(key)
+    for key in per_token:
+        batch[key] = torch.zeros_like(input_ids, dtype=first.inputs[key].dtype)
+        for i, p in enumerate(prepared):
+            batch[key][i, : p.input_ids.shape[1]] = p.inputs[key][0]
+        batch["model_inputs"].append(key)
     return batch
 
 
@@ -170,23 +181,17 @@ def logits_at(loaded, batch: dict, positions: Sequence[Sequence[int]], block_ima
     if block_image:
         rows = []
         for r, row_positions in enumerate(positions):
-            n = int(batch["last"][r]) + 1
-            row = {
-                "input_ids": batch["input_ids"][r : r + 1, :n],
-                "attention_mask": batch["attention_mask"][r : r + 1, :n],
-            }
-            row |= {k: batch[k][r : r + 1] for k in IMAGE_INPUTS if k in batch}
-            with image_blocked(loaded, batch["layouts"][r], n):
+            prepared, continuation = batch["prepared"][r], batch["continuations"][r]
+            row = collate([prepared], 0, [continuation])
+            with image_blocked(loaded, prepared.layout, row["input_ids"].shape[1]):
                 rows += logits_at(loaded, row, [row_positions])
         return rows
     keep = sorted({int(p) for row in positions for p in row})
     column = {p: i for i, p in enumerate(keep)}
     out = loaded.model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
         use_cache=False,
         logits_to_keep=torch.tensor(keep, device=batch["input_ids"].device),
-        **{k: batch[k] for k in IMAGE_INPUTS if k in batch},
+        **{k: batch[k] for k in batch["model_inputs"]},
     )
     return [out.logits[r, [column[int(p)] for p in row]].float() for r, row in enumerate(positions)]
 
@@ -228,7 +233,11 @@ def candidate_scores(
     row_logp = {}
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        batch = collate([prepared[i] for i, _ in chunk], loaded.tokenizer.pad_token_id, [lead for _, lead in chunk])
+        batch = collate(
+            [prepared[i] for i, _ in chunk],
+            loaded.tokenizer.pad_token_id,
+            [lead for _, lead in chunk],
+        )
         positions = [range(int(n) - 1, int(n) + len(lead)) for n, (_, lead) in zip(batch["prompt_lengths"], chunk)]
         for row, logits in zip(chunk, logits_at(loaded, batch, positions, block_image)):
             row_logp[row] = logits.log_softmax(-1)
@@ -271,19 +280,15 @@ def first_word(loaded, prepared, block_image: bool = False) -> str:
 @torch.no_grad()
 def image_blocked_answer(loaded, prepared, max_new_tokens: int = 10) -> str:
     """`runner.greedy_answer` under `image_blocked`: greedy tokens until a stop token, decoded likewise."""
-    tokens = prepared.input_ids
     new: list[int] = []
-    image = {k: prepared.inputs[k] for k in IMAGE_INPUTS if k in prepared.inputs}
     for _ in range(max_new_tokens):
-        with image_blocked(loaded, prepared.layout, tokens.shape[1]):
-            logits = loaded.model(
-                input_ids=tokens, attention_mask=torch.ones_like(tokens), use_cache=False, logits_to_keep=1, **image
-            ).logits
+        row = collate([prepared], 0, [new])
+        with image_blocked(loaded, prepared.layout, row["input_ids"].shape[1]):
+            logits = loaded.model(use_cache=False, logits_to_keep=1, **{k: row[k] for k in row["model_inputs"]}).logits
         token = int(logits[0, -1].argmax())
         if token in loaded.stop_token_ids:
             break
         new.append(token)
-        tokens = torch.cat([tokens, tokens.new_tensor([[token]])], dim=1)
     return loaded.tokenizer.decode(new, skip_special_tokens=True)
 
 

@@ -1,10 +1,13 @@
 """Where each image token's patch comes from in the original image.
 
-The processor turns an image of W x H pixels into one or more square grids of
+The processor turns an image of W x H pixels into one or more grids of
 patches (LLaVA-1.5: one grid after padding or cropping; LLaVA-NeXT: a squashed
 base view plus high-resolution tiles, trimmed of padding in token units, with
-a newline token closing every row). This module replays that geometry axis by
-axis so that a box in original pixels maps to the exact image tokens it covers.
+a newline token closing every row; Qwen2-VL / Qwen2.5-VL: one grid at the
+image's own aspect, 2 x 2 patches merged per token; LLaVA-OneVision: NeXT's
+layout with more tiles, pooled bilinearly when they hold too many tokens).
+This module replays that geometry axis by axis so that a box in original
+pixels maps to the exact image tokens it covers.
 
 Coverage rule (used for "related image patches"): a patch is related to a box
 when at least one of the patch's processed pixels takes its value, under
@@ -230,3 +233,127 @@ def painted_patch_offsets(image_processor, geometry: ImageGeometry, width: int, 
         rows, cols = np.nonzero(patches[top : top + grid.rows, left : left + grid.cols])
         offsets.append(grid.offset + rows * grid.row_stride + cols)
     return np.unique(np.concatenate(offsets)) if offsets else np.zeros(0, dtype=np.int64)
+
+
+def qwen_vl_geometry(
+    width: int, height: int, *, patch_size: int, merge_size: int, min_pixels: int, max_pixels: int
+) -> ImageGeometry:
+    """Qwen2-VL / Qwen2.5-VL dynamic resolution: one grid of merged patches, no newline tokens.
+
+    The image is resized (aspect kept) to multiples of `patch_size * merge_size` (28) within
+    `min_pixels`..`max_pixels` (transformers' `smart_resize`), cut into `patch_size` (14) pixel patches,
+    and every `merge_size` x `merge_size` block of patches becomes one token, row-major over the blocks:
+    a token reads a 28 x 28 pixel square of the resized image.
+    """
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    side = patch_size * merge_size
+    new_h, new_w = smart_resize(height, width, factor=side, min_pixels=min_pixels, max_pixels=max_pixels)
+    rows, cols = pil_nearest_source(height, new_h), pil_nearest_source(width, new_w)
+    grid = PatchGrid("image", rows, cols, side, offset=0, row_stride=new_w // side)
+    return ImageGeometry((grid,), np.zeros(0, dtype=np.int64), grid.rows * grid.cols)
+
+
+def bilinear_support(old: int, new: int) -> np.ndarray:
+    """Bool ``(new, old)``: which of `old` inputs each of `new` outputs reads with a nonzero weight.
+
+    Replays torch's bilinear interpolation (align_corners=False) along one axis on one-hot inputs, so
+    the support is the kernel's own, exact zero weights included.
+    """
+    import torch
+
+    eye = torch.eye(old, dtype=torch.float32)[None, :, :, None]  # channel c is the one-hot of input c
+    out = torch.nn.functional.interpolate(eye, size=[new, 1], mode="bilinear")[0, :, :, 0]
+    return (out != 0).T.numpy()
+
+
+@dataclasses.dataclass(frozen=True)
+class PooledGrid(PatchGrid):
+    """A patch grid whose token map was resized (bilinear) to `row_map.shape[0]` x `col_map.shape[0]` tokens.
+
+    `row_map[i, r]` is True when output token row i reads input patch row r (likewise `col_map`); a box
+    covers the output tokens that read any patch it covers.
+    """
+
+    row_map: np.ndarray = None
+    col_map: np.ndarray = None
+
+    @property
+    def rows(self) -> int:
+        return self.row_map.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return self.col_map.shape[0]
+
+    def box_token_offsets(self, box: Box) -> np.ndarray:
+        row_hits = self._axis_hits(self.source_rows, *_box_pixel_range(box.y, box.h))
+        col_hits = self._axis_hits(self.source_cols, *_box_pixel_range(box.x, box.w))
+        rows = np.nonzero(self.row_map[:, row_hits].any(axis=1))[0]
+        cols = np.nonzero(self.col_map[:, col_hits].any(axis=1))[0]
+        r, c = np.meshgrid(rows, cols, indexing="ij")
+        return (self.offset + r * self.row_stride + c).ravel()
+
+
+def _tile_axis(canvas: np.ndarray, tile: int, used: int) -> np.ndarray:
+    """Concatenate the first `used` pixels of each `tile`-pixel tile along one canvas axis."""
+    return np.concatenate([canvas[start : start + used] for start in range(0, len(canvas), tile)])
+
+
+def onevision_geometry(
+    width: int, height: int, image_size: int, patch_size: int, pinpoints, max_tiles: int
+) -> ImageGeometry:
+    """LLaVA-OneVision anyres-max-N: squashed base view, then tiles unpadded in token units, pooled, newlines.
+
+    The base view is the image squashed to `image_size` (384); each tile of the best-fitting canvas is a
+    384-pixel square. SigLIP reads `image_size // patch_size` (27) patches per side, so the last 6 pixels
+    of every view are never seen. The tiles' token map is trimmed of padding in token units (as LLaVA-NeXT),
+    then, when it holds over 1.1^2 x `max_tiles` views' worth of tokens, resized bilinearly down to about
+    `max_tiles` views (modeling_llava_onevision.pack_image_features); each row ends with a newline token.
+    """
+    per_side = image_size // patch_size
+    used = per_side * patch_size
+    base = PatchGrid(
+        "base_view",
+        pil_nearest_source(height, image_size)[:used],
+        pil_nearest_source(width, image_size)[:used],
+        patch_size,
+        offset=0,
+        row_stride=per_side,
+    )
+    canvas_h, canvas_w = select_best_resolution(height, width, pinpoints)
+    scale_w, scale_h = canvas_w / width, canvas_h / height
+    if scale_w < scale_h:
+        new_w, new_h = canvas_w, min(math.ceil(height * scale_w), canvas_h)
+    else:
+        new_h, new_w = canvas_h, min(math.ceil(width * scale_h), canvas_w)
+    rows = _tile_axis(_paste(pil_nearest_source(height, new_h), (canvas_h - new_h) // 2, canvas_h), image_size, used)
+    cols = _tile_axis(_paste(pil_nearest_source(width, new_w), (canvas_w - new_w) // 2, canvas_w), image_size, used)
+    tokens_h, tokens_w = len(rows) // patch_size, len(cols) // patch_size
+    if width / height > tokens_w / tokens_h:
+        kept = int(round(height * (tokens_w / width), 7))
+        trim = (tokens_h - kept) // 2
+        rows = rows[trim * patch_size : (tokens_h - trim) * patch_size]
+    else:
+        kept = int(round(width * (tokens_h / height), 7))
+        trim = (tokens_w - kept) // 2
+        cols = cols[trim * patch_size : (tokens_w - trim) * patch_size]
+    cur_h, cur_w = len(rows) // patch_size, len(cols) // patch_size
+    ratio = math.sqrt(cur_h * cur_w / (max_tiles * per_side**2))
+    out_h, out_w = (int(cur_h // ratio), int(cur_w // ratio)) if ratio > 1.1 else (cur_h, cur_w)
+    row_map = bilinear_support(cur_h, out_h) if ratio > 1.1 else np.eye(cur_h, dtype=bool)
+    col_map = bilinear_support(cur_w, out_w) if ratio > 1.1 else np.eye(cur_w, dtype=bool)
+    base_tokens = per_side * per_side
+    stride = out_w + 1
+    high = PooledGrid(
+        "high_resolution",
+        rows,
+        cols,
+        patch_size,
+        offset=base_tokens,
+        row_stride=stride,
+        row_map=row_map,
+        col_map=col_map,
+    )
+    newlines = base_tokens + np.arange(out_h) * stride + out_w
+    return ImageGeometry((base, high), newlines, base_tokens + out_h * stride)

@@ -171,18 +171,21 @@ def build_layout(
     geometry: ImageGeometry,
     image_size: tuple[int, int],
     painted: np.ndarray | None = None,
+    image_token: str = cfg.IMAGE_PLACEHOLDER,
 ) -> TokenLayout:
     """Compute the token layout of one prepared input (see `LoadedModel.prepare`).
 
     `painted`: image-block offsets of the related patches under the official code's rule
     (`geometry.painted_patch_offsets`), used instead of the geometric coverage rule when given.
+    `image_token`: the placeholder the processor expanded into the image block (the family adapter's;
+    Qwen's `<|image_pad|>`, whose `<|vision_start|>` / `<|vision_end|>` markers are not image tokens).
     """
     sid = sample.question_id
     ids = np.asarray(input_ids)
-    image_id = tokenizer.convert_tokens_to_ids(cfg.IMAGE_PLACEHOLDER)
+    image_id = tokenizer.convert_tokens_to_ids(image_token)
     image_positions = np.nonzero(ids == image_id)[0]
     if len(image_positions) == 0:
-        raise SampleError(f"sample {sid}: the prompt holds no {cfg.IMAGE_PLACEHOLDER} placeholder; add one")
+        raise SampleError(f"sample {sid}: the prompt holds no {image_token} placeholder; add one")
     first = int(image_positions[0])
     if not np.array_equal(image_positions, np.arange(first, first + len(image_positions))):
         raise SampleError(f"sample {sid}: image tokens are not one contiguous block; use a single image")
@@ -194,8 +197,8 @@ def build_layout(
         )
 
     # Character offsets of the expanded prompt, exactly as the processor tokenised it.
-    extra = (len(image_positions) - 1) * len(cfg.IMAGE_PLACEHOLDER)
-    expanded = prompt.replace(cfg.IMAGE_PLACEHOLDER, cfg.IMAGE_PLACEHOLDER * len(image_positions), 1)
+    extra = (len(image_positions) - 1) * len(image_token)
+    expanded = prompt.replace(image_token, image_token * len(image_positions), 1)
     encoded = tokenizer(expanded, return_offsets_mapping=True)
     if list(encoded["input_ids"]) != ids.tolist():
         raise SampleError(f"sample {sid}: re-tokenising the prompt does not reproduce the processor's input ids")

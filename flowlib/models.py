@@ -1,8 +1,9 @@
-"""Loading LLaVA-family checkpoints through transformers' own classes, with the paper's exact inputs.
+"""Loading vision-language checkpoints through transformers' own classes, with the paper's exact inputs.
 
-A `FamilyAdapter` holds everything that differs between families (model class,
-image preprocessing, where image tokens come from); it is chosen from the
-config class, never from the model's name. `load_model` returns a
+A `FamilyAdapter` (`flowlib.families`) holds everything that differs between families (model class,
+prompt, image preprocessing, where image tokens come from, rotary positions): LLaVA-1.5, LLaVA-NeXT,
+Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision; it is chosen from the config class, never from the model's
+name (docs/adapters.md adds a family). `load_model` returns a
 `LoadedModel`, whose `prepare(sample)` builds the paper's prompt, runs the
 processor and computes the `TokenLayout` of the result.
 
@@ -16,31 +17,25 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib.util
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoProcessor,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaNextConfig,
-    LlavaNextForConditionalGeneration,
-    LlavaNextProcessor,
-    LlavaProcessor,
-)
-from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers import AutoConfig
 
 from . import config as cfg
-from .geometry import ImageGeometry, llava15_geometry, llava_next_geometry, painted_patch_offsets
+from .families.base import CHATML_END_OF_TEXT, CHATML_END_OF_TURN, FamilyAdapter
+from .families.llava import Llava15Adapter, LlavaNextAdapter
+from .families.onevision import OnevisionAdapter
+from .families.qwen_vl import Qwen2VLAdapter, Qwen25VLAdapter
+from .geometry import painted_patch_offsets
 from .kernels import use_configured_kernels
 from .layout import TokenLayout, build_layout
 from .sample import Sample
 
 
 class UnsupportedModelError(ValueError):
-    """The checkpoint's config is not one of the supported LLaVA families."""
+    """The checkpoint's config is not one of the supported families (`FAMILIES`; docs/adapters.md adds one)."""
 
 
 class CheckpointError(ValueError):
@@ -69,106 +64,53 @@ def check_loading_info(name_or_path: str, info: dict) -> None:
         )
 
 
-class FamilyAdapter:
-    """What differs between LLaVA families. Subclasses set the class attributes."""
-
-    name: str
-    config_class: type
-    model_class: type
-    processor_class: type
-    image_modes: tuple[str, ...]
-
-    def configure_processor(self, processor, image_mode: str):
-        """Return `processor` with the paper's image preprocessing for `image_mode`."""
-        raise NotImplementedError
-
-    def geometry(self, processor, width: int, height: int) -> ImageGeometry:
-        """The patch geometry of a `width` x `height` image under `processor`."""
-        raise NotImplementedError
-
-    def check_image_mode(self, image_mode: str | None) -> str:
-        image_mode = image_mode or self.image_modes[0]
-        if image_mode not in self.image_modes:
-            raise ValueError(f"{self.name} supports image_mode {self.image_modes}, not {image_mode!r}")
-        return image_mode
+FAMILIES: tuple[FamilyAdapter, ...] = (
+    Llava15Adapter(),
+    LlavaNextAdapter(),
+    Qwen2VLAdapter(),
+    Qwen25VLAdapter(),
+    OnevisionAdapter(),
+)
+#: Where a user learns to write an adapter for a family flowlib does not support yet.
+ADAPTER_GUIDE = "docs/adapters.md"
 
 
-def _image_side(image_processor) -> int:
-    crop = getattr(image_processor, "crop_size", None) or {}
-    size = getattr(image_processor, "size", None) or {}
-    return int(crop.get("height") or size.get("height") or size["shortest_edge"])
+def register_family(adapter: FamilyAdapter) -> FamilyAdapter:
+    """Make `adapter_for` (and so `load_model`) pick `adapter` for its config class; see docs/adapters.md.
 
-
-class Llava15Adapter(FamilyAdapter):
-    name = "llava-1.5"
-    config_class = LlavaConfig
-    model_class = LlavaForConditionalGeneration
-    processor_class = LlavaProcessor
-    # "pad": the original LLaVA-1.5 (pad to a square with the mean colour); "crop": llava-hf's default.
-    image_modes = ("pad", "crop")
-
-    def configure_processor(self, processor, image_mode: str):
-        # Rebuild the image processor as LlavaImageProcessorPil with the checkpoint's
-        # own numbers: llava-hf ships a CLIP processor that centre-crops, and saved
-        # configs drop the "Pil" suffix, so pin the class explicitly.
-        old = processor.image_processor
-        side = _image_side(old)
-        processor.image_processor = LlavaImageProcessorPil(
-            do_pad=image_mode == "pad",
-            size={"shortest_edge": side},
-            crop_size={"height": side, "width": side},
-            resample=old.resample,
-            image_mean=old.image_mean,
-            image_std=old.image_std,
-            do_convert_rgb=True,
-        )
-        return processor
-
-    def geometry(self, processor, width, height):
-        ip = processor.image_processor
-        return llava15_geometry(width, height, _image_side(ip), processor.patch_size, pad=bool(ip.do_pad))
-
-
-class LlavaNextAdapter(FamilyAdapter):
-    name = "llava-next"
-    config_class = LlavaNextConfig
-    model_class = LlavaNextForConditionalGeneration
-    processor_class = LlavaNextProcessor
-    image_modes = ("anyres",)
-
-    def configure_processor(self, processor, image_mode: str):
-        old = processor.image_processor
-        if not isinstance(old, LlavaNextImageProcessorPil):
-            processor.image_processor = LlavaNextImageProcessorPil(**old.to_dict())
-        return processor
-
-    def geometry(self, processor, width, height):
-        ip = processor.image_processor
-        return llava_next_geometry(width, height, _image_side(ip), processor.patch_size, ip.image_grid_pinpoints)
-
-
-FAMILIES: tuple[FamilyAdapter, ...] = (Llava15Adapter(), LlavaNextAdapter())
+    An adapter registered for a config class that already has one replaces it.
+    """
+    global FAMILIES
+    FAMILIES = (*(a for a in FAMILIES if a.config_class is not adapter.config_class), adapter)
+    return adapter
 
 
 def adapter_for(config) -> FamilyAdapter:
-    """The adapter whose config class `config` is an instance of."""
+    """The adapter whose config class is exactly `config`'s class (a subclass is another family)."""
     for adapter in FAMILIES:
         if type(config) is adapter.config_class:
             return adapter
     supported = ", ".join(f"{a.name} ({a.config_class.__name__})" for a in FAMILIES)
-    raise UnsupportedModelError(f"unsupported model config {type(config).__name__}; supported families: {supported}")
+    raise UnsupportedModelError(
+        f"unsupported model config {type(config).__name__}; supported families: {supported}. "
+        f"To add a family, write a FamilyAdapter for {type(config).__name__} ({ADAPTER_GUIDE})"
+    )
 
 
 class PromptStyle(str, enum.Enum):
-    """How the paper wraps a question: Vicuna's chat format or Llama-3's header template."""
+    """How the paper wraps a question: Vicuna's chat format, Llama-3's header template, or ChatML (Qwen-based)."""
 
     VICUNA = "vicuna"
     LLAMA3 = "llama3"
+    CHATML = "chatml"
 
 
 def detect_prompt_style(tokenizer) -> PromptStyle:
-    """Llama-3 tokenizers carry the header tokens of their chat template; the others use Vicuna's."""
-    return PromptStyle.LLAMA3 if "<|start_header_id|>" in tokenizer.get_vocab() else PromptStyle.VICUNA
+    """Llama-3 and ChatML tokenizers carry their chat template's tokens; the others use Vicuna's."""
+    vocab = tokenizer.get_vocab()
+    if "<|start_header_id|>" in vocab:
+        return PromptStyle.LLAMA3
+    return PromptStyle.CHATML if "<|im_start|>" in vocab else PromptStyle.VICUNA
 
 
 def build_prompt(question: str, style: PromptStyle = PromptStyle.VICUNA) -> tuple[str, int]:
@@ -184,6 +126,8 @@ def build_prompt(question: str, style: PromptStyle = PromptStyle.VICUNA) -> tupl
     if PromptStyle(style) is PromptStyle.VICUNA:
         head = f"{cfg.VICUNA_SYSTEM} USER: "
         prompt = f"{head}{user_text} ASSISTANT:"
+    elif PromptStyle(style) is PromptStyle.CHATML:
+        raise ValueError("a ChatML prompt depends on the family's image marker: use the family adapter's prompt()")
     else:
         eot = cfg.LLAMA3_END_OF_TURN
         head = (
@@ -209,6 +153,10 @@ def stop_token_ids(tokenizer, style: PromptStyle) -> list[int]:
             )
         # Whichever of the two the checkpoint names as eos, both end an answer (docs/protocol.md).
         ids += [eot] + ([end] if end is not None and end != tokenizer.unk_token_id else [])
+    if PromptStyle(style) is PromptStyle.CHATML:  # an Instruct turn ends at <|im_end|>; text ends at <|endoftext|>
+        for token in (CHATML_END_OF_TURN, CHATML_END_OF_TEXT):
+            found = tokenizer.convert_tokens_to_ids(token)
+            ids += [found] if found is not None and found != tokenizer.unk_token_id else []
     return list(dict.fromkeys(int(i) for i in ids))
 
 
@@ -281,8 +229,8 @@ class LoadedModel:
         `image` replaces the sample's own image (e.g. a blank one) while keeping its boxes.
         """
         image = sample.load_image() if image is None else image
-        prompt, question_start = build_prompt(sample.question, self.prompt_style)
-        inputs = self.processor(images=image, text=prompt, return_tensors="pt")
+        prompt, question_start = self.adapter.prompt(sample.question, self.prompt_style)
+        inputs = self.adapter.process(self.processor, image, prompt)
         geometry = self.adapter.geometry(self.processor, image.width, image.height)
         painted = (
             painted_patch_offsets(self.processor.image_processor, geometry, image.width, image.height, sample.boxes)
@@ -298,6 +246,7 @@ class LoadedModel:
             geometry=geometry,
             image_size=(image.width, image.height),
             painted=painted,
+            image_token=self.adapter.image_token,
         )
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         if "pixel_values" in inputs:
@@ -322,9 +271,12 @@ def wrap_model(
     if related_rule not in RELATED_RULES:
         raise ValueError(f"related_rule must be one of {RELATED_RULES}, not {related_rule!r}")
     adapter = adapter_for(model.config)
+    if related_rule == "official" and not adapter.official_rule:
+        raise ValueError(f"related_rule='official' is implemented for the LLaVA families only, not {adapter.name}")
     image_mode = adapter.check_image_mode(image_mode)
     processor = adapter.configure_processor(processor, image_mode)
     style = PromptStyle(prompt_style) if prompt_style else detect_prompt_style(processor.tokenizer)
+    adapter.check_prompt_style(style)
     return LoadedModel(model, processor, adapter, style, name, image_mode, revision, related_rule)
 
 
@@ -335,7 +287,7 @@ def resolve_checkpoint(name_or_path: str) -> str:
         if not path.exists():
             raise FileNotFoundError(
                 f"the {name_or_path!r} checkpoint is missing at {path}; "
-                "train it with `python -m flowlib.train_toy` or check out the committed weights"
+                "train it with `python -m flowlib.toy` or check out the committed weights"
             )
         return str(path)
     return name_or_path
@@ -350,32 +302,44 @@ def load_model(
     revision: str | None = None,
     prompt_style: str | None = None,
     related_rule: str = "geometric",
+    device_map: str | dict | None = None,
 ) -> LoadedModel:
     """Load a LLaVA-family checkpoint by hub id, local path or short name.
 
     Args:
         name_or_path: e.g. "llava-hf/llava-1.5-7b-hf", "llava-hf/llava-v1.6-vicuna-7b-hf",
-            "llava-hf/llama3-llava-next-8b-hf", a local folder, or "toy-llava" (offline default).
+            "llava-hf/llama3-llava-next-8b-hf", "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2-VL-7B-Instruct",
+            "llava-hf/llava-onevision-qwen2-7b-ov-hf", a local folder, or "toy-llava" (offline default).
         dtype: torch dtype or its name ("float16" as in the paper on GPU, "float32" on CPU).
         device: where to put the model.
         image_mode: LLaVA-1.5: "pad" (default, the original) or "crop" (llava-hf's default);
-            LLaVA-NeXT: "anyres".
+            LLaVA-NeXT: "anyres"; Qwen2-VL / Qwen2.5-VL: "dynamic"; LLaVA-OneVision: "anyres_max".
         revision: the hub revision to pin.
-        prompt_style: "vicuna" or "llama3"; detected from the tokenizer when omitted.
+        prompt_style: "vicuna", "llama3" or "chatml" (the Qwen-based families); detected from the tokenizer
+            when omitted.
         related_rule: "geometric" (default: flowlib's coverage rule, see `flowlib.geometry`) or
             "official" (the official code's boxes painted red through the image processor).
+        device_map: passed to `from_pretrained` (needs accelerate): "auto" spreads a model too large for one
+            GPU over the visible ones, a dict places modules by name; `device` is then ignored. The knockout
+            and the sweeps follow each decoder layer's device.
     """
     use_configured_kernels()
     path = resolve_checkpoint(name_or_path)
     config = AutoConfig.from_pretrained(path, revision=revision)
     adapter = adapter_for(config)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    placement = {} if device_map is None else {"device_map": device_map}
+    if device_map is not None and importlib.util.find_spec("accelerate") is None:
+        raise ValueError(
+            f"device_map={device_map!r} needs the accelerate package (pip install accelerate); "
+            "without it, load the model on one device (device=...)"
+        )
     model, info = adapter.model_class.from_pretrained(
-        path, revision=revision, dtype=torch_dtype, attn_implementation="sdpa", output_loading_info=True
+        path, revision=revision, dtype=torch_dtype, attn_implementation="sdpa", output_loading_info=True, **placement
     )
     check_loading_info(name_or_path, info)
-    model = model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(path, revision=revision)
+    model = (model if device_map is not None else model.to(device)).eval()
+    processor = adapter.load_processor(path, revision)
     if not isinstance(processor, adapter.processor_class):
         raise UnsupportedModelError(
             f"{name_or_path}: expected a {adapter.processor_class.__name__}, got {type(processor).__name__}"

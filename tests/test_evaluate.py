@@ -22,6 +22,7 @@ from flowlib.evaluate import (
     score,
     score_by_answer,
 )
+from flowlib.families.tiny import tiny_family
 from flowlib.lens import first_token
 from flowlib.sample import Sample
 from tests.conftest import make_sample
@@ -34,9 +35,21 @@ def samples_of_sizes(**overrides):
     return [make_sample(w, h, seed=i, question_id=f"q{i}", **overrides) for i, (w, h) in enumerate(SIZES)]
 
 
-@pytest.fixture(params=["llava-1.5", "llava-next"])
-def tiny(request, tiny15, tiny_next):
-    return {"llava-1.5": tiny15, "llava-next": tiny_next}[request.param]
+@pytest.fixture(scope="module")
+def tiny_qwen():
+    return tiny_family("qwen2.5-vl", layers=3, max_pixels=28 * 28 * 64)
+
+
+@pytest.fixture(scope="module")
+def tiny_onevision():
+    return tiny_family("llava-onevision", layers=3, image_size=60)
+
+
+@pytest.fixture(params=["llava-1.5", "llava-next", "qwen2.5-vl", "llava-onevision"])
+def tiny(request):
+    """A tiny model of each family; Qwen's batches carry grid sizes and per-token types as well."""
+    fixture = {"llava-1.5": "tiny15", "llava-next": "tiny_next", "qwen2.5-vl": "tiny_qwen"}
+    return request.getfixturevalue(fixture.get(request.param, "tiny_onevision"))
 
 
 @pytest.mark.parametrize("block_image", [False, True])
@@ -54,11 +67,15 @@ def test_a_batch_gives_each_row_the_logits_it_gets_alone(tiny, block_image):
 
 def reference_logits(tiny, p, tokens=()):
     """Logits of every position of `p` (+ `tokens`) under the independent 4-D mask that cuts image -> later edges."""
-    ids = torch.cat([p.input_ids, p.input_ids.new_tensor([list(tokens)])], dim=1) if tokens else p.input_ids
-    mask = image_blocked_mask(ids, torch.ones_like(ids), tiny.model.config.image_token_id)
-    image = {k: v for k, v in p.inputs.items() if k in ("pixel_values", "image_sizes")}
+    row = collate([p], 0, [list(tokens)])
+    inputs = {k: row[k] for k in row["model_inputs"]}
+    ids = inputs["input_ids"]
+    positions = tiny.adapter.position_ids(tiny.model, inputs)  # Qwen reads its 3-D positions off a 2-D mask
+    if positions is not None:
+        inputs["position_ids"] = positions
+    inputs["attention_mask"] = image_blocked_mask(ids, torch.ones_like(ids), tiny.model.config.image_token_id)
     with torch.no_grad():
-        return tiny.model(input_ids=ids, attention_mask=mask, use_cache=False, **image).logits[0].float()
+        return tiny.model(use_cache=False, **inputs).logits[0].float()
 
 
 def test_the_blocked_image_is_the_verified_knockout_and_matches_an_independent_mask(tiny):

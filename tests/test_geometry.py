@@ -7,52 +7,14 @@ the language-model input embeddings that change are exactly the related patches.
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
+from flowlib.families.oracle import changed_positions, random_case
 from flowlib.geometry import pil_nearest_source
 from flowlib.sample import Box, Sample
 from flowlib.tiny import tiny_llava
 
 NEAREST = 0  # PIL.Image.NEAREST
-
-
-def _lm_input_embeddings(loaded, prepared):
-    captured = {}
-
-    def grab(module, args, kwargs):
-        captured["embeds"] = kwargs["inputs_embeds"].detach().clone()
-
-    handle = loaded.model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            loaded.model(**prepared.inputs)
-    finally:
-        handle.remove()
-    return captured["embeds"][0]
-
-
-def _oracle_positions(loaded, width, height, box, rng):
-    pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-    changed = pixels.copy()
-    x, y, w, h = (int(v) for v in (box.x, box.y, box.w, box.h))
-    changed[y : y + h, x : x + w] = (changed[y : y + h, x : x + w].astype(np.int64) + 128) % 256
-    base = Sample("oracle", "is the star red or blue?", "red", "ChooseAttr", image=Image.fromarray(pixels), boxes=[box])
-    prepared = loaded.prepare(base)
-    other = loaded.prepare(base, image=Image.fromarray(changed))
-    diff = (_lm_input_embeddings(loaded, prepared) - _lm_input_embeddings(loaded, other)).abs().amax(-1)
-    return np.nonzero(diff.numpy() > 0)[0], prepared.layout
-
-
-def _random_case(rng, max_side):
-    width, height = (int(v) for v in rng.integers(40, max_side, size=2))
-    if rng.random() < 0.3:  # GQA-like 4:3 / 3:4 shapes
-        width, height = (640, 480) if rng.random() < 0.5 else (375, 500)
-    w = int(rng.integers(1, width // 2 + 2))
-    h = int(rng.integers(1, height // 2 + 2))
-    x = int(rng.integers(0, width - min(w, width) + 1))
-    y = int(rng.integers(0, height - min(h, height) + 1))
-    return width, height, Box(x, y, min(w, width - x), min(h, height - y))
 
 
 @pytest.mark.filterwarnings("ignore:sample oracle")
@@ -76,8 +38,8 @@ def test_box_mapping_matches_oracle(family, pad, cases):
     rng = np.random.default_rng(1234 if pad else 99)
     grids_seen = set()
     for _ in range(cases):
-        width, height, box = _random_case(rng, 900)
-        changed, layout = _oracle_positions(loaded, width, height, box, rng)
+        width, height, box = random_case(rng, max_side=900)
+        changed, layout = changed_positions(loaded, width, height, box, rng)
         expected = layout.related_image_patches
         if len(expected) == 0:
             assert len(changed) == 0 and layout.unmapped_boxes == (box,)
