@@ -246,3 +246,74 @@ def save_figure(fig, name: str, numbers: pd.DataFrame, directory: Path | None = 
     tmp.replace(paths["csv"])
     plt.close(fig)
     return paths
+
+
+CONTROL_COLOR = "#555555"
+
+
+def plot_flow_vs_control(stats: pd.DataFrame, title: str, flows: Sequence[str] | None = None):
+    """One panel per flow: the flow's mean change (bootstrap 95% band), its matched random control's mean
+    (dashed, band: the spread of the draws' means), and a mark on each window where the two differ after
+    correction (`stats.flow_vs_control`'s columns)."""
+    sns.set_theme(style="whitegrid", context="paper")
+    flows = list(flows or dict.fromkeys(stats["flow"]))
+    fig, axes = _panel_grid(len(flows))
+    for ax, flow in zip(axes, flows):
+        rows = stats[stats["flow"] == flow].sort_values("layer")
+        color = FLOW_COLORS.get(flow)
+        ax.plot(rows["layer"], rows["flow_mean"], color=color, linewidth=1.6, label="flow")
+        ax.fill_between(rows["layer"], rows["flow_low"], rows["flow_high"], color=color, alpha=0.2, linewidth=0)
+        ax.plot(
+            rows["layer"],
+            rows["control_mean"],
+            color=CONTROL_COLOR,
+            linewidth=1.2,
+            linestyle="--",
+            label="matched random control",
+        )
+        ax.fill_between(
+            rows["layer"], rows["control_min"], rows["control_max"], color=CONTROL_COLOR, alpha=0.15, linewidth=0
+        )
+        marked = rows[rows["significant"]]
+        ax.scatter(
+            marked["layer"],
+            marked["flow_mean"],
+            marker="o",
+            s=14,
+            color="black",
+            zorder=3,
+            label=f"differs ({rows['correction'].iloc[0]}-adjusted p < 0.05)",
+        )
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_title(f"{flow} (n={int(rows['n'].max())})", fontsize=8)
+        ax.set_xlabel("Layer")
+        ax.set_ylabel(Y_LABEL)
+    axes[0].legend(fontsize=6, loc="lower left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_variant_curves(
+    summary: pd.DataFrame, title: str, value_label: str = Y_LABEL, panel: str = "window_kind", line: str = "flow"
+):
+    """One panel per value of `panel` (e.g. window kind), a banded line per value of `line` (e.g. mask);
+    `summary` from `summarise_curves(table, by=(panel, line, "layer"))`."""
+    sns.set_theme(style="whitegrid", context="paper")
+    panels = list(dict.fromkeys(summary[panel]))
+    lines = list(dict.fromkeys(summary[line]))
+    palette = dict(zip(lines, sns.color_palette("tab10")))
+    fig, axes = _panel_grid(len(panels))
+    for ax, name in zip(axes, panels):
+        for value in lines:
+            rows = summary[(summary[panel] == name) & (summary[line] == value)].sort_values("layer")
+            if not rows.empty:
+                _band_line(ax, rows, str(value), FLOW_COLORS.get(value, palette[value]))
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_title(str(name), fontsize=8)
+        ax.set_xlabel("Layer")
+        ax.set_ylabel(value_label, fontsize=7)
+    axes[0].legend(fontsize=6, loc="lower left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -45,6 +45,8 @@ class Verdict:
     finding: str
     rule: str
     per_task: dict  # task -> (meets the rule, what was seen)
+    #: What the keys of `per_task` are, as the summary line counts them.
+    unit: str = "tasks"
 
     @property
     def tasks_meeting(self) -> list[str]:
@@ -58,7 +60,7 @@ class Verdict:
     def __str__(self) -> str:
         lines = [
             f"{self.finding}: {self.supported.upper()} ({len(self.tasks_meeting)} of {len(self.per_task)} "
-            f"tasks). Rule: {self.rule}."
+            f"{self.unit}). Rule: {self.rule}."
         ]
         lines += [f"  {'yes' if meets else 'no ':3} {task}: {seen}" for task, (meets, seen) in self.per_task.items()]
         return "\n".join(lines)
@@ -68,8 +70,8 @@ class Verdict:
             f"| {task} | {'yes' if meets else 'no'} | {seen} |" for task, (meets, seen) in self.per_task.items()
         )
         return (
-            f"**{self.finding}: {self.supported}** ({len(self.tasks_meeting)} of {len(self.per_task)} tasks)  \n"
-            f"Rule: {self.rule}.\n\n| task | meets the rule | seen |\n|---|---|---|\n{rows}\n"
+            f"**{self.finding}: {self.supported}** ({len(self.tasks_meeting)} of {len(self.per_task)} {self.unit})  \n"
+            f"Rule: {self.rule}.\n\n| {self.unit.rstrip('s')} | meets the rule | seen |\n|---|---|---|\n{rows}\n"
         )
 
 
@@ -172,4 +174,56 @@ def answer_lens(lens_summary: pd.DataFrame) -> Verdict:
         "Finding 4, the answer appears at the last position lowercase first",
         f"the lowercase answer's probability reaches {APPEARS:g} at an earlier layer than the capitalised answer's",
         per_task,
+    )
+
+
+#: Where the paper places each flow's effect: the thirds in which `against_controls` looks for it.
+PAPER_PLACES = {
+    "Image->Question": ("lower",),
+    "Related Image Patches->Question": ("middle",),
+    "Other Image Patches->Question": ("lower",),
+    "Question->Last": ("middle", "upper"),
+}
+
+
+def against_controls(stats: pd.DataFrame, num_layers: int, places: dict | None = None) -> Verdict:
+    """Findings 1-3 against matched random controls: does each flow hurt more than edges of its size?
+
+    `stats` from `stats.flow_vs_control` (one row per flow and window, optionally per task too). A flow
+    (per task, if the table has tasks) meets the rule when, in at least one window of the thirds where
+    the paper places its effect (`PAPER_PLACES`), its mean change lies below its control's and the
+    paired test's adjusted p-value is under the table's alpha (its `significant` column).
+    """
+    places = PAPER_PLACES if places is None else places
+    per_flow, keys = {}, [k for k in ("task", "flow") if k in stats]
+    for key, rows in stats[stats["flow"].isin(list(places))].groupby(keys, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        flow = key[-1]
+        inside = rows[[third(l, num_layers) in places[flow] for l in rows["layer"]]]
+        hits = inside[inside["significant"] & (inside["diff"] < 0)]
+        where = " and ".join(places[flow])
+        if len(hits):
+            best = hits.loc[hits["diff"].idxmin()]
+            seen = (
+                f"below its control in {len(hits)} of {len(inside)} {where}-third windows (largest gap "
+                f"{best['diff']:.1f} pp at layer {int(best['layer'])}, dz {best['effect_size']:.2f}, "
+                f"adjusted p {best['p_adjusted']:.3g}, n={int(best['n'])})"
+            )
+        else:
+            closest = inside.loc[inside["p_adjusted"].idxmin()] if len(inside) else None
+            seen = f"not distinguishable from its control in the {where} third" + (
+                f" (smallest adjusted p {closest['p_adjusted']:.3g} at layer {int(closest['layer'])}, "
+                f"gap {closest['diff']:.1f} pp)"
+                if closest is not None
+                else ""
+            )
+        per_flow[" · ".join(key)] = (len(hits) > 0, seen)
+    correction = stats["correction"].iloc[0] if "correction" in stats and len(stats) else "holm"
+    return Verdict(
+        "Findings 1-3 against matched random controls",
+        "the flow lowers the answer's probability more than random edges of the same number in the same "
+        f"query rows and layers (paired sign-flip test, {correction}-adjusted across windows, p < 0.05) in at "
+        "least one window of the third(s) where the paper places its effect",
+        per_flow,
+        unit="flows" if keys == ["flow"] else "task-flows",
     )

@@ -20,6 +20,7 @@ FIGURES = {
     "01_general_image_flow": ["01_image_to_question"],
     "02_object_specific_flow": ["02_related_vs_other_patches"],
     "03_last_position": ["03_last_position", "03_answer_lens", "03_answer_lens_raw"],
+    "04_controls_and_variants": ["04_flow_vs_control", "04_window_variants", "04_scores_and_modes"],
 }
 
 
@@ -91,7 +92,7 @@ def test_every_notebook_runs_shows_and_writes_its_figures_from_one_shared_run(fa
         ]
         assert shown == [(tmp_path / "figures" / f"{name}.png").read_bytes() for name in FIGURES[notebook.stem]]
         verdicts = [output["data"]["text/markdown"] for output in outputs if "text/markdown" in output.get("data", {})]
-        assert len(verdicts) == {"00": 0, "01": 1, "02": 1, "03": 2}[notebook.stem[:2]]
+        assert len(verdicts) == {"00": 0, "01": 1, "02": 1, "03": 2, "04": 1}[notebook.stem[:2]]
         assert all(v.startswith("**Finding") for v in verdicts)
     # Notebooks 01-03 shared one knockout run (one answer filter and clean pass per sample) ...
     (run,) = (tmp_path / "runs").rglob("run.json")
