@@ -27,7 +27,7 @@ PARAMS := $(if $(MODEL),-p MODEL "$(MODEL)") $(if $(DATA),-p DATA "$(DATA)") \
           $(if $(CSV_DIR),-p CSV_DIR "$(CSV_DIR)") $(if $(IMAGE_DIR),-p IMAGE_DIR "$(IMAGE_DIR)") \
           $(if $(TASKS),-p TASKS "$(TASKS)") $(if $(MAX_BATCH),-p MAX_BATCH $(MAX_BATCH))
 
-.PHONY: help venv test test-fast figures figures-check lab lint clean clean-venv
+.PHONY: help venv test test-fast test-browser figures figures-check lab lint clean clean-venv
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/:\t/'
@@ -47,6 +47,13 @@ test: lint  ## lint, then run the whole test suite offline (what CI runs)
 
 test-fast: $(STAMP)  ## the unit tests without the slow tier
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+# The browser tier (tests/browser, also part of `make test`, which skips it, saying why, without Chromium):
+# every notebook run in JupyterLab in headless Chromium, figures and explorers checked; screenshots and
+# timings in $(BUILD)/browser/. Here a missing Chromium or Playwright fails instead of skipping.
+test-browser: $(STAMP)  ## JupyterLab in headless Chromium: every notebook, its figures, its explorer (needs chromium)
+	FLOWLIB_REQUIRE_BROWSER=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+	  $(PY) -m pytest -q -m browser tests/browser
 
 figures: $(STAMP)  ## run every notebook with papermill into figures/ (portable CPU kernels; PORTABLE=0: native)
 	@mkdir -p $(BUILD)/notebooks
