@@ -61,6 +61,18 @@ def launch(command: list[str], script: str | None = None, **env) -> subprocess.P
     )
 
 
+def torchrun(command: list[str], ranks: int) -> subprocess.Popen:
+    """`torchrun --standalone --nproc-per-node <ranks> -m flowlib <command>`: the launcher itself, on the CPU."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    return subprocess.Popen(
+        [*launcher, "-m", "flowlib", *command],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def finish(processes) -> list[tuple[int, str, str]]:
     results = []
     for process in processes:
@@ -87,6 +99,17 @@ def test_torchrun_ranks_and_shards_give_the_single_process_table(checkpoint, dat
         table = pd.read_parquet(tmp_path / folder / "results.parquet")
         pd.testing.assert_frame_equal(table, one)  # already in sample order: equal without sorting
         assert sorted(p.stem for p in (tmp_path / folder / "shards").glob("*.json")) == ["0-of-2", "1-of-2"]
+
+
+def test_the_torchrun_launcher_gives_the_single_process_table(checkpoint, data, tmp_path):
+    assert cli.main(args(checkpoint, *data, tmp_path / "one")) == 0
+    ((code, out, err),) = finish([torchrun(args(checkpoint, *data, tmp_path / "torchrun"), ranks=2)])
+    assert code == 0, err
+    assert "rank 0/2: " in out and "rank 1/2: " in out
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(tmp_path / "torchrun" / "results.parquet"),
+        pd.read_parquet(tmp_path / "one" / "results.parquet"),
+    )
 
 
 def test_a_rank_killed_mid_run_is_redone_alone_to_the_same_table(checkpoint, data, tmp_path):
