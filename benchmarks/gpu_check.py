@@ -1,7 +1,8 @@
 """The prepared GPU check: the paper's model shapes at full width through the runner, in half precision.
 
-For LLaVA-1.5-7b and Llama3-LLaVA-NeXT-8b shapes (`flowlib.architectures`, full width and depth,
-random weights, float16), on a few stand-in samples of GQA's image sizes, it measures:
+For LLaVA-1.5-7b and Llama3-LLaVA-NeXT-8b shapes (`flowlib.architectures`), and beyond the paper
+Qwen2.5-VL-7B and LLaVA-OneVision-7B shapes (`flowlib.families.released`), at full width and depth,
+random weights, float16, on a few stand-in samples of GQA's image sizes, it measures:
 - fast against reference engine: the largest difference of relative change (percentage points),
   one sample, every paper flow;
 - time per analysed sample through `run_experiment` (answer filter, clean pass, six flows, fast engine);
@@ -13,8 +14,8 @@ random weights, float16), on a few stand-in samples of GQA's image sizes, it mea
 
 Random weights answer nothing correctly, so each stand-in sample's answer is set to the model's own
 greedy answer first (as the runner's tests do). The tokenizer is flowlib's word-level one (the real
-ones are test data, not shipped): prompts are a few tokens shorter than the real ones, image blocks
-exactly as long.
+ones are test data, not shipped; the new families get a word-level one with their special tokens):
+prompts are a few tokens shorter than the real ones, image blocks exactly as long.
 
     python benchmarks/gpu_check.py                      # on a GPU: about 5 minutes on one H100
     python benchmarks/gpu_check.py --dry-run            # CPU, tiny width, 4 layers: checks the script
@@ -35,14 +36,21 @@ import torch
 from PIL import Image
 
 from flowlib.architectures import PAPER_CHECKPOINTS, build_config, model_class
+from flowlib.families.released import RELEASED, released_config
+from flowlib.families.tiny import build_family_processor, chatml_tokenizer
 from flowlib.knockout import PAPER_FLOWS
-from flowlib.models import wrap_model
+from flowlib.models import adapter_for, wrap_model
 from flowlib.runner import greedy_answer, run_experiment
 from flowlib.sample import Box, Sample
 from flowlib.sweep import clean_pass, suffix_start, sweep_fast, sweep_memory, sweep_reference
 from flowlib.tiny import TEST_WORDS, word_level_tokenizer
 
-MODELS = ("llava-hf/llava-1.5-7b-hf", "llava-hf/llama3-llava-next-8b-hf")
+MODELS = (
+    "llava-hf/llava-1.5-7b-hf",
+    "llava-hf/llama3-llava-next-8b-hf",
+    "Qwen/Qwen2.5-VL-7B-Instruct",
+    "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+)
 #: GQA-like image sizes (width, height): NeXT gives 2340, 2928 and 1464 image tokens for these.
 SIZES = ((640, 480), (500, 500), (500, 333))
 RELEASED_QUESTIONS = 5525
@@ -53,19 +61,36 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 def build(name: str, *, dtype: torch.dtype, device: str, num_layers=None, width="full"):
     """A random-weight model of checkpoint `name`, built directly on `device` in `dtype`, as a LoadedModel."""
-    tokenizer = word_level_tokenizer(TEST_WORDS)
-    config = build_config(name, num_layers=num_layers, width=width)
-    config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")  # the word-level tokenizer's id
+    if name in RELEASED:
+        family = RELEASED[name][0]
+        tokenizer = chatml_tokenizer(TEST_WORDS)
+        config = released_config(name, num_layers=num_layers, width=width)
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<image>")}
+        if family.startswith("qwen"):  # the word-level tokenizer's ids for the vision markers
+            config.image_token_id, config.video_token_id = ids["<|image_pad|>"], ids["<|video_pad|>"]
+            config.vision_start_token_id = tokenizer.convert_tokens_to_ids("<|vision_start|>")
+            config.vision_end_token_id = tokenizer.convert_tokens_to_ids("<|vision_end|>")
+        else:
+            config.image_token_id = ids["<image>"]
+        cls = adapter_for(config).model_class
+        processor = build_family_processor(family, tokenizer)
+    else:
+        tokenizer = word_level_tokenizer(TEST_WORDS)
+        config = build_config(name, num_layers=num_layers, width=width)
+        config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")  # the word-level tokenizer's id
+        cls = model_class(name)
+        processor = build_processor_for(name, tokenizer)
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):  # initialise on the device: 8 B parameters on the host would take minutes
-            model = model_class(name)(config).eval()
+            model = cls(config).eval()
     finally:
         torch.set_default_dtype(previous)
     model.generation_config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    processor = build_processor_for(name, tokenizer)
+    if name in RELEASED:
+        model.generation_config.bos_token_id = None  # the Qwen-based models prompt without one
     return wrap_model(model, processor, name=f"{name} (random weights)")
 
 
@@ -188,7 +213,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--samples", type=int, default=4, help="stand-in samples per model")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(PAPER_CHECKPOINTS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=[*PAPER_CHECKPOINTS, *RELEASED])
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     if args.dry_run:

@@ -9,15 +9,20 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 
 @pytest.mark.slow
-def test_gpu_check_dry_run_measures_both_model_shapes(capsys):
+def test_gpu_check_dry_run_measures_every_model_shape(capsys):
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
     results_before = gpu_check.RESULTS.read_text()
     assert gpu_check.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| llava-hf/")]
-    assert [row.split(" | ")[0] for row in rows] == ["| llava-hf/llava-1.5-7b-hf", "| llava-hf/llama3-llava-next-8b-hf"]
+    rows = [line for line in out.splitlines() if line.startswith(("| llava-hf/", "| Qwen/"))]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| llava-hf/llava-1.5-7b-hf",
+        "| llava-hf/llama3-llava-next-8b-hf",
+        "| Qwen/Qwen2.5-VL-7B-Instruct",
+        "| llava-hf/llava-onevision-qwen2-7b-ov-hf",
+    ]
     for row in rows:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert cells[1] == "2" and cells[2] == "float32"
@@ -26,4 +31,6 @@ def test_gpu_check_dry_run_measures_both_model_shapes(capsys):
         measured, estimated = cells[5].rstrip(")").split(" (")
         assert measured == "nan" and 0 < float(estimated) < 1  # no device peak on a CPU; tiny width: < 1 GiB
     assert rows[1].split(" | ")[3] == "2340"  # 640x480 under anyres: 576 + 36 x (48 + 1)
+    assert rows[2].split(" | ")[3] == "391"  # 640x480 resized to 644x476: 23 x 17 merged tokens
+    assert rows[3].split(" | ")[3] == "2929"  # 640x480 under anyres-max-9 (the processor's own count)
     assert gpu_check.RESULTS.read_text() == results_before  # a dry run records nothing
