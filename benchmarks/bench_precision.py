@@ -5,7 +5,7 @@ folder at full width with a few decoder layers (`save_checkpoint_folder`, the re
 ../shared), loads it in each dtype through `flowlib.models.load_model` as a downloaded checkpoint loads,
 and sweeps every paper flow with both engines on one stand-in sample. It prints every number: relative
 change per window from each engine, their largest difference (percentage points), whether any module
-produced a NaN or inf, and the times. Then the fast engine's memory estimate (`flowlib.sweep.sweep_memory`)
+produced a NaN or inf, and the times. Then the fast engine's memory estimate (`flowlib.memory.sweep_memory`)
 for the four checkpoints at their real depth in float16, on GQA-sized inputs: estimates, not measurements.
 
     python benchmarks/bench_precision.py                 # the full grid: ~25 minutes on 2 cores
@@ -43,9 +43,10 @@ from flowlib.architectures import (
     save_checkpoint_folder,  # noqa: E402
 )
 from flowlib.knockout import PAPER_FLOWS, language_model  # noqa: E402
+from flowlib.memory import sweep_memory  # noqa: E402
 from flowlib.models import load_model, wrap_model  # noqa: E402
 from flowlib.sample import Box, Sample  # noqa: E402
-from flowlib.sweep import clean_pass, suffix_start, sweep_fast, sweep_memory, sweep_reference  # noqa: E402
+from flowlib.sweep import clean_pass, suffix_start, sweep_fast, sweep_reference  # noqa: E402
 from tests.real_tokenizers import tokenizer_for  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "float16")

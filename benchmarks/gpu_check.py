@@ -6,7 +6,7 @@ random weights, float16, on a few stand-in samples of GQA's image sizes, it meas
 - fast against reference engine: the largest difference of relative change (percentage points),
   one sample, every paper flow;
 - time per analysed sample through `run_experiment` (answer filter, clean pass, six flows, fast engine);
-- peak device memory, beside the fast engine's estimate (`sweep.sweep_memory` for the longest stand-in
+- peak device memory, beside the fast engine's estimate (`memory.sweep_memory` for the longest stand-in
   sample, all windows in one batch and every paper flow's suffix, plus the weights), so that one GPU run
   tells how far the estimate the README quotes is from a measurement;
 - the paper's grid projected per model: seconds per sample x 5,525 released questions (an upper
@@ -39,10 +39,11 @@ from flowlib.architectures import PAPER_CHECKPOINTS, build_config, model_class
 from flowlib.families.released import RELEASED, released_config
 from flowlib.families.tiny import build_family_processor, chatml_tokenizer
 from flowlib.knockout import PAPER_FLOWS
+from flowlib.memory import sweep_memory
 from flowlib.models import adapter_for, wrap_model
 from flowlib.runner import greedy_answer, run_experiment
 from flowlib.sample import Box, Sample
-from flowlib.sweep import clean_pass, suffix_start, sweep_fast, sweep_memory, sweep_reference
+from flowlib.sweep import clean_pass, suffix_start, sweep_fast, sweep_reference
 from flowlib.tiny import TEST_WORDS, word_level_tokenizer
 
 MODELS = (

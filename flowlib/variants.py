@@ -41,6 +41,7 @@ from transformers.masking_utils import sdpa_mask
 
 from .families.base import suffix_positions
 from .knockout import KnockoutAttention, current_backend, installed, knockout, language_model
+from .memory import auto_max_batch, free_memory, sweep_memory
 from .sweep import (
     MIN_SUFFIX,
     SUFFIX_ALIGN,
@@ -48,12 +49,9 @@ from .sweep import (
     PerDevice,
     ZeroBaseProbability,
     answer_probs,
-    auto_max_batch,
     clean_pass,
-    free_memory,
     module_device,
     relative_change,
-    sweep_memory,
     window_layers,
 )
 

@@ -7,19 +7,15 @@ import pytest
 import torch
 
 from flowlib.knockout import PAPER_FLOWS, FlowError, KnockoutAttention, cut_matrix, installed, knockout
+from flowlib.memory import MEMORY_MARGIN, SweepMemory, auto_max_batch, free_memory, sweep_memory
 from flowlib.models import wrap_model
 from flowlib.sweep import (
-    MEMORY_MARGIN,
-    SweepMemory,
     ZeroBaseProbability,
-    auto_max_batch,
     clean_pass,
-    free_memory,
     layer_sweep,
     relative_change,
     suffix_start,
     sweep_fast,
-    sweep_memory,
     sweep_reference,
     sweep_windows,
     window_layers,
