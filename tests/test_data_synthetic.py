@@ -203,23 +203,6 @@ def test_task_counts_weight_the_mix_without_changing_each_task_samples():
         assert _solve(row["question"], json.loads(row["scene_graph"])) == row["answer"]
 
 
-def test_scene_questions_are_answered_by_the_scene_graph(rows):
-    # The extra training turns: every answer is what an independent reading of the scene graph gives.
-    rng = np.random.default_rng(0)
-    asked = defaultdict(Counter)
-    for row in rows:
-        scene = json.loads(row["scene_graph"])
-        for question, answer in syn.scene_questions(scene, rng, 4):
-            assert _solve(question, scene) == answer, question
-            asked[question.split()[1]][answer] += 1  # the second word tells the templates apart enough
-    assert set(asked) == {"the", "shape", "there", "do", "which"}
-    assert set(asked["do"]) == {"color", "size", "texture"} and set(asked["there"]) == {"yes", "no"}
-    assert {"left", "right", "above", "below"} <= set(asked["the"])
-    assert min(asked["there"].values()) > 0.3 * sum(asked["there"].values())  # neither answer dominates
-    empty = {"width": 320, "height": 240, "objects": {}}
-    assert syn.scene_questions(empty, rng, 3) == []
-
-
 def test_vocabulary_covers_all_text(rows):
     vocab = set(syn.synthetic_vocabulary())
     assert all(w == w.lower() for w in vocab)

@@ -24,8 +24,6 @@ boxes as a list of structs and the scene graph as a JSON string.
 
 from __future__ import annotations
 
-import functools
-import io
 import json
 import os
 import re
@@ -35,26 +33,16 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from flowlib import config
+from flowlib.data.drawing import BACKGROUND, COLORS, SHAPES, SIZES, mask, png, render
 from flowlib.sample import TASKS, Box, Sample, check_task
 
-SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
-COLORS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 205, 40),
-    "purple": (140, 60, 180),
-    "orange": (245, 140, 30),
-}
-SIZES = {"small": 56, "large": 96}
 TEXTURES = ("plain", "striped", "dotted")
 #: The attribute kinds; CompareAttr answers with these names (GQA spells it "color").
 ATTRIBUTES = {"color": tuple(COLORS), "size": tuple(SIZES), "texture": TEXTURES}
 IMAGE_SIZES = ((320, 240), (240, 320))  # (width, height): landscape and portrait
-BACKGROUND = (232, 232, 226)
 SMALL_SIDE = SIZES["small"]
 SMALLEST_OBJECT_PROCESSED_PX = SMALL_SIDE * config.TOY_IMAGE_SIZE / max(max(s) for s in IMAGE_SIZES)
 GAP = 8  # px between objects, so a box never touches another object's pixels
@@ -99,84 +87,11 @@ def synthetic_vocabulary() -> tuple[str, ...]:
     return tuple(sorted(words))
 
 
-# ----------------------------------------------------------------------------- drawing
-
-_POLYGONS = {
-    "triangle": [(0.5, 0), (1, 1), (0, 1)],
-    "diamond": [(0.5, 0), (1, 0.5), (0.5, 1), (0, 0.5)],
-    "cross": [
-        (0.32, 0),
-        (0.68, 0),
-        (0.68, 0.32),
-        (1, 0.32),
-        (1, 0.68),
-        (0.68, 0.68),
-        (0.68, 1),
-        (0.32, 1),
-        (0.32, 0.68),
-        (0, 0.68),
-        (0, 0.32),
-        (0.32, 0.32),
-    ],
-}
-
-
-def _star() -> list[tuple[float, float]]:
-    angles = -np.pi / 2 + np.arange(10) * np.pi / 5
-    radii = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
-    pts = np.stack([radii * np.cos(angles), radii * np.sin(angles)], 1)
-    pts = (pts - pts.min(0)) / (pts.max(0) - pts.min(0))  # fill the unit square in both directions
-    return [tuple(p) for p in pts]
-
-
-_POLYGONS["star"] = _star()
-
-
-@functools.cache
-def _mask(shape: str, side: int) -> Image.Image:
-    mask = Image.new("L", (side, side), 0)
-    draw = ImageDraw.Draw(mask)
-    if shape == "circle":
-        draw.ellipse([0, 0, side - 1, side - 1], fill=255)
-    elif shape == "square":
-        draw.rectangle([0, 0, side - 1, side - 1], fill=255)
-    else:
-        draw.polygon([(x * (side - 1), y * (side - 1)) for x, y in _POLYGONS[shape]], fill=255)
-    return mask
-
-
-@functools.cache
-def _patch(color: str, texture: str, side: int) -> Image.Image:
-    rgb = np.empty((side, side, 3), np.uint8)
-    rgb[:] = COLORS[color]
-    yy, xx = np.mgrid[0:side, 0:side]
-    # Bands and dots of 10 px stay 4 px wide after the 0.4 downscale, so texture survives it.
-    if texture == "striped":
-        rgb[(yy // 10) % 2 == 1] = (np.array(COLORS[color]) * 0.35).astype(np.uint8)
-    elif texture == "dotted":
-        rgb[((xx % 20) - 10) ** 2 + ((yy % 20) - 10) ** 2 <= 25] = (25, 25, 25)
-    return Image.fromarray(rgb)
-
-
-def _render(width: int, height: int, objects: list[dict]) -> Image.Image:
-    image = Image.new("RGB", (width, height), BACKGROUND)
-    for obj in objects:
-        side = SIZES[obj["size"]]
-        image.paste(_patch(obj["color"], obj["texture"], side), (obj["x"], obj["y"]), _mask(obj["name"], side))
-    return image
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)  # fast; flat colours compress well anyway
-    return buffer.getvalue()
-
-
 # ----------------------------------------------------------------------------- scenes
 
 
 def _box_of(obj: dict) -> tuple[int, int, int, int]:
-    x0, y0, x1, y1 = _mask(obj["name"], SIZES[obj["size"]]).getbbox()  # tight around drawn pixels
+    x0, y0, x1, y1 = mask(obj["name"], SIZES[obj["size"]]).getbbox()  # tight around drawn pixels
     return obj["x"] + x0, obj["y"] + y0, x1 - x0, y1 - y0
 
 
@@ -347,7 +262,7 @@ def _sample(task: str, rng, key: int, first: bool, max_distractors: int | None =
     ]
     scene = {"width": width, "height": height, "background": list(BACKGROUND), "objects": objects}
     return {
-        "image": _render(width, height, placed),
+        "image": render(width, height, placed),
         "question": question,
         "answer": true,
         "task": task,
@@ -364,122 +279,6 @@ def _sample(task: str, rng, key: int, first: bool, max_distractors: int | None =
     }
 
 
-def scene_questions(scene: dict, rng: np.random.Generator, n: int, tasks=TASKS) -> list[tuple[str, str]]:
-    """Up to `n` further (question, answer) pairs about a scene graph, for extra training turns.
-
-    Each picks a random task of `tasks` and random objects of the scene; a task the scene cannot ask (no pair
-    of objects sharing exactly one attribute, say) is skipped. Answers follow from the scene graph by
-    the same rules as the generated samples (boxes `GAP` apart for relations, `SIDE_MARGIN` from the
-    midline for sides), so a question never has two readings. Unlike `generate_split`, answers are not
-    balanced: these turns add training signal, they are never evaluated.
-    """
-    objects = [scene["objects"][key] for key in sorted(scene["objects"])]
-    if not objects:  # a LogicalObj "no" scene without distractors can be empty
-        return []
-    pairs = []
-    for _ in range(n):
-        task = tasks[int(rng.integers(len(tasks)))]
-        pair = _scene_question(check_task(task), objects, scene, rng)
-        if pair is not None:
-            pairs.append(pair)
-    return pairs
-
-
-def _options(true: str, false: str, rng) -> dict:
-    return dict(zip(("opt1", "opt2"), (true, false) if rng.integers(2) else (false, true)))
-
-
-def _scene_question(task: str, objects: list[dict], scene: dict, rng) -> tuple[str, str] | None:
-    pick = lambda items: items[int(rng.integers(len(items)))]  # noqa: E731
-    shapes_here = [o["name"] for o in objects]
-    if task == "ChooseAttr":
-        obj, kind = pick(objects), pick(tuple(ATTRIBUTES))
-        false = pick([v for v in ATTRIBUTES[kind] if v != obj[kind]])
-        return TEMPLATES["ChooseAttr"].format(shape=obj["name"], **_options(obj[kind], false, rng)), obj[kind]
-    if task == "ChooseCat":
-        colors = [o["color"] for o in objects]
-        unique = [o for o in objects if colors.count(o["color"]) == 1]
-        if not unique:
-            return None
-        obj = pick(unique)
-        # A false option that is also in the scene, where there is one, so that only binding answers.
-        false = pick([s for s in shapes_here if s != obj["name"]] or [s for s in SHAPES if s != obj["name"]])
-        return (TEMPLATES["ChooseCat"].format(color=obj["color"], **_options(obj["name"], false, rng)), obj["name"])
-    if task == "ChooseRel":
-        relations = [
-            (a, b, rel)
-            for a in objects
-            for b in objects
-            if a is not b
-            for rel in ("left", "right", "above", "below")
-            if _holds(rel, a, b)
-        ]
-        if not relations:
-            return None
-        a, b, true = pick(relations)
-        vertical = true in ("above", "below")
-        false = {"left": "right", "right": "left", "above": "below", "below": "above"}[true]
-        pattern = "ChooseRel:v" if vertical else "ChooseRel:h"
-        return TEMPLATES[pattern].format(shape=a["name"], shape2=b["name"], **_options(true, false, rng)), true
-    if task == "CompareAttr":
-        pairs = [
-            (a, b, common[0])
-            for i, a in enumerate(objects)
-            for b in objects[i + 1 :]
-            if len(common := [k for k in ATTRIBUTES if a[k] == b[k]]) == 1
-        ]
-        if not pairs:
-            return None
-        kind = pick(sorted({k for _, _, k in pairs}))  # answer kind first: a shared colour is rarer than a size
-        a, b, _ = pick([p for p in pairs if p[2] == kind])
-        if rng.integers(2):
-            a, b = b, a
-        return TEMPLATES["CompareAttr"].format(shape=a["name"], shape2=b["name"]), kind
-    if task == "LogicalObj":
-        kind = pick(tuple(ATTRIBUTES))
-        is_yes = lambda s1, s2, value: any(o["name"] in (s1, s2) and o[kind] == value for o in objects)  # noqa: E731
-        if rng.integers(2):  # "yes": ask about an object that is there
-            obj = pick(objects)
-            s1, s2, value = obj["name"], pick([s for s in SHAPES if s != obj["name"]]), obj[kind]
-            if rng.integers(2):
-                s1, s2 = s2, s1
-        else:  # "no", found by a few random draws (an object of the scene is named half the time)
-            for _ in range(10):
-                s1, s2 = pick(shapes_here), pick(SHAPES)
-                value = pick(ATTRIBUTES[kind])
-                if s1 != s2 and not is_yes(s1, s2, value):
-                    break
-            else:
-                return None
-            if rng.integers(2):
-                s1, s2 = s2, s1
-        answer = "yes" if is_yes(s1, s2, value) else "no"
-        return TEMPLATES["LogicalObj"].format(shape=s1, shape2=s2, value=value), answer
-    if task == "QueryAttr":
-        middle = scene["width"] / 2
-        sided = [(o, "left") for o in objects if o["x"] + o["w"] <= middle - SIDE_MARGIN]
-        sided += [(o, "right") for o in objects if o["x"] >= middle + SIDE_MARGIN]
-        if not sided:
-            return None
-        obj, side = pick(sided)
-        return TEMPLATES["QueryAttr"].format(shape=obj["name"]), side
-    check_task(task)
-
-
-def _holds(relation: str, a: dict, b: dict) -> bool:
-    """Whether box `a` lies `relation` of box `b`, at least `GAP` px apart (tight boxes of the scene graph)."""
-    return {
-        "left": a["x"] + a["w"] + GAP <= b["x"],
-        "right": b["x"] + b["w"] + GAP <= a["x"],
-        "above": a["y"] + a["h"] + GAP <= b["y"],
-        "below": b["y"] + b["h"] + GAP <= a["y"],
-    }[relation]
-
-
-#: Tasks whose `hard` samples (`generate_split(hard=...)`) defeat a shortcut: ChooseCat's false shape is
-#: always in the scene (in another colour), so that only binding the colour to a shape answers; a LogicalObj
-#: "no" scene always holds the asked value, on a shape the question does not name, so that seeing the value
-#: somewhere is not enough. Without them a model can score 75% on ChooseCat by naming the option it sees.
 HARD_CASES = {
     "ChooseCat": "ChooseCat's false shape always in the scene",
     "LogicalObj": "LogicalObj `no` scenes holding the asked value on an unnamed shape",
@@ -531,7 +330,7 @@ def generate_split(
 
     rows = generate_rows(n_per_task, seed, split, tasks, max_distractors, hard, hard_tasks)
     columns = {name: [row[name] for row in rows] for name in features()}
-    columns["image"] = [{"bytes": _png(image), "path": None} for image in columns["image"]]
+    columns["image"] = [{"bytes": png(image), "path": None} for image in columns["image"]]
     return Dataset.from_dict(columns, features=features())
 
 
