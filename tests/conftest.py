@@ -98,3 +98,13 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def disk_model(checkpoint):
     return models.load_model(str(checkpoint))
+
+
+@pytest.fixture(scope="module", params=("llava-1.5", "llava-next"))
+def white_tiny(request):
+    """(loaded, prepared, clean pass): a 5-layer tiny model of each family on `white_sample` (the sweep tests)."""
+    from flowlib.sweep import clean_pass
+
+    loaded = tiny_llava(request.param, layers=5)
+    prepared = loaded.prepare(white_sample())
+    return loaded, prepared, clean_pass(loaded, prepared)

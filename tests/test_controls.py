@@ -14,21 +14,16 @@ from flowlib.controls import (
     variant_table,
 )
 from flowlib.knockout import PAPER_FLOWS, FlowError, cut_matrix, knockout
-from flowlib.sweep import clean_pass, sweep_reference
-from flowlib.tiny import tiny_llava
+from flowlib.sweep import sweep_reference
 from flowlib.variants import WINDOW_KINDS, cut_sweep
 from tests.conftest import white_sample
-
-FAMILIES = ("llava-1.5", "llava-next")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def tiny(request):
-    loaded = tiny_llava(request.param, layers=5)
-    prepared = loaded.prepare(white_sample())
-    return loaded, prepared, clean_pass(loaded, prepared)
+@pytest.fixture
+def tiny(white_tiny):
+    return white_tiny
 
 
 def removed(loaded, prepared, layers, **kwargs):

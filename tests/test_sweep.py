@@ -29,11 +29,9 @@ FAMILIES = ("llava-1.5", "llava-next")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def tiny(request):
-    loaded = tiny_llava(request.param, layers=5)
-    prepared = loaded.prepare(white_sample())
-    return loaded, prepared, clean_pass(loaded, prepared)
+@pytest.fixture
+def tiny(white_tiny):
+    return white_tiny
 
 
 def test_windows_follow_the_paper():

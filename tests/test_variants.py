@@ -6,21 +6,15 @@ import torch
 
 from flowlib.controls import keep_only_cut, matched_random_cut
 from flowlib.knockout import cut_matrix, knockout
-from flowlib.sweep import answer_probs, clean_pass, relative_change, sweep_reference
-from flowlib.tiny import tiny_llava
+from flowlib.sweep import answer_probs, relative_change, sweep_reference
 from flowlib.variants import WINDOW_KINDS, blocked_states, cut_sweep, invert, schedule_label, window_schedules
-from tests.conftest import white_sample
-
-FAMILIES = ("llava-1.5", "llava-next")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def tiny(request):
-    loaded = tiny_llava(request.param, layers=5)
-    prepared = loaded.prepare(white_sample())
-    return loaded, prepared, clean_pass(loaded, prepared)
+@pytest.fixture
+def tiny(white_tiny):
+    return white_tiny
 
 
 def test_schedules():
