@@ -2,8 +2,9 @@
 
 `sweep_memory` estimates the fast engine's peak from the model's config alone (the README's and
 `benchmarks/gpu_check.py`'s figures); `auto_max_batch` turns the device's free memory (`free_memory`)
-into windows per batch, which `sweep.sweep_fast` uses with ``max_batch="auto"``: the numbers stay the
-same, only the batches shrink.
+into windows per batch, which the fast engine's loop (`sweep.suffix_batches`, run by `sweep.sweep_fast`
+and `variants.blocked_states`) uses with ``max_batch="auto"``: the numbers stay the same, only the
+batches shrink.
 """
 
 from __future__ import annotations

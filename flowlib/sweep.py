@@ -10,7 +10,8 @@ Two engines share one interface and give the same numbers:
 - `sweep_fast`: one clean pass; positions before the flow's first target never
   change, so their keys and values are reused, and only the suffix is recomputed
   from each window's first layer, all windows batched (a window joins the batch at
-  its first layer with the clean hidden state). See docs/protocol.md.
+  its first layer with the clean hidden state). See docs/protocol.md. Its loop,
+  `suffix_batches`, takes any cut and any layers per step (`variants.blocked_states`).
 
 `memory.sweep_memory` estimates the fast engine's memory from the model's config; with
 ``max_batch="auto"`` (the default) `sweep_fast` sizes its batches of windows to the
@@ -244,6 +245,69 @@ class PerDevice:
 
 
 @torch.no_grad()
+def suffix_batches(
+    loaded, prepared, cut: torch.Tensor, t0: int, schedules: Sequence[Sequence[int]], clean: CleanPass, max_batch
+):
+    """The fast engine's loop (`sweep_fast`, `variants.blocked_states`): `cut` blocked in each schedule's layers.
+
+    Positions before `t0` must be outside the cut's rows: their clean keys and values are reused, and
+    only positions t0..n-1 run through the layers, from each schedule's first layer on (earlier layers
+    equal the clean pass). Schedules are sorted layer numbers; empty ones are skipped. They run in
+    batches of at most `max_batch` (an int, None for all at once, or "auto": `auto_max_batch`), each
+    schedule joining the batch at its first layer with the clean hidden state, and every layer on its
+    own device (a device map).
+
+    Yields:
+        ``(steps, normed)`` per batch: the indices of the schedules it ran, and their final-normed
+        last-position states ``(len(steps), hidden)`` on the final norm's device.
+    """
+    model, n, num_layers = loaded.model, prepared.layout.seq_len, loaded.num_layers
+    lm = language_model(model)
+    backend = current_backend(model)
+    device = clean.hidden_states[0].device
+    order = sorted((i for i, s in enumerate(schedules) if len(s)), key=lambda i: schedules[i][0])
+    if not order:
+        return
+    cut = cut.to(device)
+    prefix = [(layer.keys[:, :, :t0], layer.values[:, :, :t0]) for layer in clean.cache.layers]
+    # The suffix's rotary positions as the full forward gives them (Qwen's 3 rows after the image are not t0..n-1).
+    positions = suffix_positions(loaded, prepared, t0, device)
+    # The suffix's causal mask against all n keys, from the library's helper (never sdpa's is_causal,
+    # which would align the suffix queries with the first keys).
+    mask = sdpa_mask(batch_size=1, q_length=n - t0, kv_length=n, q_offset=t0, allow_is_causal_skip=False, device=device)
+    if max_batch == "auto":
+        memory = sweep_memory(model.config, n, n - t0, clean.hidden_states[0].dtype)
+        max_batch = auto_max_batch(memory, len(order), free_memory(device))
+    step = max_batch or len(order)
+    for begin in range(0, len(order), step):
+        chunk = order[begin : begin + step]
+        rows = [schedules[i] for i in chunk]
+        schedule = torch.zeros(num_layers, len(rows), dtype=torch.bool, device=device)
+        for r, layers in enumerate(rows):
+            schedule[list(layers), r] = True
+        attention = KnockoutAttention(cut, schedule, backend, prefix=prefix)
+        first = rows[0][0]
+        rotary = lm.rotary_emb(clean.hidden_states[first][:, t0:], positions)
+        shared = PerDevice(mask, positions, *rotary)  # each layer's inputs on its own device (a device map)
+        hidden = None
+        with installed(model, attention):
+            for j in range(first, num_layers):
+                here = module_device(lm.layers[j])
+                joining = sum(1 for layers in rows if layers[0] == j)
+                if joining:  # schedules starting here enter with the clean state (rows stay sorted by start)
+                    state = clean.hidden_states[j][:, t0:].to(here).expand(joining, -1, -1)
+                    hidden = state if hidden is None else torch.cat([hidden.to(here), state])
+                mask_j, positions_j, cos, sin = shared.on(here)
+                hidden = lm.layers[j](
+                    hidden.to(here), attention_mask=mask_j, position_ids=positions_j, position_embeddings=(cos, sin)
+                )
+                hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            attention.verify()
+        # Normed over the whole suffix, as the full forward norms every row.
+        yield chunk, lm.norm(hidden.to(module_device(lm.norm)))[:, -1]
+
+
+@torch.no_grad()
 def sweep_fast(
     loaded,
     prepared,
@@ -266,52 +330,11 @@ def sweep_fast(
     if not (max_batch is None or (isinstance(max_batch, str) and max_batch == "auto") or (whole and max_batch >= 1)):
         raise ValueError(f"max_batch must be a whole number >= 1, 'auto' or None, not {max_batch!r}")
     flows, window, windows, clean = _setup(loaded, prepared, flow, window, clean)
-    model, layout = loaded.model, prepared.layout
-    lm = language_model(model)
-    backend = current_backend(model)
-    device = clean.hidden_states[0].device
-    n, num_layers = layout.seq_len, loaded.num_layers
-    t0 = suffix_start(layout, flows)
-    cut = cut_matrix(layout, flows, device)
-    prefix = [(layer.keys[:, :, :t0], layer.values[:, :, :t0]) for layer in clean.cache.layers]
-    # The suffix's rotary positions as the full forward gives them (Qwen's 3 rows after the image are not t0..n-1).
-    positions = suffix_positions(loaded, prepared, t0, device)
-    # The suffix's causal mask against all n keys, from the library's helper (never sdpa's is_causal,
-    # which would align the suffix queries with the first keys).
-    mask = sdpa_mask(batch_size=1, q_length=n - t0, kv_length=n, q_offset=t0, allow_is_causal_skip=False, device=device)
-    order = sorted(range(len(windows)), key=lambda i: windows[i].start)
-    if max_batch == "auto":
-        memory = sweep_memory(model.config, n, n - t0, clean.hidden_states[0].dtype)
-        max_batch = auto_max_batch(memory, len(windows), free_memory(device))
-    step = max_batch or len(order)
+    cut = cut_matrix(prepared.layout, flows, clean.hidden_states[0].device)
+    t0 = suffix_start(prepared.layout, flows)
     probs = np.empty(len(windows))
-    for begin in range(0, len(order), step):
-        chunk = order[begin : begin + step]
-        rows = [windows[i] for i in chunk]
-        schedule = torch.zeros(num_layers, len(rows), dtype=torch.bool, device=device)
-        for r, layers in enumerate(rows):
-            schedule[layers.start : layers.stop, r] = True
-        attention = KnockoutAttention(cut, schedule, backend, prefix=prefix)
-        first = rows[0].start
-        rotary = lm.rotary_emb(clean.hidden_states[first][:, t0:], positions)
-        shared = PerDevice(mask, positions, *rotary)  # each layer's inputs on its own device (a device map)
-        hidden = None
-        with installed(model, attention):
-            for j in range(first, num_layers):
-                here = module_device(lm.layers[j])
-                joining = sum(1 for layers in rows if layers.start == j)
-                if joining:  # windows starting here enter with the clean state (rows stay sorted by start)
-                    state = clean.hidden_states[j][:, t0:].to(here).expand(joining, -1, -1)
-                    hidden = state if hidden is None else torch.cat([hidden.to(here), state])
-                mask_j, positions_j, cos, sin = shared.on(here)
-                hidden = lm.layers[j](
-                    hidden.to(here), attention_mask=mask_j, position_ids=positions_j, position_embeddings=(cos, sin)
-                )
-                hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-            attention.verify()
-        # Normed over the whole suffix, as the full forward norms every row.
-        normed = lm.norm(hidden.to(module_device(lm.norm)))[:, -1]
-        probs[chunk] = answer_probs(model, normed, clean.answer_token).cpu().numpy()
+    for steps, normed in suffix_batches(loaded, prepared, cut, t0, windows, clean, max_batch):
+        probs[steps] = answer_probs(loaded.model, normed, clean.answer_token).cpu().numpy()
     return _result(prepared, flows, window, windows, clean, probs, "fast")
 
 

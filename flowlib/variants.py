@@ -14,10 +14,10 @@ removed in each layer and proves they were removed in exactly the scheduled ones
 same numbers (tests: within 1e-5 percentage points):
 
 - ``"reference"``: one full knocked-out forward per step.
-- ``"fast"``: `sweep.sweep_fast`'s method (the same loop, device maps and multimodal rotary positions
-  included) for any schedule. Rows before the cut's first row never
-  change, so their clean keys and values are reused and only the suffix is recomputed, from each
-  step's first blocked layer on. Every cut flowlib builds lies in its targets' rows, so the prefix is
+- ``"fast"``: `sweep.sweep_fast`'s loop, `sweep.suffix_batches` (device maps and multimodal rotary
+  positions included), run for any schedule. Rows before the cut's first row never change, so their
+  clean keys and values are reused and only the suffix is recomputed, from each step's first blocked
+  layer on. Every cut flowlib builds lies in its targets' rows, so the prefix is
   reused for every variant; the saving in depth is lost where a schedule starts at layer 0 (every
   cumulative-bottom step, every inverse step whose window does not start at 0): those recompute the
   suffix through all layers, still far cheaper than full forwards when the target is the question or
@@ -37,21 +37,17 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from transformers.masking_utils import sdpa_mask
 
-from .families.base import suffix_positions
-from .knockout import KnockoutAttention, current_backend, installed, knockout, language_model
-from .memory import auto_max_batch, free_memory, sweep_memory
+from .knockout import current_backend, knockout
 from .sweep import (
     MIN_SUFFIX,
     SUFFIX_ALIGN,
     CleanPass,
-    PerDevice,
     ZeroBaseProbability,
     answer_probs,
     clean_pass,
-    module_device,
     relative_change,
+    suffix_batches,
     window_layers,
 )
 
@@ -125,49 +121,12 @@ def _reference_states(loaded, prepared, cut, schedules) -> torch.Tensor:
 
 @torch.no_grad()
 def _fast_states(loaded, prepared, cut, schedules, clean: CleanPass, max_batch) -> torch.Tensor:
-    model, layout = loaded.model, prepared.layout
-    lm = language_model(model)
-    backend = current_backend(model)
-    device = clean.hidden_states[0].device
-    n, num_layers = layout.seq_len, loaded.num_layers
+    current_backend(loaded.model)  # an unusable kernel is refused even where nothing below runs
     states = clean.hidden_states[-1][0, -1].expand(len(schedules), -1).clone()  # empty schedules: the clean state
-    order = sorted((i for i, s in enumerate(schedules) if s), key=lambda i: schedules[i][0])
-    if not order or not bool(cut.any()):
+    if not bool(cut.any()):
         return states
-    cut = cut.to(device)
-    t0 = cut_suffix_start(cut)
-    prefix = [(layer.keys[:, :, :t0], layer.values[:, :, :t0]) for layer in clean.cache.layers]
-    positions = suffix_positions(loaded, prepared, t0, device)  # as the full forward's (multimodal rotary)
-    mask = sdpa_mask(batch_size=1, q_length=n - t0, kv_length=n, q_offset=t0, allow_is_causal_skip=False, device=device)
-    if max_batch == "auto":
-        memory = sweep_memory(model.config, n, n - t0, clean.hidden_states[0].dtype)
-        max_batch = auto_max_batch(memory, len(order), free_memory(device))
-    step = max_batch or len(order)
-    for begin in range(0, len(order), step):
-        chunk = order[begin : begin + step]
-        rows = [schedules[i] for i in chunk]
-        schedule = torch.zeros(num_layers, len(rows), dtype=torch.bool, device=device)
-        for r, layers in enumerate(rows):
-            schedule[list(layers), r] = True
-        attention = KnockoutAttention(cut, schedule, backend, prefix=prefix)
-        first = rows[0][0]
-        rotary = lm.rotary_emb(clean.hidden_states[first][:, t0:], positions)
-        shared = PerDevice(mask, positions, *rotary)  # each layer's inputs on its own device (a device map)
-        hidden = None
-        with installed(model, attention):
-            for j in range(first, num_layers):
-                here = module_device(lm.layers[j])
-                joining = sum(1 for layers in rows if layers[0] == j)
-                if joining:  # steps whose first blocked layer is j enter with the clean state (rows sorted)
-                    state = clean.hidden_states[j][:, t0:].to(here).expand(joining, -1, -1)
-                    hidden = state if hidden is None else torch.cat([hidden.to(here), state])
-                mask_j, positions_j, cos, sin = shared.on(here)
-                hidden = lm.layers[j](
-                    hidden.to(here), attention_mask=mask_j, position_ids=positions_j, position_embeddings=(cos, sin)
-                )
-                hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-            attention.verify()
-        states[chunk] = lm.norm(hidden.to(module_device(lm.norm)))[:, -1].to(states.device)
+    for steps, normed in suffix_batches(loaded, prepared, cut, cut_suffix_start(cut), schedules, clean, max_batch):
+        states[steps] = normed.to(states.device)
     return states
 
 
