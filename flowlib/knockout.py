@@ -36,6 +36,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from .layout import GROUPS, TokenLayout
+from .placement import execution_device
 
 #: The flows the paper's figures use.
 PAPER_FLOWS = (
@@ -385,7 +386,7 @@ def knockout(
     """
     model = loaded.model
     backend = backend or current_backend(model)
-    device = next(model.parameters()).device
+    device = execution_device(language_model(model).layers[0])
     flows = list(flows)
     if cut is not None:
         if flows:

@@ -31,6 +31,7 @@ from .families.qwen_vl import Qwen2VLAdapter, Qwen25VLAdapter
 from .geometry import painted_patch_offsets
 from .kernels import use_configured_kernels
 from .layout import TokenLayout, build_layout
+from .placement import execution_device
 from .sample import Sample
 
 
@@ -204,7 +205,8 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the inputs go: the input embeddings' device (their execution device under a device map)."""
+        return execution_device(self.model.get_input_embeddings())
 
     @property
     def dtype(self) -> torch.dtype:

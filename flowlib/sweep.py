@@ -37,6 +37,7 @@ from .config import default_window
 from .families.base import suffix_positions
 from .knockout import KnockoutAttention, current_backend, cut_matrix, flow_groups, installed, knockout, language_model
 from .memory import HEAD_CHUNK, auto_max_batch, free_memory, sweep_memory
+from .placement import execution_device, loaded_weights
 
 Flows = str | Sequence[str]
 #: The fast engine recomputes at least this many final positions (see `sweep_fast`).
@@ -82,18 +83,19 @@ def answer_probs(model, normed: torch.Tensor, token: int) -> torch.Tensor:
     libraries promise no such thing, and one product per chunk saves thousands of launches.
     """
     head = model.get_output_embeddings()
-    states = normed.double().reshape(-1, normed.shape[-1]).to(head.weight.device)  # the head's device (device map)
-    logits = torch.empty(len(states), head.weight.shape[0], dtype=torch.float64, device=states.device)
-    one_by_one = states.device.type == "cpu"
-    for start in range(0, head.weight.shape[0], HEAD_CHUNK):
-        rows = slice(start, start + HEAD_CHUNK)
-        weight = head.weight[rows].double()
-        bias = None if head.bias is None else head.bias[rows].double()
-        if one_by_one:
-            for i, state in enumerate(states):
-                logits[i, rows] = torch.nn.functional.linear(state[None], weight, bias)[0]
-        else:
-            logits[:, rows] = torch.nn.functional.linear(states, weight, bias)
+    with loaded_weights(head):  # an offloaded head's weights are on `meta` between forwards
+        states = normed.double().reshape(-1, normed.shape[-1]).to(head.weight.device)
+        logits = torch.empty(len(states), head.weight.shape[0], dtype=torch.float64, device=states.device)
+        one_by_one = states.device.type == "cpu"
+        for start in range(0, head.weight.shape[0], HEAD_CHUNK):
+            rows = slice(start, start + HEAD_CHUNK)
+            weight = head.weight[rows].double()
+            bias = None if head.bias is None else head.bias[rows].double()
+            if one_by_one:
+                for i, state in enumerate(states):
+                    logits[i, rows] = torch.nn.functional.linear(state[None], weight, bias)[0]
+            else:
+                logits[:, rows] = torch.nn.functional.linear(states, weight, bias)
     return torch.softmax(logits, -1)[:, token].reshape(normed.shape[:-1])
 
 
@@ -225,11 +227,6 @@ def suffix_start(layout, flows: Sequence[str]) -> int:
     return max(0, n - -(-length // SUFFIX_ALIGN) * SUFFIX_ALIGN)
 
 
-def module_device(module: torch.nn.Module) -> torch.device:
-    """Where a module's weights are: one decoder layer's device when a device map spreads the model over several."""
-    return next(module.parameters()).device
-
-
 class PerDevice:
     """Tensors copied once to each device that asks for them (`on`): the fast sweep's shared mask, positions and
     rotary tables follow each decoder layer's device under a device map, at no cost on one device."""
@@ -292,7 +289,7 @@ def suffix_batches(
         hidden = None
         with installed(model, attention):
             for j in range(first, num_layers):
-                here = module_device(lm.layers[j])
+                here = execution_device(lm.layers[j])
                 joining = sum(1 for layers in rows if layers[0] == j)
                 if joining:  # schedules starting here enter with the clean state (rows stay sorted by start)
                     state = clean.hidden_states[j][:, t0:].to(here).expand(joining, -1, -1)
@@ -304,7 +301,7 @@ def suffix_batches(
                 hidden = hidden[0] if isinstance(hidden, tuple) else hidden
             attention.verify()
         # Normed over the whole suffix, as the full forward norms every row.
-        yield chunk, lm.norm(hidden.to(module_device(lm.norm)))[:, -1]
+        yield chunk, lm.norm(hidden.to(execution_device(lm.norm)))[:, -1]
 
 
 @torch.no_grad()
