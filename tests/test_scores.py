@@ -42,7 +42,9 @@ def test_multi_token_score_is_the_sum_of_a_plain_forwards_log_probabilities(tiny
     n = prepared.input_ids.shape[1]
     plain = sum(float(torch.log_softmax(logits[n - 1 + i], -1)[t]) for i, t in enumerate(tokens))
     ours = continuation_logprobs(loaded, prepared, tokens)
-    assert ours.shape == (3,) and ours.sum() == pytest.approx(plain, abs=1e-9)
+    # Both are float32 forwards, but of different lengths: the CPU's BLAS may pick other kernels for each
+    # (4.6e-8 apart on an AVX2-only EPYC), so equal means equal to float32 rounding of the summed logits.
+    assert ours.shape == (3,) and ours.sum() == pytest.approx(plain, abs=1e-6)
     # the knockout reaches the teacher-forced tokens: blocking the question from the last position moves them
     cut = cut_matrix(prepared.layout, ["Question->Last"])
     blocked = continuation_logprobs(loaded, prepared, tokens, cut, range(loaded.num_layers))
