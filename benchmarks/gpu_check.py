@@ -35,13 +35,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from flowlib.answers import greedy_answer
 from flowlib.architectures import PAPER_CHECKPOINTS, build_config, model_class
 from flowlib.families.released import RELEASED, released_config
 from flowlib.families.tiny import build_family_processor, chatml_tokenizer
 from flowlib.knockout import PAPER_FLOWS
 from flowlib.memory import sweep_memory
 from flowlib.models import adapter_for, wrap_model
-from flowlib.runner import greedy_answer, run_experiment
+from flowlib.runner import run_experiment
 from flowlib.sample import Box, Sample
 from flowlib.sweep import clean_pass, suffix_start, sweep_fast, sweep_reference
 from flowlib.tiny import TEST_WORDS, word_level_tokenizer

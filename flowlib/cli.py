@@ -251,9 +251,9 @@ def cmd_lens(args) -> int:
     check_model_argument(settings.model, settings.revision)
     args.stage = "reading the data"
     samples, data_name = load_samples(args)
+    from .answers import correct_samples
     from .experiment import slug
     from .lens import lens_table
-    from .runner import correct_samples
 
     loaded = _load_model(args)
     args.stage = "running the lens (its table is written at the end)"
@@ -338,7 +338,7 @@ def explain(err: BaseException) -> tuple[int, str, str | None]:
     """(exit code, message, hint or None) for an error raised by a command."""
     first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
     setting = (
-        _error_class("flowlib.runner", "RunSettingsError"),
+        _error_class("flowlib.run_plan", "RunSettingsError"),
         _error_class("flowlib.knockout", "FlowError"),
         _error_class("flowlib.shards", "ShardSpecError"),
     )
@@ -350,7 +350,7 @@ def explain(err: BaseException) -> tuple[int, str, str | None]:
         CliError,
         _error_class("flowlib.run_folder", "RunMismatchError"),
         _error_class("flowlib.runner", "NothingAnalysedError"),
-        _error_class("flowlib.runner", "NoSamplesError"),
+        _error_class("flowlib.run_plan", "NoSamplesError"),
         _error_class("flowlib.merge", "RunIncompleteError"),
         _error_class("flowlib.sample", "SampleError"),
         _error_class("flowlib.models", "UnsupportedModelError"),

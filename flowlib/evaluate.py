@@ -1,9 +1,9 @@
 """Greedy answers and accuracy per task, with the image shown, withheld (blank) or cut off by attention.
 
-An answer is correct when it equals the dataset's answer, both normalised (`runner.normalise_answer`:
+An answer is correct when it equals the dataset's answer, both normalised (`answers.normalise_answer`:
 lowercased and stripped; LLaVA answers "Red" where the dataset says "red"). `mode` says how the
 model's answer is read:
-- ``"generate"`` (default): the greedy answer generated to its end (`runner.greedy_answer`, which stops
+- ``"generate"`` (default): the greedy answer generated to its end (`answers.greedy_answer`, which stops
   at `loaded.stop_token_ids` and decodes without special tokens), the very rule of the knockout
   runner's correct-answer filter, so the counts are those of the samples the analyses keep. Real
   tokenizers split many answers into several tokens, so any shortcut miscounts there.
@@ -42,8 +42,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from PIL import Image
 
+from .answers import greedy_answer, normalise_answer
 from .knockout import ALL, knockout
-from .runner import greedy_answer, normalise_answer
 from .sample import TASKS, Sample
 
 #: How `evaluate` reads the model's answer (see the module docstring).
@@ -279,7 +279,7 @@ def first_word(loaded, prepared, block_image: bool = False) -> str:
 
 @torch.no_grad()
 def image_blocked_answer(loaded, prepared, max_new_tokens: int = 10) -> str:
-    """`runner.greedy_answer` under `image_blocked`: greedy tokens until a stop token, decoded likewise."""
+    """`answers.greedy_answer` under `image_blocked`: greedy tokens until a stop token, decoded likewise."""
     new: list[int] = []
     for _ in range(max_new_tokens):
         row = collate([prepared], 0, [new])
@@ -293,7 +293,7 @@ def image_blocked_answer(loaded, prepared, max_new_tokens: int = 10) -> str:
 
 
 def generated_answer(loaded, prepared, block_image: bool = False) -> str:
-    """The normalised greedy answer (`runner.greedy_answer`), with the image blocked if `block_image`."""
+    """The normalised greedy answer (`answers.greedy_answer`), with the image blocked if `block_image`."""
     return normalise_answer(image_blocked_answer(loaded, prepared) if block_image else greedy_answer(loaded, prepared))
 
 

@@ -2,7 +2,7 @@
 
 `ExperimentSettings` holds every setting of a knockout experiment (model, data, tasks, sample counts,
 window, flows, engine, device ...) with its default and the reason for it, and checks them when it is
-made: a bad value raises `runner.RunSettingsError` naming it before any model is loaded. The one
+made: a bad value raises `run_plan.RunSettingsError` naming it before any model is loaded. The one
 setting that needs the model, the window's default and range, is resolved by `window_for` (the paper's
 k for the model's depth). Everything downstream reads these values; no front door resolves its own.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import config as cfg
 from .knockout import PAPER_FLOWS, parse_flow
-from .runner import RunSettingsError, count_setting, resolve_window
+from .run_plan import RunSettingsError, count_setting, resolve_window
 from .sample import TASKS, Sample, check_task
 
 #: Data sources by name (`flowlib.data.sources`).
@@ -159,7 +159,7 @@ class ExperimentSettings:
         return f"{self.data} data"
 
     def window_for(self, num_layers: int) -> int:
-        """The window k for a model of `num_layers` layers (`runner.resolve_window`: default and range)."""
+        """The window k for a model of `num_layers` layers (`run_plan.resolve_window`: default and range)."""
         return resolve_window(self.window, num_layers)
 
     def experiment_flows(self, flows: Sequence[str] = ()) -> tuple[str, ...]:
@@ -206,8 +206,8 @@ class ExperimentSettings:
     # --- the run -----------------------------------------------------------------------------------------------------
 
     def plan(self, loaded, samples, flows: Sequence[str] = ()):
-        """The run over `samples`, checked and fingerprinted (`runner.plan_run`)."""
-        from .runner import plan_run
+        """The run over `samples`, checked and fingerprinted (`run_plan.plan_run`)."""
+        from .run_plan import plan_run
 
         return plan_run(
             loaded,

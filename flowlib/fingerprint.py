@@ -8,7 +8,7 @@ A knockout run's numbers are decided by four things, each fingerprinted here:
 - **data**: every sample's index, id, task, question, answer, options, object and boxes, and its
   image's content (the file's size and hash, or the decoded pixels' hash); never the image's path,
   so the same pictures in another folder are the same data.
-- **settings**: the analysis settings (`runner.RunConfig`).
+- **settings**: the analysis settings (`run_plan.RunConfig`).
 - **code**: the flowlib version and a hash of the sources that compute the numbers.
 
 `identity(fingerprint)` hashes the four into one hex string: equal identities, equal numbers

@@ -1,11 +1,12 @@
 """The experiment runner: samples -> answer filter -> flows x layer sweeps -> a tidy, resumable table.
 
-A run is planned first (`plan_run`): its settings are checked (a bad one raises `RunSettingsError`
-naming it) and everything that decides its numbers is fingerprinted (`flowlib.fingerprint`: model
-files, samples and images, settings, code). Its rows then go into a run folder (`flowlib.run_folder`)
-that records that identity: a later run into the same folder resumes only if its identity is the same,
-and is otherwise refused before anything is written, naming what changed (a weight file, a sample's
-answer, an image, the window ...). One process at a time works in a folder (a file lock).
+A run is planned first (`flowlib.run_plan`): its settings are checked (a bad one raises `RunSettingsError`
+naming it) and everything that decides its numbers is fingerprinted (model files, samples and images,
+settings, code). Its rows then go into a run folder (`flowlib.run_folder`) that records that identity: a
+later run into the same folder resumes only if its identity is the same, and is otherwise refused before
+anything is written, naming what changed (a weight file, a sample's answer, an image, the window ...). One
+process at a time works in a folder (a file lock). Each sample must first be answered correctly
+(`flowlib.answers`).
 
 Every sample is recorded with its fate (analysed, wrong answer, zero base, excluded with its reason),
 so a killed run resumes where it stopped and gives the same table.
@@ -19,19 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import numbers
 import os
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
-from . import fingerprint
-from .config import default_window
-from .knockout import PAPER_FLOWS, FlowError, parse_flow
+from .answers import greedy_answer, normalise_answer
+from .knockout import PAPER_FLOWS, FlowError
 from .merge import (  # noqa: F401  (re-exported: the runner is where callers look for them)
     STATUSES,
     ProcessSummary,
@@ -56,22 +54,12 @@ from .run_folder import (  # noqa: F401  (re-exported: the runner is where calle
     write_parquet,
     written_by,
 )
-from .sample import TASKS, SampleError, check_task
+from .run_plan import RunConfig, RunPlan, count_setting, plan_run
+from .sample import SampleError
 from .shards import WHOLE, FolderStatuses, Selection, Shard
-from .sweep import ENGINES, ZeroBaseProbability, clean_pass, layer_sweep
+from .sweep import ZeroBaseProbability, clean_pass, layer_sweep
 
 log = logging.getLogger(__name__)
-#: `sample_index` = the task's place in TASKS x TASK_STRIDE + the sample's place among its task's samples:
-#: unique across tasks, and the same for a question whichever other tasks a run selects.
-TASK_STRIDE = 10**8
-
-
-class RunSettingsError(ValueError):
-    """A run setting is out of range (window, counts, engine, flows): the message names it and its range."""
-
-
-class NoSamplesError(ValueError):
-    """There is nothing to run on: no samples were given (e.g. every data file was empty)."""
 
 
 class NothingAnalysedError(ValueError):
@@ -84,166 +72,6 @@ class NothingAnalysedError(ValueError):
 
 class SampleExcluded(ValueError):
     """A sample cannot be analysed at all (unreadable image, no flow applies ...): skip it, record why."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """The analysis settings that decide a run's numbers (besides model, data and code; all checked on resume)."""
-
-    flows: tuple[str, ...] = PAPER_FLOWS  # the paper's six flows
-    window: int | None = None  # k; None: config.default_window(num_layers), e.g. 7 for 32 layers
-    engine: str = "fast"  # "fast" or "reference": same numbers, the fast one an order of magnitude sooner
-    max_new_tokens: int = 10  # greedy answer length for the correctness filter (answers are a word or phrase)
-    per_task: int | None = None  # stop after this many analysed samples per task; None: all
-
-
-@dataclasses.dataclass(frozen=True)
-class RunPlan:
-    """A checked run before it starts: its settings, its indexed samples and its identity."""
-
-    config: RunConfig
-    samples: list  # (sample_index, Sample) pairs, in the given order
-    fingerprint: dict  # the four parts (fingerprint.PARTS)
-    records: list  # one per sample (fingerprint.data_fingerprint), stored as data.json
-    identity: str
-
-
-def count_setting(name: str, value, allow_none: bool = True) -> int | None:
-    """`value` as a count >= 1 (None passes when `allow_none`), else `RunSettingsError` naming `name`."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise RunSettingsError(
-            f"{name} must be a whole number >= 1{' (or None for no limit)' if allow_none else ''}, not {value!r}"
-        )
-    return int(value)
-
-
-def resolve_window(window, num_layers: int) -> int:
-    """The window k: None gives the paper's default for this depth (`config.default_window`); else 1..num_layers.
-
-    The one place a window is resolved and checked: the command line, the notebooks' `Study` and the
-    runner all call it, so `0` is refused everywhere rather than read as "default".
-    """
-    default = default_window(num_layers)
-    if window is None:
-        return default
-    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or not 1 <= window <= num_layers:
-        raise RunSettingsError(
-            f"window {window!r} does not fit a model of {num_layers} layers; use 1..{num_layers} "
-            f"(the default, when unset, is k={default})"
-        )
-    return int(window)
-
-
-def index_samples(samples: Iterable) -> list:
-    """(sample_index, sample) pairs (see `TASK_STRIDE`); a repeated question id or an unknown task raises."""
-    out, seen, positions = [], set(), {}
-    for sample in samples:
-        if sample.question_id in seen:
-            raise ValueError(f"sample id {sample.question_id!r} occurs twice; question ids must be unique")
-        seen.add(sample.question_id)
-        position = positions.get(check_task(sample.task), 0)
-        positions[sample.task] = position + 1
-        out.append((TASKS.index(sample.task) * TASK_STRIDE + position, sample))
-    return out
-
-
-def plan_run(
-    loaded,
-    samples: Iterable,
-    *,
-    flows: Sequence[str] = PAPER_FLOWS,
-    window: int | None = None,
-    engine: str = "fast",
-    max_new_tokens: int = 10,
-    per_task: int | None = None,
-) -> RunPlan:
-    """Check a run's settings and samples, and fingerprint it (see `run_experiment` for the arguments).
-
-    Raises:
-        RunSettingsError: a window outside 1..depth, a count below 1, an unknown engine, no or repeated flows.
-        FlowError: an unknown flow. NoSamplesError: no samples.
-    """
-    flows = tuple(flows)
-    if not flows or len(set(flows)) != len(flows):
-        raise RunSettingsError(f"flows must be one or more distinct flows, not {list(flows)}")
-    for flow in flows:
-        parse_flow(flow)
-    if engine not in ENGINES:
-        raise RunSettingsError(f"unknown engine {engine!r}; use one of: {', '.join(ENGINES)}")
-    config = RunConfig(
-        flows,
-        resolve_window(window, loaded.num_layers),
-        engine,
-        count_setting("max_new_tokens", max_new_tokens, allow_none=False),
-        count_setting("per_task", per_task),
-    )
-    indexed = index_samples(samples)
-    if not indexed:
-        raise NoSamplesError("no samples to run on: the data selected holds none")
-    data, records = fingerprint.data_fingerprint(indexed)
-    settings = dataclasses.asdict(config) | {"flows": list(flows)}
-    parts = {
-        "model": fingerprint.model_fingerprint(loaded),
-        "data": data,
-        "settings": settings,
-        "code": fingerprint.code_fingerprint(),
-    }
-    return RunPlan(config, indexed, parts, records, fingerprint.identity(parts))
-
-
-def normalise_answer(text: str) -> str:
-    """The comparison form of an answer: lowercased and stripped (docs/protocol.md)."""
-    return text.strip().lower()
-
-
-@torch.no_grad()
-def greedy_answer(loaded, prepared, max_new_tokens: int = 10) -> str:
-    """The model's greedy answer to a prepared input, decoded without special tokens."""
-    inputs = prepared.inputs
-    out = loaded.model.generate(
-        **inputs,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=loaded.tokenizer.pad_token_id,
-        eos_token_id=loaded.stop_token_ids,
-    )
-    return loaded.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-
-
-def correct_samples(
-    loaded,
-    samples: Iterable,
-    per_task: int | None = None,
-    max_new_tokens: int = 10,
-    progress: bool = True,
-    verdicts: dict | None = None,
-):
-    """Yield the samples the model answers correctly (greedy), at most `per_task` of each task.
-
-    `verdicts` (question id -> answered correctly), when given, is read and filled so that
-    repeated filters over the same samples generate each answer once. The filter is logged
-    with its counts when the iteration ends.
-    """
-    verdicts = {} if verdicts is None else verdicts
-    kept, seen = {}, 0
-    for sample in tqdm(samples, desc="answer filter", unit="sample", disable=not progress):
-        if per_task is not None and kept.get(sample.task, 0) >= per_task:
-            continue
-        seen += 1
-        if sample.question_id not in verdicts:
-            answer = greedy_answer(loaded, loaded.prepare(sample), max_new_tokens)
-            verdicts[sample.question_id] = normalise_answer(answer) == normalise_answer(sample.answer)
-        if verdicts[sample.question_id]:
-            kept[sample.task] = kept.get(sample.task, 0) + 1
-            yield sample
-    log.info(
-        "answer filter: kept %d of %d samples (%d answered wrongly)",
-        sum(kept.values()),
-        seen,
-        seen - sum(kept.values()),
-    )
 
 
 def _load_image(sample):

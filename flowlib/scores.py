@@ -37,9 +37,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .answers import greedy_answer, normalise_answer
 from .evaluate import answer_token_ids
 from .knockout import knockout
-from .runner import greedy_answer, normalise_answer
 from .sweep import CleanPass, answer_probs, clean_pass, relative_change
 from .variants import PAPER_WINDOW_KIND, blocked_states, schedule_label, window_schedules
 
@@ -66,7 +66,7 @@ def select_samples(
     """The samples of `mode` ("correct", "wrong" or "all"), at most `per_task` per task, by task.
 
     `verdicts` (question id -> answered correctly), when given, is read and filled, as
-    `runner.correct_samples` does (e.g. a `Study`'s), so each greedy answer is generated once.
+    `answers.correct_samples` does (e.g. a `Study`'s), so each greedy answer is generated once.
     """
     if mode not in SAMPLE_MODES:
         raise ValueError(f"unknown sample mode {mode!r}; use one of {', '.join(SAMPLE_MODES)}")

@@ -8,7 +8,7 @@ process talks to another; they share only the run folder (`flowlib.run_folder`).
   id, so a resume with another N redoes no sample already written (a sample is done once its status
   file exists, whoever wrote it).
 - **The selection rule** (what ``samples_per_task = P`` means under any N). Candidates are indexed in
-  their data order (`runner.index_samples`); a sample's fate (analysed, answered wrongly, zero base,
+  their data order (`run_plan.index_samples`); a sample's fate (analysed, answered wrongly, zero base,
   excluded) depends on it alone. The run's table holds, per task, the first P *analysed* samples in index
   order, exactly what one process going through the candidates in order keeps. A shard skips a sample
   once the folder already holds P analysed samples of its task with a lower index (written by any

@@ -58,7 +58,7 @@ class Study:
                 dtype, seed, csv_dir, image_dir, candidates_per_task, max_batch ...), applied on top.
 
         `samples_per_task` correctly answered samples are analysed per task; `candidates` are read to
-        find them. Bad settings raise `runner.RunSettingsError` before the model loads; a window that
+        find them. Bad settings raise `run_plan.RunSettingsError` before the model loads; a window that
         does not fit the model raises once it has loaded.
         """
         settings = ExperimentSettings.build(settings, data, **changes)
@@ -99,7 +99,7 @@ class Study:
         return list(self.settings.experiment_flows(flows))
 
     def plan(self, flows: Sequence[str] = ()):
-        """The study's knockout run, checked and fingerprinted (`runner.plan_run`)."""
+        """The study's knockout run, checked and fingerprinted (`run_plan.plan_run`)."""
         return self.settings.plan(self.loaded, self.all_samples(), flows)
 
     def run_dir(self, flows: Sequence[str] = (), plan=None) -> Path:
@@ -121,7 +121,7 @@ class Study:
         for a flow (e.g. a box outside its image) is left out of that flow, with its reason recorded in
         the run folder. Raises `runner.NothingAnalysedError`, saying why, when no sample was analysed.
         """
-        from .runner import normalise_answer
+        from .answers import normalise_answer
 
         summary = self.settings.run(self.loaded, self.all_samples(), flows=flows, progress=progress)
         for status in summary.statuses:  # the run's greedy answers spare later filters (the lens) a generation
@@ -166,7 +166,7 @@ class Study:
 
     def verdicts_with_image(self) -> list[bool]:
         """Whether the model answers each of `all_samples()` correctly, from `verdicts` (filled where missing)."""
-        from .runner import correct_samples
+        from .answers import correct_samples
 
         # With no per-task limit the filter sees, and records a verdict for, every sample.
         list(correct_samples(self.loaded, self.all_samples(), progress=False, verdicts=self.verdicts))
@@ -184,7 +184,7 @@ class Study:
 
     def correct(self, per_task: int | None = None) -> dict[str, list[Sample]]:
         """The samples the model answers correctly (greedy), at most `per_task` per task."""
-        from .runner import correct_samples
+        from .answers import correct_samples
 
         per_task = per_task or self.samples_per_task
         kept: dict[str, list[Sample]] = {task: [] for task in self.samples}

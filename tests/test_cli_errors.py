@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from flowlib import cli, models, runner
+from flowlib import cli, models, run_plan, runner
 from flowlib.data import gqa_tasks
 from flowlib.run_folder import read_run
 from flowlib.sample import Sample
@@ -332,7 +332,7 @@ def test_ctrl_c_before_the_run_says_nothing_was_written(checkpoint, data, tmp_pa
 
 
 def test_debug_shows_the_traceback_and_an_unexpected_error_asks_for_it(checkpoint, data, tmp_path, capsys, monkeypatch):
-    with pytest.raises(runner.RunSettingsError, match="window 9"):
+    with pytest.raises(run_plan.RunSettingsError, match="window 9"):
         cli.main(run_args(checkpoint, *data, tmp_path / "out", "--window", "9", "--debug"))
 
     def boom(*args, **kwargs):

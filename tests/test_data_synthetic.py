@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from flowlib import config
+from flowlib.data import drawing, scenes
 from flowlib.data import synthetic as syn
 from flowlib.sample import TASKS
 
@@ -112,10 +113,10 @@ def test_boxes_cover_drawn_pixels_and_survive_downscaling(world):
             inside = drawn[y : y + h, x : x + w]
             assert region.sum() == inside.sum()
             assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
-            own = (pixels[y : y + h, x : x + w] == np.array(syn.COLORS[o["color"]])).all(-1)
+            own = (pixels[y : y + h, x : x + w] == np.array(drawing.COLORS[o["color"]])).all(-1)
             assert own.sum() > 0.1 * w * h  # stars fill ~40% of their box, stripes half of that
     # Shapes stay readable (over 20 processed px) and every object spans more than one patch.
-    assert syn.SMALLEST_OBJECT_PROCESSED_PX >= 20 and syn.SMALLEST_OBJECT_PROCESSED_PX > config.TOY_PATCH_SIZE
+    assert scenes.SMALLEST_OBJECT_PROCESSED_PX >= 20 and scenes.SMALLEST_OBJECT_PROCESSED_PX > config.TOY_PATCH_SIZE
 
 
 def test_balance_and_coverage(rows):
@@ -127,8 +128,8 @@ def test_balance_and_coverage(rows):
     assert set(answers["CompareAttr"]) == {"color", "size", "texture"}
     assert set(answers["LogicalObj"]) == {"yes", "no"} and set(answers["QueryAttr"]) == {"left", "right"}
     assert set(answers["ChooseRel"]) == {"left", "right", "above", "below"}
-    assert set(answers["ChooseCat"]) == set(syn.SHAPES)
-    assert set(answers["ChooseAttr"]) == {v for vs in syn.ATTRIBUTES.values() for v in vs}
+    assert set(answers["ChooseCat"]) == set(drawing.SHAPES)
+    assert set(answers["ChooseAttr"]) == {v for vs in scenes.ATTRIBUTES.values() for v in vs}
     for task in ("CompareAttr", "LogicalObj", "QueryAttr"):
         assert max(answers[task].values()) - min(answers[task].values()) <= 1
     for task in ("ChooseAttr", "ChooseCat", "ChooseRel"):
@@ -204,11 +205,11 @@ def test_task_counts_weight_the_mix_without_changing_each_task_samples():
 
 
 def test_vocabulary_covers_all_text(rows):
-    vocab = set(syn.synthetic_vocabulary())
+    vocab = set(scenes.synthetic_vocabulary())
     assert all(w == w.lower() for w in vocab)
     for row in rows:
         for text in (row["question"], row["answer"], row["true_option"] or "", row["false_option"] or ""):
-            assert set(syn.split_words(text)) <= vocab | set(syn.SYNTHETIC_PUNCTUATION), text
+            assert set(scenes.split_words(text)) <= vocab | set(scenes.SYNTHETIC_PUNCTUATION), text
 
 
 def test_same_seed_same_bytes_other_seed_differs():
@@ -254,7 +255,7 @@ def test_to_samples_loads_images_lazily(world):
     assert len(samples) == 12 and all(not isinstance(s.image, type(None)) for s in samples)
     s = samples[5]
     image = s.load_image()
-    assert image.mode == "RGB" and image.size in syn.IMAGE_SIZES
+    assert image.mode == "RGB" and image.size in scenes.IMAGE_SIZES
     assert s.boxes and s.validated_boxes(*image.size) == s.boxes
     assert s.source == "synthetic" and s.task in TASKS
     if s.true_option:
@@ -311,7 +312,7 @@ def test_hard_samples_defeat_the_presence_shortcuts_and_leave_other_tasks_alone(
     assert all(cat(hard)) and all(no(hard))
     assert 0.2 < np.mean(cat(plain)) < 0.8 and np.mean(no(plain)) < 0.9  # chance presence without the option
     assert Counter(r["answer"] for r in hard if r["task"] == "LogicalObj") == {"yes": 20, "no": 20}
-    others = lambda rows: [r for r in rows if r["task"] not in syn.HARD_TASKS]  # noqa: E731
+    others = lambda rows: [r for r in rows if r["task"] not in scenes.HARD_TASKS]  # noqa: E731
     assert others(hard) == others(plain)
     with pytest.raises(ValueError, match="from 0 to 1"):
         syn.generate_split(3, hard=1.5)

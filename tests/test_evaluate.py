@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from flowlib import runner
+from flowlib.answers import correct_samples, greedy_answer
 from flowlib.evaluate import (
     answer_token_ids,
     answer_verdicts,
@@ -109,7 +109,7 @@ def test_generation_with_the_image_cut_off_ignores_the_pixels(tiny):
 def test_generated_answers_are_judged_as_the_knockout_filter_judges_them(tiny):
     """An answer of several tokens is correct when all of it matches the dataset's answer, not its first token."""
     samples = samples_of_sizes()[:3]
-    answers = [runner.greedy_answer(tiny, tiny.prepare(s)) for s in samples]
+    answers = [greedy_answer(tiny, tiny.prepare(s)) for s in samples]
     several = [i for i, a in enumerate(answers) if len(a.split()) > 1]
     assert several  # a random model rambles on
     # Each sample labelled with the model's whole answer (in upper case), and a copy with its first word only.
@@ -117,7 +117,7 @@ def test_generated_answers_are_judged_as_the_knockout_filter_judges_them(tiny):
     firsts = [answers[i].split()[0].lower() for i in several]
     labelled += [dataclasses.replace(samples[i], question_id=f"first{i}", answer=w) for i, w in zip(several, firsts)]
     verdicts = {}
-    kept = [s.question_id for s in runner.correct_samples(tiny, labelled, progress=False, verdicts=verdicts)]
+    kept = [s.question_id for s in correct_samples(tiny, labelled, progress=False, verdicts=verdicts)]
     assert kept == [s.question_id for s in samples]
     generated = evaluate(tiny, labelled, return_answers=True)
     assert answer_verdicts(labelled, generated["answers"]) == [verdicts[s.question_id] for s in labelled]

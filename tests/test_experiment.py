@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from flowlib import cli, runner
+from flowlib import cli, run_plan, runner
 from flowlib.experiment import ExperimentSettings
 from flowlib.knockout import PAPER_FLOWS
 from flowlib.study import Study
@@ -80,7 +80,7 @@ def test_the_notebook_and_the_command_line_build_equal_settings(checkpoint, data
     ],
 )
 def test_bad_settings_are_refused_when_made(changes, message):
-    with pytest.raises(runner.RunSettingsError, match=message):
+    with pytest.raises(run_plan.RunSettingsError, match=message):
         ExperimentSettings(**changes)
     with pytest.raises(TypeError, match="unknown setting.*windows.*the settings are: "):
         ExperimentSettings.build(windows=3)

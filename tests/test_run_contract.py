@@ -24,9 +24,11 @@ from filelock import FileLock
 from PIL import Image
 
 from flowlib import fingerprint, runner
+from flowlib.answers import greedy_answer
 from flowlib.data import gqa_tasks
 from flowlib.models import load_model
 from flowlib.run_folder import LOCK_FILE, RunMismatchError
+from flowlib.run_plan import RunSettingsError, index_samples
 from flowlib.tiny import tiny_llava
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,7 +104,7 @@ def answer_as_model(
     """Rewrite the CSV so that each row's answer is the model's greedy answer (except the ids in `wrong`)."""
     write_task_csv(csv_dir, rows, task)
     samples = gqa_tasks.load_task_csv(csv_dir / gqa_tasks.TASK_FILES[task], image_dir)
-    answers = {s.question_id: runner.greedy_answer(loaded, loaded.prepare(s), max_new_tokens) for s in samples}
+    answers = {s.question_id: greedy_answer(loaded, loaded.prepare(s), max_new_tokens) for s in samples}
     rows = [
         {**row, "answer": "definitely wrong" if row["question_id"] in wrong else answers[row["question_id"]]}
         for row in rows
@@ -252,9 +254,9 @@ def test_sample_index_does_not_depend_on_the_task_selection(disk_model, tmp_path
     csv_dir, image_dir = make_paper_data(tmp_path, disk_model, colours=("red", "blue"), wrong=())
     choose = [{**query_row(f"c{i}", f"img{i}"), "true option": "red", "false option": "blue"} for i in range(2)]
     write_task_csv(csv_dir, choose, "ChooseAttr")
-    both = runner.index_samples(gqa_tasks.load_paper_tasks(csv_dir, image_dir, tasks=["ChooseAttr", "QueryAttr"]))
-    alone = runner.index_samples(gqa_tasks.load_paper_tasks(csv_dir, image_dir, tasks=["QueryAttr"]))
-    reordered = runner.index_samples(gqa_tasks.load_paper_tasks(csv_dir, image_dir, tasks=["QueryAttr", "ChooseAttr"]))
+    both = index_samples(gqa_tasks.load_paper_tasks(csv_dir, image_dir, tasks=["ChooseAttr", "QueryAttr"]))
+    alone = index_samples(gqa_tasks.load_paper_tasks(csv_dir, image_dir, tasks=["QueryAttr"]))
+    reordered = index_samples(gqa_tasks.load_paper_tasks(csv_dir, image_dir, tasks=["QueryAttr", "ChooseAttr"]))
     by_id = {s.question_id: i for i, s in both}
     assert {s.question_id: i for i, s in alone} == {"q0": by_id["q0"], "q1": by_id["q1"]}
     assert {s.question_id: i for i, s in reordered} == by_id
@@ -323,7 +325,7 @@ def test_a_notebook_rerun_with_new_data_draws_new_numbers(checkpoint, disk_model
     folder_again, table_again = knockout(first_csv, first_images)  # back to the first data: its own folder, resumed
     assert folder_again == folder_a
     pd.testing.assert_frame_equal(table_again, table_a)
-    with pytest.raises(runner.RunSettingsError, match="window 0 does not fit"):
+    with pytest.raises(RunSettingsError, match="window 0 does not fit"):
         Study.open(
             str(checkpoint), "paper", tasks=["QueryAttr"], window=0, csv_dir=str(first_csv), image_dir=str(first_images)
         )
@@ -363,6 +365,7 @@ STRESS_WORKER = textwrap.dedent("""
     torch.set_num_threads(1)
     from PIL import Image
     from flowlib import runner
+    from flowlib.answers import greedy_answer
     from flowlib.sample import Box, Sample
     from flowlib.tiny import tiny_llava
 
@@ -371,7 +374,7 @@ STRESS_WORKER = textwrap.dedent("""
     for i, colour in enumerate(("white", "red", "blue")):
         s = Sample(f"s{i}", "is the star red or blue?", "?", "ChooseAttr", image=Image.new("RGB", (160, 120), colour),
                    true_option="red", false_option="blue", central_object="star", boxes=[Box(10, 20, 50, 60)])
-        samples.append(dataclasses.replace(s, answer=runner.greedy_answer(loaded, loaded.prepare(s), 3)))
+        samples.append(dataclasses.replace(s, answer=greedy_answer(loaded, loaded.prepare(s), 3)))
     print("ready", flush=True)
     for line in sys.stdin:
         order = json.loads(line)

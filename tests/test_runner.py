@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import flowlib.runner as runner
+from flowlib import answers, run_plan
 from flowlib.kernels import kernel_description
 from flowlib.knockout import FlowError
 from flowlib.runner import RunMismatchError, load_results, run_experiment
@@ -41,7 +42,7 @@ def answered_sample(loaded, qid: str, task: str, colour: str, wrong: bool = Fals
         central_object="star",
         boxes=[Box(10, 20, 50, 60)],
     )
-    greedy = runner.greedy_answer(loaded, loaded.prepare(s), max_new_tokens=3)
+    greedy = answers.greedy_answer(loaded, loaded.prepare(s), max_new_tokens=3)
     return dataclasses.replace(s, answer="definitely wrong" if wrong else greedy)
 
 
@@ -195,9 +196,9 @@ def test_bad_input_and_limits(loaded, samples, tmp_path):
     ],
 )
 def test_settings_are_checked_before_anything_is_written(loaded, samples, tmp_path, settings, message):
-    with pytest.raises(runner.RunSettingsError, match=message):
+    with pytest.raises(run_plan.RunSettingsError, match=message):
         run(loaded, samples, tmp_path / "run", **settings)
-    with pytest.raises(runner.NoSamplesError, match="no samples"):
+    with pytest.raises(run_plan.NoSamplesError, match="no samples"):
         run(loaded, [], tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
@@ -258,18 +259,17 @@ def samples_for_cli(loaded):
 
 def test_answer_filter_reuses_recorded_verdicts(monkeypatch):
     """With a verdict recorded, the filter trusts it and generates nothing."""
-    from flowlib import runner
     from flowlib.tiny import tiny_llava
     from tests.conftest import white_sample
 
     loaded = tiny_llava("llava-1.5")
     samples = [white_sample(qid="a"), white_sample(qid="b")]
     verdicts = {}
-    list(runner.correct_samples(loaded, samples, progress=False, verdicts=verdicts))
+    list(answers.correct_samples(loaded, samples, progress=False, verdicts=verdicts))
     assert set(verdicts) == {"a", "b"}
-    monkeypatch.setattr(runner, "greedy_answer", lambda *a, **k: pytest.fail("answer generated twice"))
+    monkeypatch.setattr(answers, "greedy_answer", lambda *a, **k: pytest.fail("answer generated twice"))
     verdicts["a"], verdicts["b"] = True, False
-    assert [s.question_id for s in runner.correct_samples(loaded, samples, progress=False, verdicts=verdicts)] == ["a"]
+    assert [s.question_id for s in answers.correct_samples(loaded, samples, progress=False, verdicts=verdicts)] == ["a"]
 
 
 @pytest.mark.slow

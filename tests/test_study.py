@@ -67,14 +67,14 @@ def test_score_by_answer_splits_each_task_by_its_correct_answer():
 
 
 def test_accuracy_counts_what_the_knockout_filter_keeps_generating_each_answer_once(study, monkeypatch):
-    from flowlib import runner
+    from flowlib import answers
 
     study.verdicts.clear()
     study.blank_verdicts.clear()
     by_task = study.accuracy().set_index("task")
     assert list(by_task.columns) == ["n", "correct", "accuracy", "blank_accuracy", "chance"]
     # The correct counts are the filter's, run afresh on the same samples.
-    kept = [s.task for s in runner.correct_samples(study.loaded, study.all_samples(), progress=False)]
+    kept = [s.task for s in answers.correct_samples(study.loaded, study.all_samples(), progress=False)]
     assert by_task["correct"].to_dict() == {task: kept.count(task) for task in by_task.index}
     assert (by_task["accuracy"] == by_task["correct"] / by_task["n"]).all()
     by_answer = study.accuracy_by_answer()
@@ -82,7 +82,7 @@ def test_accuracy_counts_what_the_knockout_filter_keeps_generating_each_answer_o
     for task, rows in by_answer.groupby("task"):
         assert rows["n"].sum() == by_task.loc[task, "n"] and rows["correct"].sum() == by_task.loc[task, "correct"]
     # Every answer, with the image or blank, was generated once: no later table or filter generates again.
-    monkeypatch.setattr(runner, "greedy_answer", lambda *a, **k: pytest.fail("an answer generated twice"))
+    monkeypatch.setattr(answers, "greedy_answer", lambda *a, **k: pytest.fail("an answer generated twice"))
     monkeypatch.setattr(evaluate_module, "greedy_answer", lambda *a, **k: pytest.fail("an answer generated twice"))
     assert study.accuracy_by_answer().equals(by_answer)
     assert study.accuracy().equals(by_task.reset_index())

@@ -167,8 +167,8 @@ def test_ci_accuracy_matches_model_card(card, ci_scores):
 def test_greedy_answers_are_the_knockout_filters_verdicts_and_the_first_token(toy, ci_set):
     """Generated to the end, the toy model's answers get the filter's verdicts; they are one token, so the card's
     first-token rule gives the same answers."""
+    from flowlib.answers import correct_samples
     from flowlib.evaluate import answer_verdicts
-    from flowlib.runner import correct_samples
 
     samples = ci_set[::10]  # 3 per task
     generated = evaluate(toy, samples, return_answers=True)["answers"]

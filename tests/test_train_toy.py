@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from flowlib import config as cfg
-from flowlib.data.synthetic import SHAPES, generate_split
+from flowlib.data.drawing import SHAPES
+from flowlib.data.synthetic import generate_split
 from flowlib.toy import __main__ as cli
 from flowlib.toy import card as toy_card
 from flowlib.toy import training

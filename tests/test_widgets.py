@@ -137,7 +137,8 @@ def test_a_failing_recompute_is_a_message_not_a_traceback():
 
 
 def test_a_stored_run_without_the_chosen_flow_says_so_and_the_others_keep_working(tiny15, tmp_path):
-    from flowlib.runner import greedy_answer, run_experiment
+    from flowlib.answers import greedy_answer
+    from flowlib.runner import run_experiment
 
     samples = []
     for s in range(2):

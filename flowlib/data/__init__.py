@@ -26,17 +26,14 @@ from flowlib.data.gqa_tasks import (
     task_from_filename,
 )
 from flowlib.data.preview import preview
+from flowlib.data.scenes import SMALLEST_OBJECT_PROCESSED_PX, SYNTHETIC_PUNCTUATION, split_words, synthetic_vocabulary
 from flowlib.data.sources import SOURCES, group_by_task, load_samples
 from flowlib.data.synthetic import (
-    SMALLEST_OBJECT_PROCESSED_PX,
-    SYNTHETIC_PUNCTUATION,
     generate_split,
     generate_world,
     iter_samples,
     load_or_generate_world,
     save_world,
-    split_words,
-    synthetic_vocabulary,
     to_samples,
 )
 

@@ -1,7 +1,7 @@
 """How the synthetic world looks: its shapes, colours and sizes, drawn with PIL.
 
 `render` paints a scene's objects (dicts with name, colour, size, texture, x, y) on the background;
-`mask` is an object's drawn pixels, from which `flowlib.data.synthetic` takes its tight boxes.
+`mask` is an object's drawn pixels, from which `flowlib.data.scenes` takes its tight boxes.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .. import config as cfg
-from ..data.synthetic import HARD_CASES, HARD_TASKS
+from ..data.scenes import HARD_CASES, HARD_TASKS
 from ..kernels import kernel_kind
 from ..models import save_checkpoint
 from ..sample import TASKS

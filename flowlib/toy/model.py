@@ -23,17 +23,17 @@ import dataclasses
 import torch
 
 from .. import config as cfg
-from ..data import synthetic
+from ..data import drawing, scenes
 from ..tiny import build_llava, build_processor, word_level_tokenizer
 
 #: Words the synthetic world answers with or offers as options (lowercase).
 ANSWER_WORDS = tuple(
     sorted(
-        set(synthetic.SHAPES)
-        | set(synthetic.COLORS)
-        | set(synthetic.SIZES)
-        | set(synthetic.TEXTURES)
-        | set(synthetic.ATTRIBUTES)
+        set(drawing.SHAPES)
+        | set(drawing.COLORS)
+        | set(drawing.SIZES)
+        | set(scenes.TEXTURES)
+        | set(scenes.ATTRIBUTES)
         | {"left", "right", "above", "below", "yes", "no"}
     )
 )
@@ -59,9 +59,9 @@ class ToyConfig:
 
 def toy_vocabulary() -> tuple[str, ...]:
     """The toy tokenizer's words: the world's words, `?` and `,`, and the capitalised answer words."""
-    words = set(synthetic.synthetic_vocabulary()) | set(ANSWER_WORDS)
+    words = set(scenes.synthetic_vocabulary()) | set(ANSWER_WORDS)
     words |= {answer_target(w) for w in ANSWER_WORDS}
-    return tuple(sorted(words)) + tuple(synthetic.SYNTHETIC_PUNCTUATION)
+    return tuple(sorted(words)) + tuple(scenes.SYNTHETIC_PUNCTUATION)
 
 
 def answer_target(answer: str) -> str:

@@ -16,7 +16,7 @@ import functools
 import numpy as np
 import torch
 
-from ..data import synthetic
+from ..data import drawing, scenes
 from ..geometry import llava15_geometry
 from .model import ToyConfig
 
@@ -29,10 +29,10 @@ LEVELS = ("above", "below")
 def patch_word_values() -> dict:
     """The words each `PATCH_WORDS` kind can take, in label order (label 0 = no object)."""
     return {
-        "shape": synthetic.SHAPES,
-        "color": tuple(synthetic.COLORS),
-        "size": tuple(synthetic.SIZES),
-        "texture": synthetic.TEXTURES,
+        "shape": drawing.SHAPES,
+        "color": tuple(drawing.COLORS),
+        "size": tuple(drawing.SIZES),
+        "texture": scenes.TEXTURES,
         "side": SIDES,
         "level": LEVELS,
     }

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..data.synthetic import ATTRIBUTES, SHAPES
+from ..data.drawing import SHAPES
+from ..data.scenes import ATTRIBUTES
 from .model import answer_target
 from .patches import object_words
 
