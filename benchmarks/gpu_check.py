@@ -10,7 +10,9 @@ random weights, float16, on a few stand-in samples of GQA's image sizes, it meas
   sample, all windows in one batch and every paper flow's suffix, plus the weights), so that one GPU run
   tells how far the estimate the README quotes is from a measurement;
 - the paper's grid projected per model: seconds per sample x 5,525 released questions (an upper
-  bound: only correctly answered questions are analysed).
+  bound: only correctly answered questions are analysed);
+- the toy model through `torchrun --nproc-per-node 1 -m flowlib run` on the device, against one plain
+  `flowlib run` process with the same settings: wall times and the largest difference between the tables.
 
 Random weights answer nothing correctly, so each stand-in sample's answer is set to the model's own
 greedy answer first (as the runner's tests do). The tokenizer is flowlib's word-level one (the real
@@ -27,11 +29,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 
@@ -187,6 +193,48 @@ def check(name: str, *, dtype, device, samples: int, num_layers=None, width="ful
     }
 
 
+def flowlib_run(launcher: list[str], device: str, output: Path, run_arguments: list[str]) -> tuple[float, str]:
+    """Run `flowlib run` on the toy model under `launcher`; (wall seconds, the process's end summary)."""
+    command = [*launcher, "-m", "flowlib", "run", "--device", device, "--output", str(output), "--quiet"]
+    started = time.perf_counter()
+    done = subprocess.run([*command, *run_arguments], capture_output=True, text=True, env={**os.environ})
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    summary = [line for line in done.stdout.splitlines() if "s per sample" in line]
+    return seconds, (summary[-1].strip() if summary else "")
+
+
+def torchrun_check(device: str, run_arguments: list[str]) -> dict:
+    """The toy model as one torchrun rank and as one plain process on `device` (see the module docstring)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1"]
+    with tempfile.TemporaryDirectory() as folder:
+        ranked, rank_summary = flowlib_run(torchrun, device, Path(folder) / "torchrun", run_arguments)
+        single, _ = flowlib_run([sys.executable], device, Path(folder) / "single", run_arguments)
+        tables = [pd.read_parquet(Path(folder) / name / "results.parquet") for name in ("torchrun", "single")]
+    if len(tables[0]) != len(tables[1]) or not tables[0].question_id.equals(tables[1].question_id):
+        raise SystemExit("torchrun and the single process analysed different samples")
+    difference = np.abs(tables[0].relative_change.to_numpy() - tables[1].relative_change.to_numpy())
+    return {
+        "torchrun_s": ranked,
+        "single_s": single,
+        "rows": len(tables[0]),
+        "samples": int(tables[0].question_id.nunique()),
+        "max_difference_pp": float(difference.max()),
+        "rank_summary": rank_summary,
+    }
+
+
+def torchrun_markdown(result: dict, device: str, run_arguments: list[str]) -> str:
+    return (
+        f"\nToy model, one torchrun rank on `{device}` against one plain process (`flowlib run "
+        f"{' '.join(run_arguments)}`): {result['samples']} samples, {result['rows']} rows; "
+        f"{result['torchrun_s']:.1f} s under torchrun, {result['single_s']:.1f} s alone (model load included); "
+        f"largest difference between the tables {result['max_difference_pp']:.3g} pp. "
+        f"The rank's summary: `{result['rank_summary']}`.\n"
+    )
+
+
 def markdown(results: list[dict], device_name: str) -> str:
     lines = [
         f"## GPU check, paper model shapes at full width (`benchmarks/gpu_check.py`, "
@@ -217,6 +265,7 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=4, help="stand-in samples per model")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=[*PAPER_CHECKPOINTS, *RELEASED])
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    parser.add_argument("--toy-samples", type=int, default=10, help="samples per task of the torchrun toy run")
     args = parser.parse_args(argv)
     if args.dry_run:
         settings = dict(dtype=torch.float32, device="cpu", samples=1, num_layers=2, width="tiny")
@@ -234,6 +283,11 @@ def main(argv=None) -> int:
         if settings["device"].startswith("cuda"):
             torch.cuda.empty_cache()
     table = markdown(results, device_name)
+    toy_run = ["--samples-per-task", str(1 if args.dry_run else args.toy_samples)]
+    toy_run += ["--tasks", "ChooseAttr"] if args.dry_run else []
+    toy = torchrun_check(settings["device"], toy_run)
+    print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in toy.items()}, flush=True)
+    table += torchrun_markdown(toy, settings["device"], toy_run)
     print(table)
     if not args.dry_run and not args.no_record:
         with RESULTS.open("a") as out:

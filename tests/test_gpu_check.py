@@ -1,6 +1,8 @@
-"""The prepared GPU check runs end to end on the CPU (`--dry-run`), so it is ready whenever a GPU is lent."""
+"""The prepared GPU check runs end to end on the CPU (`--dry-run`), so it is ready whenever a GPU is lent: the
+model shapes, and the toy model as one torchrun rank against one plain process."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -33,4 +35,8 @@ def test_gpu_check_dry_run_measures_every_model_shape(capsys):
     assert rows[1].split(" | ")[3] == "2340"  # 640x480 under anyres: 576 + 36 x (48 + 1)
     assert rows[2].split(" | ")[3] == "391"  # 640x480 resized to 644x476: 23 x 17 merged tokens
     assert rows[3].split(" | ")[3] == "2929"  # 640x480 under anyres-max-9 (the processor's own count)
+    toy = re.search(r"Toy model, one torchrun rank on `cpu`.*?: (\d+) samples, (\d+) rows; .*?tables (\S+) pp", out)
+    assert toy and int(toy[1]) == 1 and int(toy[2]) > 0  # one ChooseAttr sample, every flow and layer
+    assert float(toy[3]) == 0  # the same device and code: torchrun changes nothing in the numbers
+    assert "The rank's summary: `all samples: 1 samples in" in out  # one rank is the whole run
     assert gpu_check.RESULTS.read_text() == results_before  # a dry run records nothing
