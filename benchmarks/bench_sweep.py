@@ -39,21 +39,14 @@ def gpu_7b_model(dtype: torch.dtype, device: str, layers: int = 32, hidden: int 
 
     The size arguments only exist to smoke-test this builder at a small size on a CPU.
     """
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration
 
+    from flowlib.architectures import CLIP_VIT_L_336
     from flowlib.models import wrap_model
-    from flowlib.tiny import TEST_WORDS, build_processor, word_level_tokenizer
+    from flowlib.tiny import TEST_WORDS, build_processor, llava_config, word_level_tokenizer
 
     tokenizer = word_level_tokenizer(TEST_WORDS)
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-    )
+    vision = CLIPVisionConfig(**dict(CLIP_VIT_L_336, num_hidden_layers=vision_layers))
     text = LlamaConfig(
         vocab_size=32064,
         hidden_size=hidden,
@@ -63,15 +56,7 @@ def gpu_7b_model(dtype: torch.dtype, device: str, layers: int = 32, hidden: int 
         num_key_value_heads=hidden // 128,
         max_position_embeddings=4096,
     )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        image_seq_length=576,
-    )
+    config = llava_config("llava-1.5", vision, text, tokenizer.convert_tokens_to_ids("<image>"))
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # initialise directly in the target dtype and device: no 28 GB CPU copy
     try:

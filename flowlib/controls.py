@@ -32,11 +32,10 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .knockout import ALL, FlowError, check_cut, cut_matrix, parse_flow
-from .sweep import ZeroBaseProbability, clean_pass
-from .variants import PAPER_WINDOW_KIND, cut_sweep
+from .sweep import clean_pass
+from .variants import PAPER_WINDOW_KIND, cut_sweep, sample_table
 
 #: Random draws per flow and sample: enough to show the spread of "any edges of that size" cheaply.
 DEFAULT_SEEDS = (0, 1, 2)
@@ -160,24 +159,11 @@ def control_table(
     answer has probability 0 is left out altogether. `table.attrs["excluded"]` lists (question_id,
     flow, reason) for each.
     """
-    samples = [s for group in samples.values() for s in group] if isinstance(samples, dict) else list(samples)
-    frames, excluded = [], []
-    for sample in tqdm(samples, desc="controls", unit="sample", disable=not progress):
-        prepared = loaded.prepare(sample)
-        clean = clean_pass(loaded, prepared)
-        for flow in flows:
-            try:
-                frame = control_sweeps(
-                    loaded, prepared, flow, window, seeds=seeds, kind=kind, engine=engine, clean=clean
-                )
-            except (FlowError, ZeroBaseProbability) as error:
-                excluded.append((sample.question_id, flow, str(error)))
-                continue
-            frame.insert(1, "task", sample.task)
-            frames.append(frame)
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    table.attrs["excluded"] = excluded
-    return table
+
+    def sweeps(sample, prepared, clean, flow):
+        return [control_sweeps(loaded, prepared, flow, window, seeds=seeds, kind=kind, engine=engine, clean=clean)]
+
+    return sample_table(loaded, samples, flows, sweeps, desc="controls", progress=progress)
 
 
 #: Prefix of a keep-only mask's name: "only Question->Last" blocks every edge into Last but the question's.
@@ -207,21 +193,10 @@ def variant_table(
     Columns: those of `variants.CutSweep.to_frame` (the mask's name in `flow`) plus `task`. Exclusions as
     `control_table`'s, in `table.attrs["excluded"]`.
     """
-    samples = [s for group in samples.values() for s in group] if isinstance(samples, dict) else list(samples)
-    frames, excluded = [], []
-    for sample in tqdm(samples, desc="variants", unit="sample", disable=not progress):
-        prepared = loaded.prepare(sample)
-        clean = clean_pass(loaded, prepared)
-        for mask in masks:
-            try:
-                cut = mask_cut(prepared.layout, mask)
-                for kind in kinds:
-                    frame = cut_sweep(loaded, prepared, cut, kind, window, label=mask, engine=engine, clean=clean)
-                    frame = frame.to_frame()
-                    frame.insert(1, "task", sample.task)
-                    frames.append(frame)
-            except (FlowError, ZeroBaseProbability) as error:
-                excluded.append((sample.question_id, mask, str(error)))
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    table.attrs["excluded"] = excluded
-    return table
+
+    def sweeps(sample, prepared, clean, mask):
+        cut = mask_cut(prepared.layout, mask)
+        for kind in kinds:
+            yield cut_sweep(loaded, prepared, cut, kind, window, label=mask, engine=engine, clean=clean).to_frame()
+
+    return sample_table(loaded, samples, masks, sweeps, desc="variants", progress=progress)

@@ -158,6 +158,39 @@ def llava15_geometry(width: int, height: int, image_size: int, patch_size: int, 
     return ImageGeometry((grid,), np.zeros(0, dtype=np.int64), grid.rows * grid.cols)
 
 
+def _fit_canvas(width: int, height: int, canvas_h: int, canvas_w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source rows and columns of the image resized into the canvas, aspect kept, on centred zero padding.
+
+    As transformers' get_patch_output_size, for LLaVA-NeXT's and OneVision's anyres canvases.
+    """
+    scale_w, scale_h = canvas_w / width, canvas_h / height
+    if scale_w < scale_h:
+        new_w, new_h = canvas_w, min(math.ceil(height * scale_w), canvas_h)
+    else:
+        new_h, new_w = canvas_h, min(math.ceil(width * scale_h), canvas_w)
+    rows = _paste(pil_nearest_source(height, new_h), (canvas_h - new_h) // 2, canvas_h)
+    cols = _paste(pil_nearest_source(width, new_w), (canvas_w - new_w) // 2, canvas_w)
+    return rows, cols
+
+
+def _unpad_tokens(rows: np.ndarray, cols: np.ndarray, width: int, height: int, patch_size: int):
+    """`rows` and `cols` less the padding the model trims from the tiles' token map.
+
+    The model trims in token units (modeling_llava_next.unpad_image), not in pixels: whole token rows or
+    columns, as many as the original image's aspect leaves over.
+    """
+    tokens_h, tokens_w = len(rows) // patch_size, len(cols) // patch_size
+    if width / height > tokens_w / tokens_h:
+        kept = int(round(height * (tokens_w / width), 7))
+        trim = (tokens_h - kept) // 2
+        rows = rows[trim * patch_size : (tokens_h - trim) * patch_size]
+    else:
+        kept = int(round(width * (tokens_h / height), 7))
+        trim = (tokens_w - kept) // 2
+        cols = cols[trim * patch_size : (tokens_w - trim) * patch_size]
+    return rows, cols
+
+
 def llava_next_geometry(width: int, height: int, image_size: int, patch_size: int, pinpoints) -> ImageGeometry:
     """LLaVA-NeXT anyres: squashed base view, then high-resolution tiles trimmed in token units, newline per row."""
     base = PatchGrid(
@@ -168,25 +201,8 @@ def llava_next_geometry(width: int, height: int, image_size: int, patch_size: in
         offset=0,
         row_stride=image_size // patch_size,
     )
-    canvas_h, canvas_w = select_best_resolution(height, width, pinpoints)
-    # Aspect-preserving resize into the canvas (transformers' get_patch_output_size), centred zero padding.
-    scale_w, scale_h = canvas_w / width, canvas_h / height
-    if scale_w < scale_h:
-        new_w, new_h = canvas_w, min(math.ceil(height * scale_w), canvas_h)
-    else:
-        new_h, new_w = canvas_h, min(math.ceil(width * scale_h), canvas_w)
-    rows = _paste(pil_nearest_source(height, new_h), (canvas_h - new_h) // 2, canvas_h)
-    cols = _paste(pil_nearest_source(width, new_w), (canvas_w - new_w) // 2, canvas_w)
-    # The model trims padding in token units (modeling_llava_next.unpad_image), not in pixels.
-    tokens_h, tokens_w = canvas_h // patch_size, canvas_w // patch_size
-    if width / height > tokens_w / tokens_h:
-        kept = int(round(height * (tokens_w / width), 7))
-        trim = (tokens_h - kept) // 2
-        rows = rows[trim * patch_size : (tokens_h - trim) * patch_size]
-    else:
-        kept = int(round(width * (tokens_h / height), 7))
-        trim = (tokens_w - kept) // 2
-        cols = cols[trim * patch_size : (tokens_w - trim) * patch_size]
+    rows, cols = _fit_canvas(width, height, *select_best_resolution(height, width, pinpoints))
+    rows, cols = _unpad_tokens(rows, cols, width, height, patch_size)
     base_tokens = base.rows * base.cols
     stride = len(cols) // patch_size + 1
     high = PatchGrid("high_resolution", rows, cols, patch_size, offset=base_tokens, row_stride=stride)
@@ -321,23 +337,9 @@ def onevision_geometry(
         offset=0,
         row_stride=per_side,
     )
-    canvas_h, canvas_w = select_best_resolution(height, width, pinpoints)
-    scale_w, scale_h = canvas_w / width, canvas_h / height
-    if scale_w < scale_h:
-        new_w, new_h = canvas_w, min(math.ceil(height * scale_w), canvas_h)
-    else:
-        new_h, new_w = canvas_h, min(math.ceil(width * scale_h), canvas_w)
-    rows = _tile_axis(_paste(pil_nearest_source(height, new_h), (canvas_h - new_h) // 2, canvas_h), image_size, used)
-    cols = _tile_axis(_paste(pil_nearest_source(width, new_w), (canvas_w - new_w) // 2, canvas_w), image_size, used)
-    tokens_h, tokens_w = len(rows) // patch_size, len(cols) // patch_size
-    if width / height > tokens_w / tokens_h:
-        kept = int(round(height * (tokens_w / width), 7))
-        trim = (tokens_h - kept) // 2
-        rows = rows[trim * patch_size : (tokens_h - trim) * patch_size]
-    else:
-        kept = int(round(width * (tokens_h / height), 7))
-        trim = (tokens_w - kept) // 2
-        cols = cols[trim * patch_size : (tokens_w - trim) * patch_size]
+    rows, cols = _fit_canvas(width, height, *select_best_resolution(height, width, pinpoints))
+    rows, cols = _tile_axis(rows, image_size, used), _tile_axis(cols, image_size, used)
+    rows, cols = _unpad_tokens(rows, cols, width, height, patch_size)
     cur_h, cur_w = len(rows) // patch_size, len(cols) // patch_size
     ratio = math.sqrt(cur_h * cur_w / (max_tiles * per_side**2))
     out_h, out_w = (int(cur_h // ratio), int(cur_w // ratio)) if ratio > 1.1 else (cur_h, cur_w)

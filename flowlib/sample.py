@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
+from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
@@ -99,6 +101,59 @@ def clip_box(box: Box, width: int, height: int, sample_id: str, notes: list[str]
     if clipped != box:
         notes.append(f"sample {sample_id}: box {box} extends beyond the {width}x{height} image; clipped")
     return clipped
+
+
+class LoadNotes:
+    """What a dataset loader clipped or skipped, told once at the end: one warning of each, every note logged.
+
+    Example:
+        >>> notes = LoadNotes(on_missing_image="skip")  # raises ValueError for anything but "error" or "skip"
+        >>> image = notes.image("1.jpg", image_dir, "question 7")  # None: the file is missing, drop the sample
+        >>> box = notes.clip(box, width, height, "7")
+        >>> notes.warn(log)
+    """
+
+    def __init__(self, on_missing_image: str = "error"):
+        if on_missing_image not in ("error", "skip"):
+            raise ValueError(f"on_missing_image must be 'error' or 'skip', not {on_missing_image!r}")
+        self.on_missing_image = on_missing_image
+        self.clipped: list[str] = []
+        self.skipped: list[str] = []
+
+    def image(self, name: str, image_dir, where: str):
+        """A sample's image: the file name `name` alone without `image_dir`, else its path there.
+
+        A missing file raises `FileNotFoundError` naming `where` (the sample) or, with
+        `on_missing_image="skip"`, is noted and gives None: the loader drops the sample.
+        """
+        if image_dir is None:
+            return name
+        image = Path(image_dir) / name
+        if image.exists():
+            return image
+        if self.on_missing_image == "skip":
+            self.skipped.append(str(image))
+            return None
+        raise FileNotFoundError(f"{where}: image {image} does not exist")
+
+    def clip(self, box: Box, width: int, height: int, sample_id: str) -> Box:
+        """`clip_box`, noted here."""
+        return clip_box(box, width, height, sample_id, self.clipped)
+
+    def warn(self, log, *, prefix: str = "", what: str = "sample") -> None:
+        """Warn once about the clipped boxes and once about the skipped `what`s; `log` gets every note.
+
+        The warnings point at the loader's caller, who can act on them.
+        """
+        if self.clipped:
+            notes = self.clipped
+            message = f"{prefix}{len(notes)} box(es) beyond their image, clipped or left out (first: {notes[0]})"
+            warnings.warn(message, stacklevel=3)
+            log.info(message + "; all: " + " | ".join(notes))
+        if self.skipped:
+            message = f"{prefix}skipped {len(self.skipped)} {what}(s) whose image is missing (first: {self.skipped[0]})"
+            warnings.warn(message, stacklevel=3)
+            log.info(message)
 
 
 @dataclasses.dataclass

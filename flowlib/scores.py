@@ -39,9 +39,9 @@ import torch
 
 from .answers import greedy_answer, normalise_answer
 from .evaluate import answer_token_ids
-from .knockout import knockout
+from .knockout import cut_matrix, knockout
 from .sweep import CleanPass, answer_probs, clean_pass, relative_change
-from .variants import PAPER_WINDOW_KIND, blocked_states, schedule_label, window_schedules
+from .variants import PAPER_WINDOW_KIND, blocked_states, sample_table, schedule_label, window_schedules
 
 SAMPLE_MODES = ("correct", "wrong", "all")
 PAPER_MODE = "correct"
@@ -228,29 +228,16 @@ def score_table(
     "margin" is computed for the samples with two options only; a sample whose group is empty for a
     flow is left out of that flow (`table.attrs["excluded"]` lists them with the reason).
     """
-    from .knockout import FlowError, cut_matrix
-    from .sweep import ZeroBaseProbability
 
-    samples = [s for group in samples.values() for s in group] if isinstance(samples, dict) else list(samples)
-    frames, excluded = [], []
-    for sample in samples:
-        prepared = loaded.prepare(sample)
-        clean = clean_pass(loaded, prepared)
+    def sweeps(sample, prepared, clean, flow):
         chosen = [s for s in scores if s != "margin" or "true" in answer_words(sample)]
-        for flow in flows:
-            try:
-                cut = cut_matrix(prepared.layout, [flow])
-                frame = score_sweep(loaded, prepared, cut, kind, window, scores=chosen, engine=engine, clean=clean)
-            except (FlowError, ZeroBaseProbability) as error:
-                excluded.append((sample.question_id, flow, str(error)))
-                continue
-            frame.insert(1, "task", sample.task)
-            frame.insert(2, "flow", flow)
-            frame.insert(3, "mode", mode)
-            frames.append(frame)
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    table.attrs["excluded"] = excluded
-    return table
+        cut = cut_matrix(prepared.layout, [flow])
+        frame = score_sweep(loaded, prepared, cut, kind, window, scores=chosen, engine=engine, clean=clean)
+        frame.insert(1, "flow", flow)  # `sample_table` puts the task before these two
+        frame.insert(2, "mode", mode)
+        return [frame]
+
+    return sample_table(loaded, samples, flows, sweeps)
 
 
 def mode_table(loaded, by_mode: dict, flows: Sequence[str], window: int | None = None, **kwargs) -> pd.DataFrame:

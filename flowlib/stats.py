@@ -80,24 +80,29 @@ def cohens_dz(differences) -> float:
     return float(mean / sd)
 
 
+def _ranked(p_values) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The p-values as floats, an all-NaN result to fill, and the non-NaN ones' indices from smallest p up.
+
+    The corrections share this so that they agree on what counts: NaNs stay NaN and are not tests, and
+    ties keep their input order (a stable sort).
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    keep = np.flatnonzero(~np.isnan(p))
+    return p, np.full(p.shape, np.nan), keep[np.argsort(p[keep], kind="stable")]
+
+
 def holm(p_values) -> np.ndarray:
     """Holm's step-down adjusted p-values (family-wise error); NaNs stay NaN and do not count."""
-    p = np.asarray(p_values, dtype=np.float64)
-    out = np.full(p.shape, np.nan)
-    keep = np.flatnonzero(~np.isnan(p))
-    m = len(keep)
-    order = keep[np.argsort(p[keep], kind="stable")]
+    p, out, order = _ranked(p_values)
+    m = len(order)
     out[order] = np.minimum(1.0, np.maximum.accumulate(p[order] * (m - np.arange(m))))
     return out
 
 
 def benjamini_hochberg(p_values) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values (false discovery rate); NaNs stay NaN and do not count."""
-    p = np.asarray(p_values, dtype=np.float64)
-    out = np.full(p.shape, np.nan)
-    keep = np.flatnonzero(~np.isnan(p))
-    m = len(keep)
-    order = keep[np.argsort(p[keep], kind="stable")]
+    p, out, order = _ranked(p_values)
+    m = len(order)
     scaled = p[order] * m / np.arange(1, m + 1)
     out[order] = np.minimum(1.0, np.minimum.accumulate(scaled[::-1])[::-1])
     return out

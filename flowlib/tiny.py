@@ -133,6 +133,28 @@ def build_processor(family: str, tokenizer, image_size: int, patch_size: int, pa
     )
 
 
+def llava_config(family: str, vision: CLIPVisionConfig, text: LlamaConfig, image_token_id: int, tie: bool = False):
+    """The `LlavaConfig` or `LlavaNextConfig` around `vision` and `text`, wired as the released models are.
+
+    As in the paper's four checkpoints, a two-layer GELU projector reads the tower's second-to-last
+    layer without its CLS token; NeXT's pinpoints are scaled to the tower's image size.
+    """
+    common = dict(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        tie_word_embeddings=tie,
+    )
+    if family == "llava-1.5":
+        return LlavaConfig(image_seq_length=(vision.image_size // vision.patch_size) ** 2, **common)
+    if family == "llava-next":
+        return LlavaNextConfig(image_grid_pinpoints=next_pinpoints(vision.image_size), **common)
+    raise ValueError(f"unknown family {family!r}; use 'llava-1.5' or 'llava-next'")
+
+
 def build_llava(
     family: str,
     tokenizer,
@@ -152,23 +174,8 @@ def build_llava(
     torch.manual_seed(seed)
     vision = _vision_config(image_size, patch_size, vision_hidden, vision_layers, local_vision)
     text = _text_config(tokenizer, hidden, layers, heads, tie_embeddings)
-    common = dict(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        tie_word_embeddings=tie_embeddings,
-    )
-    if family == "llava-1.5":
-        config = LlavaConfig(image_seq_length=(image_size // patch_size) ** 2, **common)
-        model = LlavaForConditionalGeneration(config)
-    elif family == "llava-next":
-        config = LlavaNextConfig(image_grid_pinpoints=next_pinpoints(image_size), **common)
-        model = LlavaNextForConditionalGeneration(config)
-    else:
-        raise ValueError(f"unknown family {family!r}; use 'llava-1.5' or 'llava-next'")
+    config = llava_config(family, vision, text, tokenizer.convert_tokens_to_ids("<image>"), tie_embeddings)
+    model = (LlavaForConditionalGeneration if family == "llava-1.5" else LlavaNextForConditionalGeneration)(config)
     model.generation_config.update(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )

@@ -37,8 +37,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-from .knockout import current_backend, knockout
+from .knockout import FlowError, current_backend, knockout
 from .sweep import (
     MIN_SUFFIX,
     SUFFIX_ALIGN,
@@ -234,3 +235,37 @@ def cut_sweep(
         int(cut.sum()),
         engine,
     )
+
+
+def sample_table(
+    loaded,
+    samples: dict | Sequence,
+    names: Sequence[str],
+    sweeps,
+    *,
+    desc: str = "samples",
+    progress: bool = False,
+) -> pd.DataFrame:
+    """The frames `sweeps(sample, prepared, clean, name)` yields for every sample and name, with a `task` column.
+
+    The one loop behind `controls.control_table`, `controls.variant_table` and `scores.score_table`, so
+    that they agree on what is left out. `samples` is a list or lists by task; each sample is prepared and
+    run clean once for all `names` (flows or masks). A name whose sweeps raise `knockout.FlowError` (its
+    group is empty in this sample) or `sweep.ZeroBaseProbability` is left out for that sample, and
+    `table.attrs["excluded"]` lists (question_id, name, reason) for each.
+    """
+    samples = [s for group in samples.values() for s in group] if isinstance(samples, dict) else list(samples)
+    frames, excluded = [], []
+    for sample in tqdm(samples, desc=desc, unit="sample", disable=not progress):
+        prepared = loaded.prepare(sample)
+        clean = clean_pass(loaded, prepared)
+        for name in names:
+            try:
+                for frame in sweeps(sample, prepared, clean, name):
+                    frame.insert(1, "task", sample.task)
+                    frames.append(frame)
+            except (FlowError, ZeroBaseProbability) as error:
+                excluded.append((sample.question_id, name, str(error)))
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    table.attrs["excluded"] = excluded
+    return table

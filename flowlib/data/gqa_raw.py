@@ -18,10 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import re
-import warnings
 from pathlib import Path
 
-from flowlib.sample import TASKS, Box, Sample, SampleError, check_task, clip_box
+from flowlib.sample import TASKS, Box, LoadNotes, Sample, SampleError, check_task
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +134,9 @@ def build_tasks(
         SampleError: unknown task name; a question whose image has no scene graph, or whose
             program names an object id the scene graph lacks (the message names both keys).
     """
-    if on_missing_image not in ("error", "skip"):
-        raise ValueError(f"on_missing_image must be 'error' or 'skip', not {on_missing_image!r}")
+    notes = LoadNotes(on_missing_image)
     wanted = {check_task(t) for t in tasks}
-    samples, skipped, notes = [], [], []
+    samples = []
     for qid, q in questions.items():
         task = TASK_OF_TYPE.get(q["types"]["detailed"])
         if task not in wanted:
@@ -149,14 +147,9 @@ def build_tasks(
             raise SampleError(
                 f"question {qid!r}: image {image_id!r} has no scene graph; pass the matching split's file"
             )
-        image: object = image_id + image_ext
-        if image_dir is not None:
-            image = Path(image_dir) / image
-            if not image.exists():
-                if on_missing_image == "skip":
-                    skipped.append(str(image))
-                    continue
-                raise FileNotFoundError(f"question {qid}: image {image} does not exist")
+        image = notes.image(image_id + image_ext, image_dir, f"question {qid}")
+        if image is None:
+            continue
         refs = program_objects(q["semantic"])
         boxes = []
         for name, obj_id in refs:
@@ -166,7 +159,7 @@ def build_tasks(
             if obj is None:
                 raise SampleError(f"question {qid!r}: object {obj_id!r} ({name}) is not in scene graph {image_id!r}")
             box = Box(float(obj["x"]), float(obj["y"]), float(obj["w"]), float(obj["h"]), obj["name"])
-            boxes.append(clip_box(box, graph["width"], graph["height"], qid, notes))
+            boxes.append(notes.clip(box, graph["width"], graph["height"], qid))
         true, false = choose_options(q["semantic"], q["answer"]) if task.startswith("Choose") else (None, None)
         central = (refs[-1] if task in _SINGLE_OBJECT else refs[0])[0] if refs else None
         samples.append(
@@ -185,14 +178,7 @@ def build_tasks(
                 image_size=(int(graph["width"]), int(graph["height"])),
             )
         )
-    if notes:
-        message = f"{len(notes)} box(es) beyond their image, clipped or left out (first: {notes[0]})"
-        warnings.warn(message, stacklevel=2)
-        log.info(message + "; all: " + " | ".join(notes))
-    if skipped:
-        message = f"skipped {len(skipped)} question(s) whose image is missing (first: {skipped[0]})"
-        warnings.warn(message, stacklevel=2)
-        log.info(message)
+    notes.warn(log, what="question")
     return samples
 
 

@@ -19,12 +19,11 @@ import logging
 import os
 import urllib.error
 import urllib.request
-import warnings
 from pathlib import Path
 
 import pandas as pd
 
-from flowlib.sample import TASKS, Box, Sample, SampleError, check_task, clip_box
+from flowlib.sample import TASKS, Box, LoadNotes, Sample, SampleError, check_task
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +100,7 @@ def load_task_csv(path, image_dir=None, on_missing_image: str = "error", image_e
     """
     path = Path(path)
     task = task_from_filename(path)
-    if on_missing_image not in ("error", "skip"):
-        raise ValueError(f"on_missing_image must be 'error' or 'skip', not {on_missing_image!r}")
+    notes = LoadNotes(on_missing_image)
     # Every cell as a string: ids keep leading zeros and "-" or "NA" stay what they are.
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -113,18 +111,13 @@ def load_task_csv(path, image_dir=None, on_missing_image: str = "error", image_e
     missing = [c for c in required_columns(task) if c not in table.columns]
     if missing:
         raise SampleError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)} for task {task}")
-    samples, skipped, notes = [], [], []
+    samples = []
     for row in table.to_dict("records"):
         qid = row["question_id"]
         name = row["img_id"] + image_ext
-        image: object = name
-        if image_dir is not None:
-            image = Path(image_dir) / name
-            if not image.exists():
-                if on_missing_image == "skip":
-                    skipped.append(str(image))
-                    continue
-                raise FileNotFoundError(f"sample {qid} in {path.name}: image {image} does not exist")
+        image = notes.image(name, image_dir, f"sample {qid} in {path.name}")
+        if image is None:
+            continue
         try:
             width, height = int(float(row["image_w"])), int(float(row["image_h"]))
         except ValueError as err:
@@ -133,7 +126,7 @@ def load_task_csv(path, image_dir=None, on_missing_image: str = "error", image_e
             ["central object name"] if BOX_PREFIXES[task] == ("central object",) else ["object1 name", "object2 name"]
         )
         boxes = [_box(row, prefix, row[label].strip(), qid) for prefix, label in zip(BOX_PREFIXES[task], names)]
-        boxes = [clip_box(b, width, height, qid, notes) for b in boxes if b is not None]
+        boxes = [notes.clip(b, width, height, qid) for b in boxes if b is not None]
         samples.append(
             Sample(
                 question_id=qid,
@@ -150,14 +143,7 @@ def load_task_csv(path, image_dir=None, on_missing_image: str = "error", image_e
                 image_size=(width, height),
             )
         )
-    if notes:
-        message = f"{path.name}: {len(notes)} box(es) beyond their image, clipped or left out (first: {notes[0]})"
-        warnings.warn(message, stacklevel=2)
-        log.info(message + "; all: " + " | ".join(notes))
-    if skipped:
-        message = f"{path.name}: skipped {len(skipped)} sample(s) whose image is missing (first: {skipped[0]})"
-        warnings.warn(message, stacklevel=2)
-        log.info(message)
+    notes.warn(log, prefix=f"{path.name}: ")
     return samples
 
 

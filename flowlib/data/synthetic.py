@@ -56,19 +56,11 @@ def features():
     )
 
 
-def generate_split(
-    n_per_task: int | Mapping[str, int],
-    seed: int = 0,
-    split: str = "train",
-    tasks=TASKS,
-    max_distractors: int | None = None,
-    hard: float = 0.0,
-    hard_tasks=HARD_TASKS,
-):
-    """Generate one split as a `Dataset`: `generate_rows` (see its options), each image stored as PNG."""
+def generate_split(n_per_task: int | Mapping[str, int], *args, **kwargs):
+    """Generate one split as a `Dataset`: `generate_rows` (the arguments are its own), each image stored as PNG."""
     from datasets import Dataset
 
-    rows = generate_rows(n_per_task, seed, split, tasks, max_distractors, hard, hard_tasks)
+    rows = generate_rows(n_per_task, *args, **kwargs)
     columns = {name: [row[name] for row in rows] for name in features()}
     columns["image"] = [{"bytes": png(image), "path": None} for image in columns["image"]]
     return Dataset.from_dict(columns, features=features())

@@ -44,6 +44,19 @@ def chatml_prompt(question: str, image_marker: str, instruction: str) -> tuple[s
     return prompt, len(head)
 
 
+def pil_image_processor(processor, pil_class: type):
+    """`processor` with its image processor rebuilt as `pil_class` from its own settings, unless it is one.
+
+    flowlib preprocesses with the PIL image processors, which work without torchvision; a loaded
+    checkpoint may bring another class. Its own numbers (sizes, pinpoints, resampling, mean and std)
+    carry over.
+    """
+    old = processor.image_processor
+    if not isinstance(old, pil_class):
+        processor.image_processor = pil_class(**old.to_dict())
+    return processor
+
+
 class FamilyAdapter:
     """What differs between model families. Subclasses set the class attributes and the hooks marked so."""
 

@@ -19,7 +19,7 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 from ..geometry import llava15_geometry, llava_next_geometry
-from .base import FamilyAdapter
+from .base import FamilyAdapter, pil_image_processor
 
 
 def _image_side(image_processor) -> int:
@@ -78,10 +78,7 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
     image_modes = ("anyres",)
 
     def configure_processor(self, processor, image_mode: str):
-        old = processor.image_processor
-        if not isinstance(old, LlavaNextImageProcessorPil):
-            processor.image_processor = LlavaNextImageProcessorPil(**old.to_dict())
-        return processor
+        return pil_image_processor(processor, LlavaNextImageProcessorPil)
 
     def geometry(self, processor, width, height):
         ip = processor.image_processor

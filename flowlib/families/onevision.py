@@ -23,7 +23,7 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 
 from ..config import INSTRUCTION
 from ..geometry import onevision_geometry
-from .base import FamilyAdapter, chatml_prompt
+from .base import FamilyAdapter, chatml_prompt, pil_image_processor
 from .processors import load_image_only
 
 #: SigLIP's patch side in every released OneVision checkpoint (the processor does not record it).
@@ -58,10 +58,7 @@ class OnevisionAdapter(FamilyAdapter):
         return load_image_only(path, revision, self.processor_class, LlavaOnevisionImageProcessorPil, **settings)
 
     def configure_processor(self, processor, image_mode):
-        old = processor.image_processor
-        if not isinstance(old, LlavaOnevisionImageProcessorPil):
-            processor.image_processor = LlavaOnevisionImageProcessorPil(**old.to_dict())
-        return processor
+        return pil_image_processor(processor, LlavaOnevisionImageProcessorPil)
 
     def geometry(self, processor, width, height):
         ip = processor.image_processor

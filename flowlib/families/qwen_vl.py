@@ -29,7 +29,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from ..config import INSTRUCTION
 from ..geometry import qwen_vl_geometry
-from .base import FamilyAdapter, chatml_prompt
+from .base import FamilyAdapter, chatml_prompt, pil_image_processor
 from .processors import load_image_only
 
 #: The image as Qwen's chat template writes it: markers around one placeholder the processor expands.
@@ -57,12 +57,8 @@ class Qwen2VLAdapter(FamilyAdapter):
         return load_image_only(path, revision, self.processor_class, Qwen2VLImageProcessorPil)
 
     def configure_processor(self, processor, image_mode):
-        # The PIL image processor (Qwen's original preprocessing; works without torchvision), with the
-        # checkpoint's own numbers: min/max pixels, patch and merge size, resampling, mean and std.
-        old = processor.image_processor
-        if not isinstance(old, Qwen2VLImageProcessorPil):
-            processor.image_processor = Qwen2VLImageProcessorPil(**old.to_dict())
-        return processor
+        # The checkpoint's min/max pixels and patch and merge sizes, which `geometry` reads, carry over.
+        return pil_image_processor(processor, Qwen2VLImageProcessorPil)
 
     def geometry(self, processor, width, height):
         ip = processor.image_processor
