@@ -20,6 +20,33 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 
+LLAVA_FAMILIES = ("llava-1.5", "llava-next")
+#: Every family's tiny model at a small image size, so that a knockout or sweep test takes a second or two:
+#: flowlib.tiny's LLaVA views are 112 pixels already; Qwen gets 64 merged tokens at most; OneVision 60-pixel
+#: views (4 x 4 patches of 14 pixels, the last 4 pixels unread, as the released 384-pixel views leave 6).
+SMALL_IMAGES = {
+    "llava-1.5": {},
+    "llava-next": {},
+    "qwen2.5-vl": {"max_pixels": 28 * 28 * 64},
+    "qwen2-vl": {"max_pixels": 28 * 28 * 64},
+    "llava-onevision": {"image_size": 60},
+}
+ALL_FAMILIES = tuple(SMALL_IMAGES)
+
+
+def tiny_model(family, **overrides):
+    """A tiny random model of any family at its small image size (4 layers unless `layers` is given)."""
+    from flowlib.families.tiny import tiny_family
+
+    build = tiny_llava if family in LLAVA_FAMILIES else tiny_family
+    return build(family, **{**SMALL_IMAGES[family], **overrides})
+
+
+def logits(loaded, prepared, **kwargs):
+    """The model's logits on one prepared sample (no gradients)."""
+    with torch.no_grad():
+        return loaded.model(**prepared.inputs, **kwargs).logits
+
 
 @pytest.fixture(scope="session")
 def shared_dir():
@@ -89,6 +116,19 @@ def sample():
     return make_sample()
 
 
+@pytest.fixture(scope="module", params=ALL_FAMILIES)
+def any_tiny(request):
+    """A 4-layer `tiny_model` of every family; shared by a module, so a test that changes it restores it."""
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="module", params=LLAVA_FAMILIES)
+def white_llava(request):
+    """(loaded, prepared): the 4-layer tiny LLaVA of each family on `white_sample` (knockout, lens, score tests)."""
+    loaded = tiny_llava(request.param)
+    return loaded, loaded.prepare(white_sample())
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny LLaVA-1.5 (3 layers) saved as a checkpoint folder (the run-folder and CLI tests)."""
@@ -100,7 +140,7 @@ def disk_model(checkpoint):
     return models.load_model(str(checkpoint))
 
 
-@pytest.fixture(scope="module", params=("llava-1.5", "llava-next"))
+@pytest.fixture(scope="module", params=LLAVA_FAMILIES)
 def white_tiny(request):
     """(loaded, prepared, clean pass): a 5-layer tiny model of each family on `white_sample` (the sweep tests)."""
     from flowlib.sweep import clean_pass

@@ -1,4 +1,5 @@
-"""The family-adapter protocol: chosen by config class, every hook in place, unsupported families sent to the guide."""
+"""The family-adapter protocol: chosen by config class, every hook in place, a batch carrying the inputs each family
+needs, unsupported families sent to the guide."""
 
 import re
 
@@ -19,7 +20,7 @@ from flowlib.families.released import RELEASED, released_config
 from flowlib.knockout import knockout
 from flowlib.models import ADAPTER_GUIDE, UnsupportedModelError, adapter_for, register_family
 from flowlib.tiny import tiny_llava
-from tests.conftest import white_sample
+from tests.conftest import ALL_FAMILIES, logits, make_sample, tiny_model, white_sample
 
 #: The hooks and attributes docs/adapters.md must explain (a new hook without its paragraph fails here).
 PROTOCOL = (
@@ -77,6 +78,30 @@ def test_the_guide_explains_every_hook():
     guide = (cfg.PROJECT_DIR / ADAPTER_GUIDE).read_text()
     quoted = " ".join(re.findall(r"`[^`\n]+`", guide))  # the names as the guide writes code
     assert [name for name in PROTOCOL if not re.search(rf"\b{name}\b", quoted)] == []
+
+
+@pytest.mark.parametrize("family", [f for f in ALL_FAMILIES if f != "llava-1.5"])  # 1.5: one image size
+def test_a_batch_of_the_processors_own_gives_each_sample_the_logits_it_gets_alone(family):
+    """Images of different sizes (other tile or patch counts) in one right-padded batch: each row's logits are
+    its own, not a neighbour's, and the batch carries the inputs the adapter names."""
+    loaded = tiny_model(family)
+    sizes = [(160, 120), (90, 200), (300, 64)]
+    samples = [make_sample(*size, boxes=[(5, 5, 20, 20)], seed=i) for i, size in enumerate(sizes)]
+    prepared = [loaded.prepare(s) for s in samples]
+    assert len({p.inputs["pixel_values"].shape for p in prepared}) > 1  # the tile or patch counts differ
+    alone = [logits(loaded, p)[0, -1] for p in prepared]
+    loaded.processor.tokenizer.padding_side = "right"
+    batch = loaded.processor(
+        images=[s.load_image() for s in samples], text=[p.prompt for p in prepared], padding=True, return_tensors="pt"
+    )
+    assert set(loaded.adapter.image_inputs) | set(loaded.adapter.token_inputs) <= set(batch)
+    with torch.no_grad():
+        out = loaded.model(**batch).logits
+    last = batch["attention_mask"].sum(1) - 1
+    for row, single in enumerate(alone):
+        assert torch.allclose(out[row, last[row]], single, atol=1e-5, rtol=0), row
+        for other, neighbour in enumerate(alone):  # the check can fail: the rows differ from each other
+            assert other == row or not torch.allclose(out[row, last[row]], neighbour, atol=1e-3)
 
 
 class ThirdConfig(LlavaConfig):

@@ -31,9 +31,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CSV_NAME = gqa_tasks.TASK_FILES["QueryAttr"]
 
 
-def run_args(checkpoint, csv_dir, image_dir, output, *extra) -> list[str]:
+def data_args(command, checkpoint, csv_dir, image_dir, output, *extra) -> list[str]:
+    """`flowlib <command>` on the paper's QueryAttr CSV: the options `run` and `lens` share."""
     return [
-        "run",
+        command,
         "--model",
         str(checkpoint),
         "--data",
@@ -44,10 +45,6 @@ def run_args(checkpoint, csv_dir, image_dir, output, *extra) -> list[str]:
         str(image_dir),
         "--tasks",
         "QueryAttr",
-        "--flows",
-        *FLOWS,
-        "--window",
-        "1",
         "--max-new-tokens",
         "3",
         "--output",
@@ -55,6 +52,11 @@ def run_args(checkpoint, csv_dir, image_dir, output, *extra) -> list[str]:
         "--quiet",
         *extra,
     ]
+
+
+def run_args(checkpoint, csv_dir, image_dir, output, *extra) -> list[str]:
+    """`flowlib run` of FLOWS with windows of one layer; `extra` comes last, so it overrides."""
+    return data_args("run", checkpoint, csv_dir, image_dir, output, "--flows", *FLOWS, "--window", "1", *extra)
 
 
 def error_lines(capsys) -> list[str]:
@@ -255,24 +257,7 @@ def test_nothing_answered_correctly_is_an_error_saying_so(checkpoint, disk_model
     assert cli.main(run_args(checkpoint, csv_dir, image_dir, tmp_path / "out")) == 1
     line = error_lines(capsys)[0]
     assert "no sample was analysed: the model answered none of the 2 samples it saw correctly" in line
-    lens = [
-        "lens",
-        "--model",
-        str(checkpoint),
-        "--data",
-        "paper",
-        "--csv-dir",
-        str(csv_dir),
-        "--image-dir",
-        str(image_dir),
-        "--tasks",
-        "QueryAttr",
-        "--max-new-tokens",
-        "3",
-        "--output",
-        str(tmp_path / "lens.parquet"),
-        "--quiet",
-    ]
+    lens = data_args("lens", checkpoint, csv_dir, image_dir, tmp_path / "lens.parquet")
     assert cli.main(lens) == 1
     assert f"{checkpoint} answers none of the 2 samples correctly" in error_lines(capsys)[0]
     assert not (tmp_path / "lens.parquet").exists()

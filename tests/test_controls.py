@@ -21,11 +21,6 @@ from tests.conftest import white_sample
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def tiny(white_tiny):
-    return white_tiny
-
-
 def removed(loaded, prepared, layers, **kwargs):
     with torch.no_grad(), knockout(loaded, prepared.layout, layers=layers, **kwargs) as ko:
         loaded.model(**prepared.inputs)
@@ -33,8 +28,8 @@ def removed(loaded, prepared, layers, **kwargs):
 
 
 @pytest.mark.parametrize("flow", PAPER_FLOWS)
-def test_control_cuts_as_many_edges_as_its_flow_in_the_same_layers(tiny, flow):
-    loaded, prepared, _ = tiny
+def test_control_cuts_as_many_edges_as_its_flow_in_the_same_layers(white_tiny, flow):
+    loaded, prepared, _ = white_tiny
     layers = [1, 2]
     flow_counts = removed(loaded, prepared, layers, flows=[flow])
     control = matched_random_cut(prepared.layout, [flow], seed=0)
@@ -46,8 +41,8 @@ def test_control_cuts_as_many_edges_as_its_flow_in_the_same_layers(tiny, flow):
 
 
 @pytest.mark.parametrize("flow", ["Image->Question", "Question->Last", "Last->Last"])
-def test_control_draws_are_seeded(tiny, flow):
-    layout = tiny[1].layout
+def test_control_draws_are_seeded(white_tiny, flow):
+    layout = white_tiny[1].layout
     draws = [matched_random_cut(layout, [flow], seed=s) for s in (0, 0, 1, 2)]
     assert torch.equal(draws[0], draws[1])
     flow_cut = cut_matrix(layout, [flow])
@@ -57,16 +52,12 @@ def test_control_draws_are_seeded(tiny, flow):
         assert not torch.triu(draw, 1).any()
         assert not (draw.any(dim=1) & ~flow_cut.any(dim=1)).any()
     # another sample, same seed: other edges
-    other = white_sample(qid="q2")
-    assert not torch.equal(matched_random_cut(other_layout(tiny, other), [flow], 0), draws[0]) or flow == "Last->Last"
+    other = white_tiny[0].prepare(white_sample(qid="q2")).layout
+    assert not torch.equal(matched_random_cut(other, [flow], 0), draws[0]) or flow == "Last->Last"
 
 
-def other_layout(tiny, sample):
-    return tiny[0].prepare(sample).layout
-
-
-def test_control_excluding_the_flow_and_its_overlap(tiny):
-    layout = tiny[1].layout
+def test_control_excluding_the_flow_and_its_overlap(white_tiny):
+    layout = white_tiny[1].layout
     flow_cut = cut_matrix(layout, ["Question->Last"])
     apart = matched_random_cut(layout, ["Question->Last"], 3, exclude_flow=True)
     assert overlap(apart, flow_cut) == 0.0 and int(apart.sum()) == int(flow_cut.sum())
@@ -75,8 +66,8 @@ def test_control_excluding_the_flow_and_its_overlap(tiny):
         matched_random_cut(layout, ["Image->Question"], 0, exclude_flow=True)
 
 
-def test_keep_only_with_every_source_kept_is_no_knockout(tiny):
-    loaded, prepared, clean = tiny
+def test_keep_only_with_every_source_kept_is_no_knockout(white_tiny):
+    loaded, prepared, clean = white_tiny
     everything = keep_only_cut(prepared.layout, "Last", ["All"])
     assert not everything.any()
     with torch.no_grad():
@@ -89,8 +80,8 @@ def test_keep_only_with_every_source_kept_is_no_knockout(tiny):
     assert np.all(sweep.relative_change == 0.0)
 
 
-def test_keep_only_and_the_flow_make_up_everything_into_the_target(tiny):
-    layout = tiny[1].layout
+def test_keep_only_and_the_flow_make_up_everything_into_the_target(white_tiny):
+    layout = white_tiny[1].layout
     keep = keep_only_cut(layout, "Question", ["Image"])
     assert not (keep & cut_matrix(layout, ["Image->Question"])).any()
     assert torch.equal(keep | cut_matrix(layout, ["Image->Question"]), cut_matrix(layout, ["All->Question"]))
@@ -98,8 +89,8 @@ def test_keep_only_and_the_flow_make_up_everything_into_the_target(tiny):
         keep_only_cut(layout, "Question", ["Nowhere"])
 
 
-def test_controls_fast_equal_reference_and_differ_from_the_flow(tiny):
-    loaded, prepared, clean = tiny
+def test_controls_fast_equal_reference_and_differ_from_the_flow(white_tiny):
+    loaded, prepared, clean = white_tiny
     for flow in ("Image->Question", "Question->Last", "Other Image Patches->Question"):
         fast = control_sweeps(loaded, prepared, flow, 3, seeds=(0, 1), clean=clean)
         ref = control_sweeps(loaded, prepared, flow, 3, seeds=(0, 1), clean=clean, engine="reference")
@@ -113,8 +104,8 @@ def test_controls_fast_equal_reference_and_differ_from_the_flow(tiny):
         assert fast["edges"].nunique() == 1  # the controls cut exactly the flow's count
 
 
-def test_control_table_leaves_out_samples_without_a_group(tiny):
-    loaded, _, _ = tiny
+def test_control_table_leaves_out_samples_without_a_group(white_tiny):
+    loaded, _, _ = white_tiny
     outside = white_sample(boxes=[], qid="q-nobox")
     table = control_table(
         loaded,
@@ -128,8 +119,8 @@ def test_control_table_leaves_out_samples_without_a_group(tiny):
     assert [(q, f) for q, f, _ in table.attrs["excluded"]] == [("q-nobox", "Related Image Patches->Question")]
 
 
-def test_named_masks_and_the_variant_table(tiny):
-    loaded, prepared, _ = tiny
+def test_named_masks_and_the_variant_table(white_tiny):
+    loaded, prepared, _ = white_tiny
     layout = prepared.layout
     assert torch.equal(mask_cut(layout, "Image->Question"), cut_matrix(layout, ["Image->Question"]))
     assert torch.equal(
@@ -142,8 +133,8 @@ def test_named_masks_and_the_variant_table(tiny):
     assert set(table["window_kind"]) == set(WINDOW_KINDS) and set(table["task"]) == {"ChooseAttr"}
 
 
-def test_a_cut_matrix_is_checked_before_any_forward(tiny):
-    loaded, prepared, _ = tiny
+def test_a_cut_matrix_is_checked_before_any_forward(white_tiny):
+    loaded, prepared, _ = white_tiny
     n = prepared.layout.seq_len
     good = cut_matrix(prepared.layout, ["Question->Last"])
     bad = {

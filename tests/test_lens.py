@@ -1,43 +1,25 @@
-"""The answer lens: its last layer is the model's own output; both lenses are labelled."""
+"""The answer lens: its last layer is the model's own output in every family; both lenses are labelled."""
+
+import dataclasses
 
 import pytest
 import torch
-from PIL import Image
 
 from flowlib.lens import answer_lens, first_token, layer_distributions, lens_forms, lens_table
-from flowlib.sample import Box, Sample
-from flowlib.tiny import tiny_llava
-
-FAMILIES = ("llava-1.5", "llava-next")
-
+from tests.conftest import logits, white_sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_sample(task="ChooseAttr", qid="q1"):
-    return Sample(
-        qid,
-        "is the star red or blue?",
-        "red",
-        task,
-        image=Image.new("RGB", (160, 120), "white"),
-        true_option="red",
-        false_option="blue",
-        central_object="star",
-        boxes=[Box(10, 20, 50, 60)],
-    )
+    """`white_sample` (the input of `white_llava`) with another task or question id."""
+    return dataclasses.replace(white_sample(qid=qid), task=task)
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def tiny(request):
-    loaded = tiny_llava(request.param)
-    return loaded, loaded.prepare(make_sample())
-
-
-def test_final_layer_normed_lens_is_the_models_output(tiny):
-    loaded, prepared = tiny
-    with torch.no_grad():
-        output = torch.softmax(loaded.model(**prepared.inputs).logits[0, -1].double(), -1)
+def test_final_layer_normed_lens_is_the_models_output(any_tiny):
+    loaded = any_tiny
+    prepared = loaded.prepare(make_sample())
+    output = torch.softmax(logits(loaded, prepared)[0, -1].double(), -1)
     for lens in ("normed", "raw"):
         probs = layer_distributions(loaded, prepared, lens)
         assert probs.shape == (loaded.num_layers, output.shape[0])
@@ -46,8 +28,8 @@ def test_final_layer_normed_lens_is_the_models_output(tiny):
     assert not torch.allclose(normed[0], raw[0])  # the lenses differ below the last layer
 
 
-def test_answer_lens_table(tiny):
-    loaded, prepared = tiny
+def test_answer_lens_table(white_llava):
+    loaded, prepared = white_llava
     table = answer_lens(loaded, prepared, lenses=("normed", "raw"))
     assert set(table.lens) == {"normed", "raw"}
     assert set(table.form) == {"answer", "Answer", "false option", "False option"}
@@ -58,14 +40,13 @@ def test_answer_lens_table(tiny):
     last = table[(table.layer == loaded.num_layers - 1)]
     for form, group in last.groupby("form"):  # both lenses agree at the last layer
         assert group.prob.nunique() == 1, form
-    with torch.no_grad():
-        output = torch.softmax(loaded.model(**prepared.inputs).logits[0, -1].double(), -1)
+    output = torch.softmax(logits(loaded, prepared)[0, -1].double(), -1)
     red = first_token(loaded.tokenizer, "red")
     assert abs(last[last.form == "answer"].prob.iloc[0] - float(output[red])) < 1e-6
 
 
-def test_forms_per_task_and_bad_lens(tiny):
-    loaded, _ = tiny
+def test_forms_per_task_and_bad_lens(white_llava):
+    loaded, _ = white_llava
     assert set(lens_forms(make_sample("QueryAttr"))) == {"answer", "Answer"}
     assert set(lens_forms(make_sample("ChooseRel"))) == {"answer", "Answer", "false option", "False option"}
     with pytest.raises(ValueError, match="unknown lens"):

@@ -1,5 +1,9 @@
-"""The model layer: family adapters, the paper's prompts, loading from disk, and bad input."""
+"""The model layer: family adapters, the paper's prompts, saving and loading every family, and bad input."""
 
+import pickle
+import warnings
+
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -17,7 +21,7 @@ from flowlib.models import (
 from flowlib.sample import SampleError
 from flowlib.tiny import tiny_llava
 
-from .conftest import make_sample
+from .conftest import logits, make_sample, tiny_model
 
 VICUNA = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -114,15 +118,46 @@ def test_pad_is_default_and_crop_is_a_parameter(tmp_path):
         load_model(str(path), image_mode="anyres")
 
 
-def test_saved_checkpoint_reloads_identically(tmp_path, sample):
-    loaded = tiny_llava("llava-next")
-    path = save_checkpoint(loaded, tmp_path / "next")
-    again = load_model(str(path), dtype="float32", device="cpu")
-    assert again.adapter.name == "llava-next" and again.provenance()["num_layers"] == loaded.num_layers
-    first, second = loaded.prepare(sample), again.prepare(sample)
-    assert torch.equal(first.input_ids, second.input_ids)
-    with torch.no_grad():
-        assert torch.equal(loaded.model(**first.inputs).logits, again.model(**second.inputs).logits)
+#: The families whose checkpoints carry a processor of their own (LLaVA-1.5's is the run tests' checkpoint),
+#: and the prompt style each must come back with.
+SAVED_STYLES = {"llava-next": "vicuna", "qwen2.5-vl": "chatml", "llava-onevision": "chatml"}
+
+
+@pytest.fixture(scope="module", params=SAVED_STYLES)
+def saved(request, tmp_path_factory):
+    """(family, the tiny model, its checkpoint folder)."""
+    loaded = tiny_model(request.param, layers=3)
+    return request.param, loaded, save_checkpoint(loaded, tmp_path_factory.mktemp(request.param) / "model")
+
+
+def test_a_saved_checkpoint_reloads_with_its_adapter_and_the_same_numbers(saved, sample):
+    family, loaded, folder = saved
+    disk = load_model(str(folder), dtype="float32", device="cpu")
+    assert disk.adapter.name == family and disk.prompt_style.value == SAVED_STYLES[family]
+    assert disk.provenance()["num_layers"] == loaded.num_layers
+    assert isinstance(disk.processor, disk.adapter.processor_class)
+    assert type(pickle.loads(pickle.dumps(disk.processor))) is type(disk.processor)  # worker processes get a copy
+    for s in (sample, make_sample(200, 150)):
+        a, b = loaded.prepare(s), disk.prepare(s)
+        assert torch.equal(a.input_ids, b.input_ids) and np.array_equal(a.layout.image, b.layout.image)
+        assert torch.equal(logits(loaded, a), logits(disk, b))
+
+
+@pytest.mark.parametrize("saved", ["qwen2.5-vl", "llava-onevision"], indirect=True)  # LLaVA: test_runner's
+def test_flowlib_run_accepts_a_saved_checkpoint_folder(saved, tmp_path):
+    from flowlib import cli, runner
+    from flowlib.run_folder import read_run
+    from tests.test_cli_errors import run_args
+    from tests.test_run_contract import make_paper_data
+
+    _, _, folder = saved
+    disk = load_model(str(folder))
+    csv_dir, image_dir = make_paper_data(tmp_path, disk, colours=("red", "blue"), wrong=())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(run_args(folder, csv_dir, image_dir, tmp_path / "out")) == 0
+    assert read_run(tmp_path / "out") is not None
+    assert [s["status"] for s in runner.load_statuses(tmp_path / "out")] == ["analysed", "analysed"]
 
 
 def test_missing_short_name_checkpoint_says_how_to_get_it(monkeypatch, tmp_path):

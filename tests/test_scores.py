@@ -15,19 +15,16 @@ from flowlib.scores import (
     select_samples,
 )
 from flowlib.sweep import clean_pass
-from flowlib.tiny import tiny_llava
 from flowlib.variants import cut_sweep
 from tests.conftest import white_sample
-
-FAMILIES = ("llava-1.5", "llava-next")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def tiny(request):
-    loaded = tiny_llava(request.param, layers=4)
-    prepared = loaded.prepare(white_sample())
+@pytest.fixture(scope="module")
+def tiny(white_llava):
+    """(loaded, prepared, clean pass) of each family's 4-layer tiny LLaVA."""
+    loaded, prepared = white_llava
     return loaded, prepared, clean_pass(loaded, prepared)
 
 

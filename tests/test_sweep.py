@@ -1,4 +1,4 @@
-"""Layer sweeps: the paper's windows, the metric, and the fast engine matching the reference."""
+"""Layer sweeps: the paper's windows, the metric, and the fast engine matching the reference in every family."""
 
 import copy
 
@@ -21,17 +21,9 @@ from flowlib.sweep import (
     window_layers,
 )
 from flowlib.tiny import tiny_llava
-from tests.conftest import white_sample
-
-FAMILIES = ("llava-1.5", "llava-next")
-
+from tests.conftest import LLAVA_FAMILIES, make_sample, white_sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def tiny(white_tiny):
-    return white_tiny
 
 
 def test_windows_follow_the_paper():
@@ -55,8 +47,22 @@ def test_relative_change_and_zero_base():
         relative_change([0.1], 0.0)
 
 
-def test_fast_equals_reference_for_every_paper_flow(tiny):
-    loaded, prepared, clean = tiny
+#: The fast engine's inputs: the white image of the other tests, and noise of three shapes, which each family
+#: resizes, tiles or pads in its own way (Qwen carries 3-row positions into the suffix, OneVision pools tiles).
+SHAPES = {
+    "white": white_sample(),
+    "4:3": make_sample(160, 120, boxes=[(10, 10, 40, 30)]),
+    "portrait": make_sample(90, 200, boxes=[(10, 10, 40, 30)]),
+    "wide": make_sample(300, 64, boxes=[(10, 10, 40, 30)]),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fast_equals_reference_for_every_paper_flow(any_tiny, shape):
+    """One forward per window and the fast engine's shared prefix give the same numbers, in every family."""
+    loaded = any_tiny
+    prepared = loaded.prepare(SHAPES[shape])
+    clean = clean_pass(loaded, prepared)
     for flow in PAPER_FLOWS:
         ref = sweep_reference(loaded, prepared, flow, 3, clean=clean)
         fast = sweep_fast(loaded, prepared, flow, 3, clean=clean)
@@ -65,16 +71,16 @@ def test_fast_equals_reference_for_every_paper_flow(tiny):
         assert (ref.answer_token, ref.base_prob, ref.windows) == (fast.answer_token, fast.base_prob, fast.windows)
 
 
-def test_last_to_last_identical_in_both_engines(tiny):
-    loaded, prepared, clean = tiny
+def test_last_to_last_identical_in_both_engines(white_tiny):
+    loaded, prepared, clean = white_tiny
     ref = layer_sweep(loaded, prepared, "Last->Last", 1, engine="reference", clean=clean)
     fast = layer_sweep(loaded, prepared, "Last->Last", 1, engine="fast", clean=clean)
     assert np.all(ref.relative_change != 0)  # the self edge really is cut in every single-layer window
     np.testing.assert_allclose(fast.relative_change, ref.relative_change, rtol=0, atol=1e-5)
 
 
-def test_batching_does_not_change_the_numbers(tiny):
-    loaded, prepared, clean = tiny
+def test_batching_does_not_change_the_numbers(white_tiny):
+    loaded, prepared, clean = white_tiny
     whole = sweep_fast(loaded, prepared, "Image->Question", 3, clean=clean)
     chunked = sweep_fast(loaded, prepared, "Image->Question", 3, clean=clean, max_batch=2)
     np.testing.assert_allclose(chunked.relative_change, whole.relative_change, rtol=0, atol=1e-5)
@@ -83,8 +89,8 @@ def test_batching_does_not_change_the_numbers(tiny):
     assert list(frame.window_layers[:2]) == ["0-1", "0-2"]
 
 
-def test_fast_engine_proves_its_cuts(tiny):
-    loaded, prepared, clean = tiny
+def test_fast_engine_proves_its_cuts(white_tiny):
+    loaded, prepared, clean = white_tiny
     schedule = torch.zeros(loaded.num_layers, 2, dtype=torch.bool)
     schedule[1, 0] = True  # row 0 scheduled in layer 1, but the function will never run
     attention = KnockoutAttention(None, schedule, "sdpa")
@@ -94,8 +100,8 @@ def test_fast_engine_proves_its_cuts(tiny):
         attention.verify()
 
 
-def test_sweep_bad_input(tiny):
-    loaded, prepared, clean = tiny
+def test_sweep_bad_input(white_tiny):
+    loaded, prepared, clean = white_tiny
     for engine in ("fast", "reference"):
         with pytest.raises(FlowError, match="valid|groups from"):
             layer_sweep(loaded, prepared, "Image->Answer", 3, engine=engine, clean=clean)
@@ -135,8 +141,8 @@ def test_grouped_query_attention_model():
 CAPPED_TOLERANCE_PP = 1e-5
 
 
-def test_capped_batches_give_the_uncapped_numbers(tiny):
-    loaded, prepared, clean = tiny
+def test_capped_batches_give_the_uncapped_numbers(white_tiny):
+    loaded, prepared, clean = white_tiny
     for flow in PAPER_FLOWS:
         whole = sweep_fast(loaded, prepared, flow, 3, clean=clean, max_batch=None)
         for max_batch in (1, 2, 3, "auto"):
@@ -183,10 +189,10 @@ def test_capped_batches_are_bit_identical_on_portable_kernels():
     assert verdict == "identical"
 
 
-def test_auto_batch_follows_free_memory(tiny, monkeypatch):
+def test_auto_batch_follows_free_memory(white_tiny, monkeypatch):
     import flowlib.sweep as sweep
 
-    loaded, prepared, clean = tiny
+    loaded, prepared, clean = white_tiny
     widths = []
 
     class Recording(KnockoutAttention):
@@ -221,15 +227,15 @@ def test_auto_max_batch_rule():
     assert free_memory("meta") is None
 
 
-def test_max_batch_must_be_a_count_auto_or_none(tiny):
-    loaded, prepared, clean = tiny
+def test_max_batch_must_be_a_count_auto_or_none(white_tiny):
+    loaded, prepared, clean = white_tiny
     for bad in (0, -1, 2.5, True, "all"):
         with pytest.raises(ValueError, match="max_batch must be"):
             sweep_fast(loaded, prepared, "Image->Question", 3, clean=clean, max_batch=bad)
 
 
-def test_memory_estimate_terms_are_the_tensors_sizes(tiny):
-    loaded, prepared, clean = tiny
+def test_memory_estimate_terms_are_the_tensors_sizes(white_tiny):
+    loaded, prepared, clean = white_tiny
     n, config = prepared.layout.seq_len, loaded.model.config
     text = config.text_config
     memory = sweep_memory(config, n, 32, torch.float32, batch=4)
@@ -287,10 +293,10 @@ def _measured_peak(function) -> int:
     return max(total for _, _, total in allocations) - start
 
 
-def test_memory_estimate_bounds_the_measured_peak(tiny):
+def test_memory_estimate_bounds_the_measured_peak(white_tiny):
     """The estimate of one batch is an upper bound of what the sweep allocates, and not a loose one:
     measured on the tiny models it is 1.3-1.9x the profiler's peak."""
-    loaded, prepared, clean = tiny
+    loaded, prepared, clean = white_tiny
     n = prepared.layout.seq_len
     for flow in ("Image->Question", "Last->Last"):
         suffix = n - suffix_start(prepared.layout, [flow])
@@ -307,7 +313,7 @@ def test_memory_estimate_bounds_the_measured_peak(tiny):
 def test_half_precision_sweeps_are_finite_under_both_backends(dtype):
     """Mask fills of finfo(dtype).min added to half-precision scores must never give NaN: cut edges get
     exactly zero weight, every probability stays finite, and the engines agree."""
-    for family in FAMILIES:
+    for family in LLAVA_FAMILIES:
         loaded = tiny_llava(family, layers=3)
         loaded.model.to(dtype)
         prepared = loaded.prepare(white_sample())

@@ -12,11 +12,6 @@ from flowlib.variants import WINDOW_KINDS, blocked_states, cut_sweep, invert, sc
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def tiny(white_tiny):
-    return white_tiny
-
-
 def test_schedules():
     assert window_schedules("centred", 3, 5) == [(0, 1), (0, 1, 2), (1, 2, 3), (2, 3, 4), (3, 4)]
     assert window_schedules("inverse", 3, 5) == [(2, 3, 4), (3, 4), (0, 4), (0, 1), (0, 1, 2)]
@@ -30,8 +25,8 @@ def test_schedules():
         window_schedules("inverse", 6, 5)
 
 
-def test_inverse_of_the_whole_depth_blocks_nothing(tiny):
-    loaded, prepared, clean = tiny
+def test_inverse_of_the_whole_depth_blocks_nothing(white_tiny):
+    loaded, prepared, clean = white_tiny
     cut = cut_matrix(prepared.layout, ["Image->Question", "Question->Last"])
     for engine in ("reference", "fast"):
         states = blocked_states(
@@ -40,8 +35,8 @@ def test_inverse_of_the_whole_depth_blocks_nothing(tiny):
         assert torch.equal(states[0], clean.hidden_states[-1][0, -1]), engine
 
 
-def test_cumulative_last_step_blocks_every_layer(tiny):
-    loaded, prepared, clean = tiny
+def test_cumulative_last_step_blocks_every_layer(white_tiny):
+    loaded, prepared, clean = white_tiny
     flow = "Image->Question"
     with torch.no_grad(), knockout(loaded, prepared.layout, [flow], range(loaded.num_layers)) as ko:
         out = loaded.model(**prepared.inputs, output_hidden_states=True, logits_to_keep=1)
@@ -58,8 +53,8 @@ def test_cumulative_last_step_blocks_every_layer(tiny):
 
 
 @pytest.mark.parametrize("kind", WINDOW_KINDS)
-def test_fast_equals_reference_for_every_variant(tiny, kind):
-    loaded, prepared, clean = tiny
+def test_fast_equals_reference_for_every_variant(white_tiny, kind):
+    loaded, prepared, clean = white_tiny
     layout = prepared.layout
     cuts = {
         "flow": cut_matrix(layout, ["Image->Question"]),
@@ -75,8 +70,8 @@ def test_fast_equals_reference_for_every_variant(tiny, kind):
         assert np.abs(ref.relative_change).max() > 1e-3, name
 
 
-def test_centred_cut_sweep_is_the_paper_sweep(tiny):
-    loaded, prepared, clean = tiny
+def test_centred_cut_sweep_is_the_paper_sweep(white_tiny):
+    loaded, prepared, clean = white_tiny
     for flow in ("Image->Question", "Last->Last"):
         ours = cut_sweep(loaded, prepared, cut_matrix(prepared.layout, [flow]), "centred", 3, clean=clean)
         paper = sweep_reference(loaded, prepared, flow, 3, clean=clean)
