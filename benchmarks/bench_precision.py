@@ -42,7 +42,8 @@ from flowlib.architectures import (
     model_class,
     save_checkpoint_folder,  # noqa: E402
 )
-from flowlib.knockout import PAPER_FLOWS, language_model  # noqa: E402
+from flowlib.flows import PAPER_FLOWS  # noqa: E402
+from flowlib.knockout import language_model  # noqa: E402
 from flowlib.memory import sweep_memory  # noqa: E402
 from flowlib.models import load_model, wrap_model  # noqa: E402
 from flowlib.sample import Box, Sample  # noqa: E402

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from flowlib.config import default_window
-from flowlib.knockout import PAPER_FLOWS
+from flowlib.flows import PAPER_FLOWS
 from flowlib.sample import Box, Sample
 from flowlib.sweep import clean_pass, sweep_fast, sweep_reference
 

@@ -45,7 +45,7 @@ from flowlib.answers import greedy_answer
 from flowlib.architectures import PAPER_CHECKPOINTS, build_config, model_class
 from flowlib.families.released import RELEASED, released_config
 from flowlib.families.tiny import build_family_processor, chatml_tokenizer
-from flowlib.knockout import PAPER_FLOWS
+from flowlib.flows import PAPER_FLOWS
 from flowlib.memory import sweep_memory
 from flowlib.models import adapter_for, wrap_model
 from flowlib.runner import run_experiment

@@ -2,7 +2,7 @@
 
 One module per responsibility, dependencies running one way:
 `config` <- `sample` <- `geometry` <- `layout` <- `models` (<- `kernels`, <- `tiny`) <- `data`,
-`knockout` / `sweep` / `lens` <- `answers` / `run_plan` <- `runner` <- `plots` <- `widgets`.
+`flows` <- `knockout` / `sweep` / `lens` <- `answers` / `run_plan` <- `runner` <- `plots` <- `widgets`.
 """
 
 __version__ = "0.1.0"

@@ -339,7 +339,7 @@ def explain(err: BaseException) -> tuple[int, str, str | None]:
     first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
     setting = (
         _error_class("flowlib.run_plan", "RunSettingsError"),
-        _error_class("flowlib.knockout", "FlowError"),
+        _error_class("flowlib.flows", "FlowError"),
         _error_class("flowlib.shards", "ShardSpecError"),
     )
     if any(isinstance(err, c) for c in setting):

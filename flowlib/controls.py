@@ -13,7 +13,7 @@ row is ever left with nothing to attend to.
 A *keep-only* mask blocks every edge into a target group except those from the named sources (and
 each position's edge to itself): "only this pathway reaches the target".
 
-Both are ``(seq_len, seq_len)`` bool matrices like `knockout.cut_matrix`'s, handed to the same
+Both are ``(seq_len, seq_len)`` bool matrices like `flows.cut_matrix`'s, handed to the same
 machinery (`knockout.knockout(..., cut=...)`, `variants.cut_sweep`), so every forward still proves it
 removed the edges in exactly the scheduled layers.
 
@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .knockout import ALL, FlowError, check_cut, cut_matrix, parse_flow
+from .flows import ALL, FlowError, check_cut, cut_matrix, parse_flow
 from .sweep import clean_pass
 from .variants import PAPER_WINDOW_KIND, cut_sweep, sample_table
 

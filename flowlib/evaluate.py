@@ -43,7 +43,8 @@ import torch
 from PIL import Image
 
 from .answers import greedy_answer, normalise_answer
-from .knockout import ALL, knockout
+from .flows import ALL
+from .knockout import knockout
 from .sample import TASKS, Sample
 
 #: How `evaluate` reads the model's answer (see the module docstring).

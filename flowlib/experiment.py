@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from . import config as cfg
-from .knockout import PAPER_FLOWS, parse_flow
+from .flows import PAPER_FLOWS, parse_flow
 from .run_plan import RunSettingsError, count_setting, resolve_window
 from .sample import TASKS, Sample, check_task
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 
 from . import fingerprint
 from .config import default_window
-from .knockout import PAPER_FLOWS, parse_flow
+from .flows import PAPER_FLOWS, parse_flow
 from .sample import TASKS, check_task
 from .sweep import ENGINES
 

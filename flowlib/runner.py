@@ -29,7 +29,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .answers import greedy_answer, normalise_answer
-from .knockout import PAPER_FLOWS, FlowError
+from .flows import PAPER_FLOWS, FlowError
 from .merge import (  # noqa: F401  (re-exported: the runner is where callers look for them)
     STATUSES,
     ProcessSummary,

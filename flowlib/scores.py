@@ -39,7 +39,8 @@ import torch
 
 from .answers import greedy_answer, normalise_answer
 from .evaluate import answer_token_ids
-from .knockout import cut_matrix, knockout
+from .flows import cut_matrix
+from .knockout import knockout
 from .sweep import CleanPass, answer_probs, clean_pass, relative_change
 from .variants import PAPER_WINDOW_KIND, blocked_states, sample_table, schedule_label, window_schedules
 

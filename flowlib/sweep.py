@@ -35,7 +35,8 @@ from transformers.masking_utils import sdpa_mask
 
 from .config import default_window
 from .families.base import suffix_positions
-from .knockout import KnockoutAttention, current_backend, cut_matrix, flow_groups, installed, knockout, language_model
+from .flows import cut_matrix, flow_groups
+from .knockout import KnockoutAttention, current_backend, installed, knockout, language_model
 from .memory import HEAD_CHUNK, auto_max_batch, free_memory, sweep_memory
 from .placement import execution_device, loaded_weights
 

@@ -1,6 +1,6 @@
 """Window variants and sweeps of any cut matrix: the paper's centred window and the ones the field added since.
 
-A sweep blocks one set of edges (a cut matrix, as `knockout.cut_matrix` builds for flows, or as
+A sweep blocks one set of edges (a cut matrix, as `flows.cut_matrix` builds for flows, or as
 `flowlib.controls` builds for random controls and keep-only masks) in one set of layers per step.
 The sets of layers are *schedules*, one per step l = 0..L-1:
 
@@ -39,7 +39,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .knockout import FlowError, current_backend, knockout
+from .flows import FlowError
+from .knockout import current_backend, knockout
 from .sweep import (
     MIN_SUFFIX,
     SUFFIX_ALIGN,
@@ -144,7 +145,7 @@ def blocked_states(
     """``(steps, hidden)`` final-normed last-position states with `cut` blocked in each schedule's layers.
 
     Args:
-        cut: ``(seq_len, seq_len)`` bool matrix (`knockout.cut_matrix`, `controls.matched_random_cut`, ...).
+        cut: ``(seq_len, seq_len)`` bool matrix (`flows.cut_matrix`, `controls.matched_random_cut`, ...).
         schedules: the layers of each step (`window_schedules`); an empty one blocks nothing.
         engine: "fast" (default) or "reference"; clean: a `sweep.clean_pass` of this input (fast only).
         max_batch: steps per batch of the fast engine, as `sweep.sweep_fast`'s.
@@ -250,7 +251,7 @@ def sample_table(
 
     The one loop behind `controls.control_table`, `controls.variant_table` and `scores.score_table`, so
     that they agree on what is left out. `samples` is a list or lists by task; each sample is prepared and
-    run clean once for all `names` (flows or masks). A name whose sweeps raise `knockout.FlowError` (its
+    run clean once for all `names` (flows or masks). A name whose sweeps raise `flows.FlowError` (its
     group is empty in this sample) or `sweep.ZeroBaseProbability` is left out for that sample, and
     `table.attrs["excluded"]` lists (question_id, name, reason) for each.
     """

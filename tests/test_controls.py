@@ -13,7 +13,8 @@ from flowlib.controls import (
     overlap,
     variant_table,
 )
-from flowlib.knockout import PAPER_FLOWS, FlowError, cut_matrix, knockout
+from flowlib.flows import PAPER_FLOWS, FlowError, cut_matrix
+from flowlib.knockout import knockout
 from flowlib.sweep import sweep_reference
 from flowlib.variants import WINDOW_KINDS, cut_sweep
 from tests.conftest import white_sample

@@ -8,7 +8,7 @@ import pytest
 
 from flowlib import cli, run_plan, runner
 from flowlib.experiment import ExperimentSettings
-from flowlib.knockout import PAPER_FLOWS
+from flowlib.flows import PAPER_FLOWS
 from flowlib.study import Study
 from tests.test_run_contract import FLOWS, make_paper_data
 

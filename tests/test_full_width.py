@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowlib.knockout import PAPER_FLOWS
+from flowlib.flows import PAPER_FLOWS
 from flowlib.sweep import clean_pass, sweep_reference
 from flowlib.tiny import tiny_llava
 

@@ -8,16 +8,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
-from flowlib.knockout import (
-    PAPER_FLOWS,
-    FlowError,
-    KnockoutNotApplied,
-    UnsupportedAttentionError,
-    cut_matrix,
-    knockout,
-    language_model,
-    parse_flow,
-)
+from flowlib.flows import PAPER_FLOWS, FlowError, cut_matrix, parse_flow
+from flowlib.knockout import KnockoutNotApplied, UnsupportedAttentionError, knockout, language_model
 from tests.conftest import ALL_FAMILIES, logits, tiny_model, white_sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")

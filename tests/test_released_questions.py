@@ -18,7 +18,7 @@ from PIL import Image
 from flowlib.architectures import PAPER_CHECKPOINTS, build_model, build_processor
 from flowlib.config import PROJECT_DIR
 from flowlib.data.gqa_tasks import load_paper_tasks
-from flowlib.knockout import PAPER_FLOWS, FlowError, check_flows
+from flowlib.flows import PAPER_FLOWS, FlowError, check_flows
 from flowlib.layout import GROUPS
 from flowlib.models import wrap_model
 from tests.real_tokenizers import tokenizer_for

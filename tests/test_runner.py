@@ -11,8 +11,8 @@ from PIL import Image
 
 import flowlib.runner as runner
 from flowlib import answers, run_plan
+from flowlib.flows import FlowError
 from flowlib.kernels import kernel_description
-from flowlib.knockout import FlowError
 from flowlib.runner import RunMismatchError, load_results, run_experiment
 from flowlib.sample import Box, Sample
 from flowlib.tiny import tiny_llava

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowlib.knockout import cut_matrix
+from flowlib.flows import cut_matrix
 from flowlib.scores import (
     PAPER_SCORE,
     SAMPLE_MODES,

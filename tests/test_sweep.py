@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from flowlib.knockout import PAPER_FLOWS, FlowError, KnockoutAttention, cut_matrix, installed, knockout
+from flowlib.flows import PAPER_FLOWS, FlowError, cut_matrix
+from flowlib.knockout import KnockoutAttention, installed, knockout
 from flowlib.memory import MEMORY_MARGIN, SweepMemory, auto_max_batch, free_memory, sweep_memory
 from flowlib.models import wrap_model
 from flowlib.sweep import (

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from flowlib.controls import keep_only_cut, matched_random_cut
-from flowlib.knockout import cut_matrix, knockout
+from flowlib.flows import cut_matrix
+from flowlib.knockout import knockout
 from flowlib.sweep import answer_probs, relative_change, sweep_reference
 from flowlib.variants import WINDOW_KINDS, blocked_states, cut_sweep, invert, schedule_label, window_schedules
 
