@@ -159,7 +159,7 @@ def cmd_run(args) -> int:
     check_model_argument(args.settings.model, args.settings.revision)  # cheap checks fail before a slow load
     args.stage = "reading the data"
     samples, _ = load_samples(args)  # then bad data arguments fail before a slow model load
-    from .runner import STATUSES, exclusion_reasons
+    from .merge import STATUSES, exclusion_reasons
 
     loaded = _load_model(args)
     args.settings.window_for(loaded.num_layers)  # a window the model cannot take: exit 2 before any fingerprint
@@ -236,7 +236,7 @@ def cmd_status(args) -> int:
 
 def cmd_merge(args) -> int:
     """Write a complete run's merged table and summary (what its last shard does by itself)."""
-    from .runner import merge
+    from .merge import merge
 
     args.stage = "merging"
     summary = merge(args.run_dir)

@@ -247,7 +247,7 @@ class ExperimentSettings:
         """Run (or resume) the knockout experiment over `samples` into `output` (default: `run_dir`).
 
         `flows` adds flows to the settings' own (`experiment_flows`); `shard` runs only its part of the
-        samples (`flowlib.shards`). Returns the `runner.RunSummary`.
+        samples (`flowlib.shards`). Returns the `merge.RunSummary`.
         """
         from .runner import run_experiment
 

@@ -30,26 +30,18 @@ from tqdm.auto import tqdm
 
 from .answers import greedy_answer, normalise_answer
 from .flows import PAPER_FLOWS, FlowError
-from .merge import (  # noqa: F401  (re-exported: the runner is where callers look for them)
-    STATUSES,
+from .merge import (
     ProcessSummary,
-    RunIncompleteError,
     RunSummary,
     exclusion_reasons,
     merge,
     merge_if_complete,
 )
-from .run_folder import (  # noqa: F401  (re-exported: the runner is where callers look for them)
+from .run_folder import (
     COLUMNS,
     FORMAT,
-    RunMismatchError,
-    atomic_write,
     claim,
-    code_version,
     file_key,
-    load_results,
-    load_statuses,
-    provenance_changes,
     write_json,
     write_parquet,
     written_by,

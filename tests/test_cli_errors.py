@@ -15,7 +15,7 @@ from PIL import Image
 
 from flowlib import cli, models, run_plan, runner
 from flowlib.data import gqa_tasks
-from flowlib.run_folder import read_run
+from flowlib.run_folder import load_statuses, read_run
 from flowlib.sample import Sample
 from tests.test_run_contract import (
     FLOWS,
@@ -213,7 +213,7 @@ def test_bad_images_are_excluded_naming_the_file_and_the_rest_completes(
     assert cli.main(run_args(checkpoint, csv_dir, image_dir, out)) == 0
     printed = capsys.readouterr().out
     assert "2 samples analysed (0 answered wrongly, 0 zero base, 3 excluded)" in printed
-    reasons = {s["question_id"]: s.get("reason", "") for s in runner.load_statuses(out)}
+    reasons = {s["question_id"]: s.get("reason", "") for s in load_statuses(out)}
     assert f"image file '{image_dir / 'img2.jpg'}' cannot be read" in reasons["q2"]
     assert f"image file '{image_dir / 'img3.jpg'}' is 200x100 but the data gives 160x120" in reasons["q3"]
     assert f"image file '{image_dir / 'img4.jpg'}' cannot be read" in reasons["q4"] and "decompression" in reasons["q4"]
@@ -237,7 +237,7 @@ def test_any_decoding_error_names_the_file(disk_model, tmp_path, monkeypatch):
     s = Sample("q0", "is the star red or blue?", "red", "QueryAttr", image=path)
     with pytest.raises(runner.NothingAnalysedError):
         runner.run_experiment(disk_model, [s], tmp_path / "run", flows=FLOWS, window=1, progress=False)
-    [status] = runner.load_statuses(tmp_path / "run")
+    [status] = load_statuses(tmp_path / "run")
     assert status["status"] == "excluded"
     assert f"image file '{path}' cannot be decoded (error: unpack" in status["reason"]
 
@@ -249,7 +249,7 @@ def test_strict_stops_at_the_first_bad_sample(checkpoint, bad_images, tmp_path, 
     first, hint = error_lines(capsys)
     assert f"sample q2: image file '{image_dir / 'img2.jpg'}' cannot be read" in first and "strict run" in first
     assert "without --strict such samples are recorded as excluded" in hint
-    assert {s["question_id"] for s in runner.load_statuses(out)} == {"q0", "q1"}
+    assert {s["question_id"] for s in load_statuses(out)} == {"q0", "q1"}
 
 
 def test_nothing_answered_correctly_is_an_error_saying_so(checkpoint, disk_model, tmp_path, capsys):

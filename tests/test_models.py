@@ -18,6 +18,7 @@ from flowlib.models import (
     load_model,
     save_checkpoint,
 )
+from flowlib.run_folder import load_statuses
 from flowlib.sample import SampleError
 from flowlib.tiny import tiny_llava
 
@@ -145,7 +146,7 @@ def test_a_saved_checkpoint_reloads_with_its_adapter_and_the_same_numbers(saved,
 
 @pytest.mark.parametrize("saved", ["qwen2.5-vl", "llava-onevision"], indirect=True)  # LLaVA: test_runner's
 def test_flowlib_run_accepts_a_saved_checkpoint_folder(saved, tmp_path):
-    from flowlib import cli, runner
+    from flowlib import cli
     from flowlib.run_folder import read_run
     from tests.test_cli_errors import run_args
     from tests.test_run_contract import make_paper_data
@@ -157,7 +158,7 @@ def test_flowlib_run_accepts_a_saved_checkpoint_folder(saved, tmp_path):
         warnings.simplefilter("ignore")
         assert cli.main(run_args(folder, csv_dir, image_dir, tmp_path / "out")) == 0
     assert read_run(tmp_path / "out") is not None
-    assert [s["status"] for s in runner.load_statuses(tmp_path / "out")] == ["analysed", "analysed"]
+    assert [s["status"] for s in load_statuses(tmp_path / "out")] == ["analysed", "analysed"]
 
 
 def test_missing_short_name_checkpoint_says_how_to_get_it(monkeypatch, tmp_path):

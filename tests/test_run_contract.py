@@ -382,7 +382,7 @@ STRESS_WORKER = textwrap.dedent("""
             summary = runner.run_experiment(loaded, samples, order["output"], flows=["Image->Question", "Last->Last"],
                                             window=order["window"], max_new_tokens=3, progress=False)
             print(json.dumps({"ok": True, "rows": len(summary.table)}), flush=True)
-        except runner.RunMismatchError as err:
+        except RunMismatchError as err:
             print(json.dumps({"ok": False, "error": str(err)}), flush=True)
 """)
 

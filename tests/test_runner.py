@@ -13,7 +13,8 @@ import flowlib.runner as runner
 from flowlib import answers, run_plan
 from flowlib.flows import FlowError
 from flowlib.kernels import kernel_description
-from flowlib.runner import RunMismatchError, load_results, run_experiment
+from flowlib.run_folder import RunMismatchError, load_results
+from flowlib.runner import run_experiment
 from flowlib.sample import Box, Sample
 from flowlib.tiny import tiny_llava
 
