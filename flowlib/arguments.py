@@ -1,4 +1,4 @@
-"""Command-line arguments checked before anything slow: the model argument and the data arguments.
+"""Command-line arguments checked before anything slow: counts, the model argument and the data arguments.
 
 `flowlib run` and `flowlib lens` call these first, so that a mistyped folder, an uncached hub id
 offline, or a data folder without its files fails in a second with one line naming the flag and the
@@ -7,6 +7,7 @@ fix, not after minutes of loading.
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import threading
@@ -19,6 +20,22 @@ from .sample import SampleError
 
 class CliError(Exception):
     """A problem with the command's input, explained in its message (what, where, what to do)."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (0 is refused, never read as "the default")."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
+    return value
+
+
+def count_or_all(text: str) -> int | str:
+    """argparse type: a whole number >= 1, or "all"."""
+    return "all" if text.strip().lower() == "all" else positive_int(text)
 
 
 def load_samples(args) -> tuple[list, str]:

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import config as cfg
-from .arguments import CliError, check_model_argument, load_samples
+from .arguments import CliError, check_model_argument, count_or_all, load_samples, positive_int
 from .sample import TASKS
 
 EXIT_ERROR, EXIT_SETTING, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -39,22 +39,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(EXIT_SETTING, f"{self.prog}: error: {message}\n  (`{self.prog} --help` lists the options)\n")
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1 (0 is refused, never read as "the default")."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
-    return value
-
-
-def count_or_all(text: str) -> int | str:
-    """argparse type: a whole number >= 1, or "all"."""
-    return "all" if text.strip().lower() == "all" else positive_int(text)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
