@@ -366,6 +366,7 @@ STRESS_WORKER = textwrap.dedent("""
     from PIL import Image
     from flowlib import runner
     from flowlib.answers import greedy_answer
+    from flowlib.run_folder import RunMismatchError
     from flowlib.sample import Box, Sample
     from flowlib.tiny import tiny_llava
 
