@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import subprocess
 import sys
 import tempfile
@@ -197,7 +196,7 @@ def flowlib_run(launcher: list[str], device: str, output: Path, run_arguments: l
     """Run `flowlib run` on the toy model under `launcher`; (wall seconds, the process's end summary)."""
     command = [*launcher, "-m", "flowlib", "run", "--device", device, "--output", str(output), "--quiet"]
     started = time.perf_counter()
-    done = subprocess.run([*command, *run_arguments], capture_output=True, text=True, env={**os.environ})
+    done = subprocess.run([*command, *run_arguments], capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
